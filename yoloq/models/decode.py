@@ -1,0 +1,39 @@
+"""Turn per-level head outputs into boxes and class scores (one tensor per image).
+
+Kept as its own module so graph tracing (torch.fx) can treat it as a leaf: anchor generation
+depends on the input shape, and nothing inside it is ever quantized.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class Decode(nn.Module):
+    """[(cls_logits [B,nc,H,W], ltrb [B,4,H,W]) per level] -> [B, N, 4 + nc].
+
+    Boxes are x1, y1, x2, y2 in input pixels; scores are sigmoid class probabilities.
+    Anchor points are cell centres (+0.5); ltrb distances are in units of the level's stride.
+    Levels are concatenated in order, each row-major.
+    """
+
+    def __init__(self, strides: Sequence[int]):
+        super().__init__()
+        self.strides = list(strides)
+
+    def forward(self, outputs):
+        boxes, scores = [], []
+        for (cls_logits, ltrb), stride in zip(outputs, self.strides):
+            b, _, h, w = ltrb.shape
+            ys = torch.arange(h, device=ltrb.device, dtype=ltrb.dtype) + 0.5
+            xs = torch.arange(w, device=ltrb.device, dtype=ltrb.dtype) + 0.5
+            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+            anchors = torch.stack((gx, gy), 0).reshape(1, 2, h * w)
+            d = ltrb.reshape(b, 4, h * w)
+            xy1 = (anchors - d[:, :2]) * stride
+            xy2 = (anchors + d[:, 2:]) * stride
+            boxes.append(torch.cat((xy1, xy2), 1))
+            scores.append(cls_logits.reshape(b, cls_logits.shape[1], h * w).sigmoid())
+        return torch.cat((torch.cat(boxes, 2), torch.cat(scores, 2)), 1).permute(0, 2, 1)

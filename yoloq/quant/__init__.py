@@ -1,0 +1,1 @@
+"""INT8 quantization: placement, calibration, learnable quantizers, sensitivity."""
