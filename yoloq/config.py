@@ -27,15 +27,16 @@ class ModelConfig:
     name: str = "yolov6lite_s"
     arch: str = "lite"                  # "yolov6" (EfficientRep/CSPBep family) | "lite"
     block: str = "repvgg"               # repvgg | qarepvgg | qarepvggv2 | repopt | hyper_search | conv_silu
+    #                                     (repopt: RepOpt target RealVGGBlock; hyper_search: LinearAddBlock)
     depth_multiple: float = 1.0
     width_multiple: float = 1.0
     backbone: str = "EfficientRep"      # EfficientRep | CSPBepBackbone | Lite_EffiBackbone
-    neck: str = "RepBiFPANNeck"         # RepBiFPANNeck | CSPRepBiFPANNeck | Lite_EffiNeck
+    neck: str = "RepBiFPANNeck"         # RepBiFPANNeck | CSPRepBiFPANNeck | RepPANNeck (RepOpt) | Lite_EffiNeck
     csp_e: float = 0.5                  # CSPBep expansion (m: 2/3, l: 1/2)
-    fuse_p2: bool = True
-    cspsppf: bool = True
+    fuse_p2: bool = True                # backbone also returns C2 (BiFPAN necks); False for RepPANNeck
+    cspsppf: bool = True                # CSPSPPF (n/s) instead of SPPF (m/l, RepOpt) after the last stage
     use_dfl: bool = False
-    reg_max: int = 0
+    reg_max: int = 0                    # DFL bins - 1: 16 with use_dfl (m/l), 0 without (n/s)
     nc: int = 80
     img_size: int = 640
     weights: Optional[str] = None       # checkpoint path (resolved relative to the YAML file)
