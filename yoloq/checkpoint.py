@@ -1,0 +1,510 @@
+"""Read YOLOv6 checkpoints of every common kind, safely, and load them strictly.
+
+Formats read by ``read_checkpoint(path)``:
+
+- plain state dicts: ``{'model_state_dict': sd, 'arch', 'nc', 'names', ...}`` (``shared/weights``),
+  ``{'model': sd}``, ``{'state_dict': sd}`` or a bare ``{key: tensor}``;
+- upstream release / training files: ``torch.save`` dicts whose ``model`` / ``ema`` hold pickled
+  upstream ``nn.Module`` objects (fp16). They are read without the upstream ``yolov6`` package
+  and without running pickled code: a restricted unpickler allows only tensor-rebuild functions,
+  storages, a few containers and dtypes, and maps every ``yolov6.*`` / ``torch.nn.modules.*`` class
+  to an inert stub that just records its ``__dict__``; the state dict is then collected from the
+  stubs' ``_parameters`` / ``_buffers`` / ``_modules`` in registration order. Any other global
+  (``os.system``, ``builtins.eval``, ...) raises ``CheckpointError`` naming it.
+  When both are present, ``ema`` is used unless it is None: that is what upstream evaluates and
+  what its strip step keeps as the final model.
+
+Then, on every format: tensors are cast to float32 (integer buffers kept), training-only head
+branches (``cls_preds_ab`` / ``reg_preds_ab`` from anchor-aided training, ``reg_preds_dist`` from
+distillation) are dropped with a note in ``info['ignored']``, and, when the target model's keys
+are given, 0.3.0-era names are renamed to the current ones (``remap_legacy_keys``).
+
+``load_weights(model, path)`` loads strictly: train-form files into the model as built, deploy-form
+files (``rbr_reparam`` or fused conv biases) after ``model.fuse()``. Anything else raises
+``CheckpointError`` with the first missing / unexpected / mis-shaped keys and the config in
+``configs/*.yaml`` whose model the file does fit.
+"""
+from __future__ import annotations
+
+import codecs
+import copy
+import functools
+import os
+import pickle
+import tempfile
+import types
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MAX_LISTED = 10
+
+# Head branches that exist only for training (loaded and ignored, as upstream's deploy does).
+TRAINING_ONLY_MODULES = ("cls_preds_ab", "reg_preds_ab", "reg_preds_dist")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message names the file.
+    (A ValueError like ``ConfigError``: bad input, reported without a traceback by the tools.)"""
+
+
+# --------------------------------------------------------------------------- restricted unpickling
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle references a global outside the whitelist."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.qualname = f"{module}.{name}"
+
+
+class ModuleStub:
+    """Inert stand-in for a pickled ``nn.Module`` (or any ``yolov6.*`` object).
+
+    Construction ignores its arguments; unpickling stores the object state in ``state`` and
+    nothing else runs. ``source`` is the pickled class name ("yolov6.layers.common.DPBlock").
+    """
+
+    source = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.state: dict = {}
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:      # (dict, slots) form
+            state = {**(state[0] or {}), **(state[1] or {})}
+        self.state = dict(state) if isinstance(state, dict) else {"__state__": state}
+
+    def __repr__(self):
+        return f"<stub {self.source}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _stub_class(module: str, name: str) -> type:
+    return type(name, (ModuleStub,), {"source": f"{module}.{name}", "__module__": __name__})
+
+
+def _safe_torch_global(name: str) -> Optional[Any]:
+    """dtypes, Size, device and storage classes from the ``torch`` namespace."""
+    obj = getattr(torch, name, None)
+    if isinstance(obj, torch.dtype) or obj is torch.Size or obj is torch.device:
+        return obj
+    if name.endswith("Storage") and isinstance(obj, type):    # legacy-format storage types
+        return obj
+    return None
+
+
+def _numpy_global(module: str, name: str) -> Optional[Any]:
+    """numpy scalars / arrays (upstream stores eval results as numpy floats); no object hooks."""
+    if (module, name) not in {("numpy", "dtype"), ("numpy", "ndarray"),
+                              ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                              ("numpy.core.multiarray", "_reconstruct"),
+                              ("numpy._core.multiarray", "_reconstruct")}:
+        return None
+    import numpy as np
+    if module == "numpy":
+        return getattr(np, name)
+    try:
+        from numpy._core import multiarray
+    except ImportError:                                          # numpy < 2
+        from numpy.core import multiarray
+    return getattr(multiarray, name)
+
+
+_TORCH_REBUILD = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
+                  "_rebuild_parameter_with_state"}
+_BUILTINS = {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose ``find_class`` returns only whitelisted, side-effect-free globals."""
+
+    def find_class(self, module: str, name: str):
+        module = {"__builtin__": "builtins"}.get(module, module)     # protocol-2 pickles use py2 names
+        if module == "torch._utils" and name in _TORCH_REBUILD:
+            return getattr(torch._utils, name)
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "builtins" and name in _BUILTINS:
+            return _BUILTINS[name]
+        if module == "_codecs" and name == "encode":   # protocol-2 bytes (numpy scalars): str -> bytes only
+            return codecs.encode
+        if module == "torch":
+            obj = _safe_torch_global(name)
+            if obj is not None:
+                return obj
+        if module == "numpy" or module.startswith(("numpy.core.", "numpy._core.")):
+            obj = _numpy_global(module, name)
+            if obj is not None:
+                return obj
+        # Model classes: upstream's own and torch.nn's become inert stubs (their code never runs).
+        if module == "yolov6" or module.startswith(("yolov6.", "torch.nn.modules.")) or module == "torch.nn":
+            return _stub_class(module, name)
+        raise RefusedGlobal(module, name)
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# What torch.load needs of a ``pickle_module``: Unpickler, load and a __name__.
+restricted_pickle = types.ModuleType("yoloq_restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = _restricted_load
+restricted_pickle.UnpicklingError = pickle.UnpicklingError
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` through the restricted unpickler (CPU). Refused globals -> CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    except RefusedGlobal as err:
+        raise CheckpointError(
+            f"{path}: refused to unpickle global '{err.qualname}' (not a tensor, container or model "
+            f"class); the file may execute code when loaded with plain torch.load. Only load it that "
+            f"way if you trust its origin.") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+
+
+# --------------------------------------------------------------------------- state dict extraction
+
+
+def _stub_state_dict(stub: ModuleStub, prefix: str = "", out: Optional[dict] = None) -> dict:
+    """Parameters, persistent buffers, then children (nn.Module.state_dict order)."""
+    out = OrderedDict() if out is None else out
+    state = stub.state
+    for name, value in (state.get("_parameters") or {}).items():
+        if value is not None:
+            out[prefix + name] = value
+    non_persistent = state.get("_non_persistent_buffers_set") or set()
+    for name, value in (state.get("_buffers") or {}).items():
+        if value is not None and name not in non_persistent:
+            out[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, ModuleStub):
+            raise CheckpointError(f"module '{prefix + name}' is a {type(child).__name__}, not a module")
+        _stub_state_dict(child, f"{prefix}{name}.", out)
+    return out
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _metadata(obj: Mapping) -> dict:
+    """Small scalar entries of a checkpoint dict (arch, nc, names, epoch, ...)."""
+    def plain(v):
+        return v is None or isinstance(v, (str, int, float, bool)) or (
+            isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v))
+    return {k: v for k, v in obj.items() if isinstance(k, str) and plain(v)}
+
+
+def _extract(obj: Any, path: Path) -> tuple[dict, dict]:
+    """(raw state dict, info) from whatever ``torch.load`` returned."""
+    if isinstance(obj, ModuleStub):
+        return _stub_state_dict(obj), {"format": "release", "source_key": None, "class": obj.source}
+    if _is_state_dict(obj):
+        return OrderedDict(obj), {"format": "bare", "source_key": None}
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict or a pickled model, got {type(obj).__name__}")
+    info = {"meta": _metadata(obj)}
+    ema = obj.get("ema")
+    candidates = ["ema"] if ema is not None else []
+    candidates += ["model", "model_state_dict", "state_dict"]
+    for key in candidates:
+        value = obj.get(key)
+        if isinstance(value, ModuleStub):
+            return _stub_state_dict(value), {**info, "format": "release", "source_key": key, "class": value.source}
+        if _is_state_dict(value):
+            return OrderedDict(value), {**info, "format": "plain", "source_key": key}
+    raise CheckpointError(f"{path}: no model found: expected a state dict or a pickled model under one of "
+                          f"'model_state_dict', 'model', 'ema', 'state_dict'; top-level keys are "
+                          f"{sorted(map(str, obj))[:20]}")
+
+
+def _to_float32(state_dict: dict) -> tuple[dict, list[str]]:
+    """Cast floating tensors to float32 (plain tensors, not Parameters); record the source dtypes."""
+    out, dtypes = OrderedDict(), set()
+    for key, value in state_dict.items():
+        value = value.detach()
+        if value.is_floating_point():
+            dtypes.add(str(value.dtype).replace("torch.", ""))
+            value = value.float()
+        out[key] = value.contiguous()
+    return out, sorted(dtypes)
+
+
+def drop_training_only(state_dict: dict) -> tuple[dict, list[str]]:
+    """Remove training-only head branches; return (state dict, notes naming what was dropped)."""
+    kept, dropped = OrderedDict(), OrderedDict()
+    for key, value in state_dict.items():
+        branch = next((p for p in key.split(".") if p in TRAINING_ONLY_MODULES), None)
+        if branch is None:
+            kept[key] = value
+        else:
+            dropped.setdefault(branch, []).append(key)
+    notes = [f"{branch}: {len(keys)} tensors dropped (training-only branch, unused at inference)"
+             for branch, keys in dropped.items()]
+    return kept, notes
+
+
+# --------------------------------------------------------------------------- 0.3.0-era names
+
+
+def _canonical(key: str) -> str:
+    """Key with the 0.4.0 wrapper levels removed: ``X.block.conv.w`` -> ``X.conv.w`` (ConvBN-style
+    wrappers; 0.3.0's SimConv / Conv held conv and bn directly) and ``ERBlock_5.2.sppf.cv1`` ->
+    ``ERBlock_5.2.cv1`` (0.4.0 wraps SPPF / CSPSPPF bodies in ``sppf`` / ``cspsppf``)."""
+    parts = key.split(".")
+    out = []
+    for i, part in enumerate(parts):
+        if part == "block" and i + 1 < len(parts) and parts[i + 1] in ("conv", "bn"):
+            continue
+        if part in ("sppf", "cspsppf"):
+            continue
+        out.append(part)
+    return ".".join(out)
+
+
+def remap_legacy_keys(state_dict: dict, target_keys: Iterable[str]) -> tuple[dict, dict]:
+    """Rename keys the target does not have to the target key with the same canonical form.
+
+    Only keys missing from ``target_keys`` are touched, and only onto a target key that is unique
+    for its canonical form and not already in the file. Also strips a DataParallel ``module.``
+    prefix. Returns (state dict in the original order, {old: new}).
+    """
+    target = list(target_keys)
+    target_set = set(target)
+    by_canon: dict[str, Optional[str]] = {}
+    for key in target:
+        c = _canonical(key)
+        by_canon[c] = None if c in by_canon else key          # None marks an ambiguous form
+    present = set(state_dict)
+    known = target_set | set(by_canon)
+    out, renamed = OrderedDict(), {}
+    for key, value in state_dict.items():
+        new = key
+        if new not in target_set and new.startswith("module.") and new[7:] in known:
+            new = new[7:]
+        if new not in target_set:
+            candidate = by_canon.get(_canonical(new))
+            if candidate is not None and candidate not in present:
+                new = candidate
+        if new != key:
+            renamed[key] = new
+        out[new] = value
+    return out, renamed
+
+
+# --------------------------------------------------------------------------- public reading API
+
+
+def read_checkpoint(path: str | os.PathLike, target_keys: Optional[Iterable[str]] = None
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read any supported checkpoint -> (float32 state dict, info).
+
+    ``info``: ``path``, ``format`` ('plain' | 'bare' | 'release'), ``source_key`` (dict entry
+    used, e.g. 'model_state_dict' or 'ema'), ``class`` (pickled root class, release files),
+    ``meta`` (arch, nc, names, epoch, ... when stored), ``dtypes`` (stored float dtypes),
+    ``ignored`` (notes on dropped tensors), ``remapped`` ({old key: new key}, only with
+    ``target_keys``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    raw, info = _extract(safe_torch_load(path), path)
+    state_dict, dtypes = _to_float32(raw)
+    state_dict, ignored = drop_training_only(state_dict)
+    info.update(path=str(path), dtypes=dtypes, ignored=ignored, remapped={})
+    if target_keys is not None:
+        state_dict, info["remapped"] = remap_legacy_keys(state_dict, target_keys)
+    return state_dict, info
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, **meta) -> Path:
+    """Write a plain checkpoint ``{'model_state_dict': sd, **meta}`` atomically (temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"model_state_dict": OrderedDict(state_dict), **meta}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- comparing key sets
+
+
+def _shapes(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, tuple]":
+    return OrderedDict((k, tuple(v.shape)) for k, v in state_dict.items())
+
+
+class Mismatch:
+    """Missing / unexpected / mis-shaped keys of a file against a model's state dict."""
+
+    def __init__(self, file_shapes: Mapping[str, tuple], model_shapes: Mapping[str, tuple]):
+        self.missing = [(k, s) for k, s in model_shapes.items() if k not in file_shapes]
+        self.unexpected = [(k, s) for k, s in file_shapes.items() if k not in model_shapes]
+        self.misshaped = [(k, file_shapes[k], s) for k, s in model_shapes.items()
+                          if k in file_shapes and tuple(file_shapes[k]) != tuple(s)]
+
+    def __bool__(self):
+        return bool(self.missing or self.unexpected or self.misshaped)
+
+    @property
+    def count(self) -> int:
+        return len(self.missing) + len(self.unexpected) + len(self.misshaped)
+
+    def describe(self) -> str:
+        lines = [f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                 f"{len(self.misshaped)} mis-shaped keys"]
+        for title, rows in (("missing from the file", self.missing), ("unexpected in the file", self.unexpected)):
+            if rows:
+                lines.append(f"  {title} (first {min(len(rows), MAX_LISTED)} of {len(rows)}):")
+                lines += [f"    {k} {list(s)}" for k, s in rows[:MAX_LISTED]]
+        if self.misshaped:
+            lines.append(f"  mis-shaped (first {min(len(self.misshaped), MAX_LISTED)} of {len(self.misshaped)}):")
+            lines += [f"    {k}: file {list(a)} vs model {list(b)}" for k, a, b in self.misshaped[:MAX_LISTED]]
+        return "\n".join(lines)
+
+
+def looks_deploy_form(state_dict: Mapping[str, Any], model_keys: Iterable[str]) -> bool:
+    """True if the file has fused blocks: ``rbr_reparam`` keys, or conv biases the train-form model
+    has no place for (its conv there is followed by a BN)."""
+    model_keys = set(model_keys)
+    if any(".rbr_reparam." in k for k in state_dict) and not any(".rbr_reparam." in k for k in model_keys):
+        return True
+    return any(k.endswith(".bias") and k not in model_keys and k[:-4] + "weight" in model_keys
+               for k in state_dict)
+
+
+# --------------------------------------------------------------------------- config suggestion
+
+
+@functools.lru_cache(maxsize=64)
+def _config_signatures(config_path: str, mtime: float) -> list[tuple[str, dict]]:
+    """[(form, {key: shape})] of a config's model in train and deploy form (built on 'meta')."""
+    from .config import load_config
+    from .models.build import build_model
+    cfg = load_config(config_path)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+        sigs = [("train", dict(_shapes(model.state_dict())))]
+        if hasattr(model, "fuse"):
+            sigs.append(("deploy", dict(_shapes(model.fuse().state_dict()))))
+    return sigs
+
+
+def _candidate_configs(config_dir: Path, state_dict: Mapping[str, Any], hint: Optional[str]) -> list[Path]:
+    """Configs of the file's family (Lite or not, judged from the keys; a cheap YAML read each),
+    the one named by the file's ``arch`` entry first."""
+    from .config import load_config
+    is_lite = any(".lite_effiblock_" in k for k in state_dict)
+    ranked = []
+    for config in sorted(Path(config_dir).glob("*.yaml")):
+        try:
+            model_cfg = load_config(config).model
+        except Exception:
+            continue
+        if (model_cfg.arch == "lite") != is_lite:
+            continue
+        named = hint is not None and hint in (model_cfg.name, config.stem)
+        ranked.append((not named, config.name, config))
+    return [row[-1] for row in sorted(ranked)]
+
+
+def suggest_config(state_dict: Mapping[str, torch.Tensor], config_dir: Path = CONFIG_DIR,
+                   hint: Optional[str] = None) -> Optional[tuple[str, str, bool]]:
+    """(config path, form, exact) of the ``configs/*.yaml`` model that best fits ``state_dict``:
+    the first exact key/shape match, else the largest overlap of (key, shape) pairs; None if none.
+    ``hint`` (the file's ``arch`` entry, if any) is tried first."""
+    best = None
+    for config in _candidate_configs(Path(config_dir), state_dict, hint):
+        try:
+            sigs = _config_signatures(str(config), config.stat().st_mtime)
+        except Exception:          # a config that does not build cannot be a suggestion
+            continue
+        for form, shapes in sigs:
+            adapted, _ = remap_legacy_keys(state_dict, shapes)
+            file_shapes = _shapes(adapted)
+            common = sum(1 for k, s in file_shapes.items() if shapes.get(k) == s)
+            score = common / max(len(set(file_shapes) | set(shapes)), 1)
+            if best is None or score > best[0]:
+                best = (score, str(config), form)
+            if score == 1.0:
+                return str(config), form, True
+    if best is None or best[0] == 0:
+        return None
+    return best[1], best[2], False
+
+
+def _suggestion_text(state_dict: Mapping[str, torch.Tensor], hint: Optional[str] = None) -> str:
+    found = suggest_config(state_dict, hint=hint)
+    if found is None:
+        return "No config in configs/*.yaml builds a model with these keys."
+    config, form, exact = found
+    rel = os.path.relpath(config, CONFIG_DIR.parent)
+    if exact:
+        return f"The file fits {rel} ({form} form, every key and shape matches): use --cfg {rel}."
+    return f"Closest config: {rel} ({form} form, partial overlap only)."
+
+
+# --------------------------------------------------------------------------- loading into a model
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "name", None) or type(model).__name__
+
+
+def _is_fused(model: nn.Module) -> bool:
+    keys = model.state_dict().keys()
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return any(".rbr_reparam." in k for k in keys) or not has_bn
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Load ``path`` into ``model`` strictly; returns the ``info`` of ``read_checkpoint`` plus
+    ``form`` ('train' | 'deploy'). Deploy-form files fuse the model first (in place).
+
+    Raises CheckpointError (naming the file, the first missing / unexpected / mis-shaped keys and
+    the config that fits) instead of loading anything partially.
+    """
+    raw, info = read_checkpoint(path)
+    model_shapes = _shapes(model.state_dict())
+    state_dict, remapped = remap_legacy_keys(raw, model_shapes)
+    mismatch = Mismatch(_shapes(state_dict), model_shapes)
+    form = "train"
+    if mismatch and hasattr(model, "fuse") and looks_deploy_form(state_dict, model_shapes):
+        fused_shapes = _shapes(copy.deepcopy(model).fuse().state_dict())
+        fused_sd, fused_remapped = remap_legacy_keys(raw, fused_shapes)
+        fused_mismatch = Mismatch(_shapes(fused_sd), fused_shapes)
+        if not fused_mismatch or fused_mismatch.count < mismatch.count:
+            state_dict, remapped, mismatch, form = fused_sd, fused_remapped, fused_mismatch, "deploy"
+    if mismatch:
+        fused_note = ""
+        if _is_fused(model):
+            fused_note = "\nThe model looks fused already: load weights before calling fuse()."
+        suggestion = _suggestion_text(raw, info.get("meta", {}).get("arch"))
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit model '{_model_name(model)}' ({form} form): "
+            f"{mismatch.describe()}\n{suggestion}{fused_note}")
+    if form == "deploy":
+        model.fuse()
+    model.load_state_dict(state_dict, strict=True)
+    info.update(form=form, remapped=remapped)
+    return info
