@@ -26,14 +26,14 @@ class Decode(nn.Module):
     def forward(self, outputs):
         boxes, scores = [], []
         for (cls_logits, ltrb), stride in zip(outputs, self.strides):
-            b, _, h, w = ltrb.shape
+            h, w = ltrb.shape[2:]
             ys = torch.arange(h, device=ltrb.device, dtype=ltrb.dtype) + 0.5
             xs = torch.arange(w, device=ltrb.device, dtype=ltrb.dtype) + 0.5
             gy, gx = torch.meshgrid(ys, xs, indexing="ij")
             anchors = torch.stack((gx, gy), 0).reshape(1, 2, h * w)
-            d = ltrb.reshape(b, 4, h * w)
+            d = ltrb.flatten(2)  # no explicit batch size: keeps exported ONNX batch-dynamic
             xy1 = (anchors - d[:, :2]) * stride
             xy2 = (anchors + d[:, 2:]) * stride
             boxes.append(torch.cat((xy1, xy2), 1))
-            scores.append(cls_logits.reshape(b, cls_logits.shape[1], h * w).sigmoid())
+            scores.append(cls_logits.flatten(2).sigmoid())
         return torch.cat((torch.cat(boxes, 2), torch.cat(scores, 2)), 1).permute(0, 2, 1)

@@ -1,0 +1,9 @@
+"""COCO evaluation: NMS, predictors and the COCOeval pipeline."""
+from .coco_eval import (COCO80_TO_91, STAT_NAMES, EvalResult, category_ids, coco_stats, evaluate,
+                        evaluate_model, format_stats_table, save_result, scale_boxes, to_coco_detections)
+from .nms import non_max_suppression
+from .predictors import OnnxPredictor, load_eval_model
+
+__all__ = ["COCO80_TO_91", "STAT_NAMES", "EvalResult", "category_ids", "coco_stats", "evaluate",
+           "evaluate_model", "format_stats_table", "save_result", "scale_boxes", "to_coco_detections",
+           "non_max_suppression", "OnnxPredictor", "load_eval_model"]
