@@ -1,0 +1,269 @@
+"""Turn a deploy-form FP32 model into a fake-quantized one with TensorRT placement.
+
+``prepare(model, qcfg)`` returns a deep copy in which
+
+- every quantized conv is a ``pytorch_quantization.nn.QuantConv2d`` / ``QuantConvTranspose2d``
+  (weights per output channel: axis 0, axis 1 for ConvTranspose; 8 bit, narrow range, signed),
+  keeping its module path, so state-dict keys stay those of the FP32 model;
+- input quantizers are *shared objects* per ``placement.analyze`` site (per tensor, 8 bit,
+  narrow range, signed): ``a._input_quantizer is b._input_quantizer`` for convs that must carry one
+  scale, so calibration, QAT and export keep them equal;
+- a module holding a quantized residual add (BottleRep) is re-traced into a ``GraphModule`` with a
+  ``residual_quantizer`` before the residual operand (same child modules and parameters);
+- BatchNorms surviving ``fuse()`` (QARepVGG post-add BN, RepOpt BN) are folded first when
+  ``qcfg.fold_qarepvgg_post_bn`` (default): TensorRT folds a BN into the conv before it, and
+  per-channel symmetric weight quantization is exactly invariant to that per-channel scaling, so
+  quantizing the folded kernel is what the engine runs.
+
+Skipped layers (``skip_layers`` / ``qcfg.skip_layers`` / ``set_layers_quantized(..., False)``):
+weight quantizer disabled and the layer gets its *own disabled* input quantizer, so it reads the
+float tensor while the other readers of a shared site stay quantized; in the exported graph the
+skipped conv then has no Q/DQ in front of it. A residual quantizer follows the conv it fuses with.
+
+The prepared model carries ``quant_placement`` (Placement), ``quant_quantizers`` (site name ->
+quantizer object), ``quant_skip_layers`` (model order) and ``quant_fold_bn``.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Callable, Iterable, Optional
+
+import warnings
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+with warnings.catch_warnings():       # pytorch-quantization 2.1.3 uses torch.jit.script at import
+    warnings.simplefilter("ignore", FutureWarning)
+    from pytorch_quantization import nn as quant_nn
+    from pytorch_quantization.nn import TensorQuantizer
+    from pytorch_quantization.tensor_quant import QuantDescriptor
+
+from ..config import QuantConfig
+from .placement import Placement, PlacementTracer, ResidualSlot, _Graph, analyze
+
+NUM_BITS = 8
+# Smallest amax we hand to TensorRT: pytorch-quantization treats amax <= 2**-24 as "zero" and
+# TensorRT needs scale = amax / 127 > 0. A dead channel quantizes to exactly 0 either way.
+DEAD_AMAX = 1e-4
+
+
+def activation_descriptor() -> QuantDescriptor:
+    return QuantDescriptor(num_bits=NUM_BITS, axis=None, unsigned=False, narrow_range=True,
+                           calib_method="max")
+
+
+def weight_descriptor(axis: Optional[int]) -> QuantDescriptor:
+    return QuantDescriptor(num_bits=NUM_BITS, axis=None if axis is None else (axis,), unsigned=False,
+                           narrow_range=True, calib_method="max")
+
+
+def new_input_quantizer(disabled: bool = False) -> TensorQuantizer:
+    return TensorQuantizer(activation_descriptor(), disabled=disabled)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: Iterable[str] = ()) -> nn.Module:
+    """Deep copy of ``model`` (deploy form, FP32) with quantized convs and shared quantizers."""
+    qcfg = qcfg or QuantConfig()
+    qmodel = copy.deepcopy(model).eval()
+    if qcfg.fold_qarepvgg_post_bn:
+        from ..models.blocks import fold_remaining_bn
+        fold_remaining_bn(qmodel)
+    placement = analyze(qmodel)
+
+    for name in placement.layers:
+        _set_submodule(qmodel, name, quant_conv_from(qmodel.get_submodule(name)))
+
+    quantizers: dict[str, nn.Module] = {}
+    for site in placement.sites:
+        q = new_input_quantizer()
+        quantizers[site.name] = q
+        for layer in site.consumers:
+            qmodel.get_submodule(layer)._input_quantizer = q
+    _insert_residual_quantizers(qmodel, placement, quantizers)
+
+    qmodel.quant_placement = placement
+    qmodel.quant_quantizers = quantizers
+    qmodel.quant_skip_layers = []
+    qmodel.quant_fold_bn = bool(qcfg.fold_qarepvgg_post_bn)
+    skips = list(dict.fromkeys(list(qcfg.skip_layers) + list(skip_layers)))
+    if skips:
+        set_layers_quantized(qmodel, skips, False)
+    return qmodel
+
+
+def quant_conv_from(conv: nn.Module) -> nn.Module:
+    """A pytorch-quantization conv with ``conv``'s geometry holding its Parameters."""
+    common = dict(quant_desc_input=activation_descriptor())
+    if isinstance(conv, nn.ConvTranspose2d):
+        # weight [in, out / groups, kH, kW]: output channels are axis 1 (per-tensor if grouped)
+        axis = 1 if conv.groups == 1 else None
+        q = quant_nn.QuantConvTranspose2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                          conv.padding, conv.output_padding, conv.groups, conv.bias is not None,
+                                          conv.dilation, conv.padding_mode,
+                                          quant_desc_weight=weight_descriptor(axis), **common)
+    elif isinstance(conv, nn.Conv2d):
+        q = quant_nn.QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                 conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                                 conv.padding_mode, quant_desc_weight=weight_descriptor(0), **common)
+    else:
+        raise TypeError(f"cannot quantize {type(conv).__name__}; expected Conv2d or ConvTranspose2d")
+    q.weight = conv.weight          # the Parameters themselves (the model is already a copy)
+    q.bias = conv.bias
+    q.train(conv.training)
+    return q
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+class _ChildrenLeafTracer(PlacementTracer):
+    """Traces one module's own forward; every submodule it calls stays a call_module node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _insert_residual_quantizers(model: nn.Module, placement: Placement, quantizers: dict) -> None:
+    by_owner: dict[str, list[tuple[ResidualSlot, str]]] = {}
+    for site in placement.sites:
+        for slot in site.residuals:
+            by_owner.setdefault(slot.owner, []).append((slot, site.name))
+    for owner, slots in by_owner.items():
+        module = model.get_submodule(owner)
+        graph = _ChildrenLeafTracer().trace(module)
+        gm = fx.GraphModule(module, graph, class_name=f"{type(module).__name__}WithResidualQuant")
+        adds = [n for n in gm.graph.nodes if _Graph.is_add(n)]
+        for slot, site_name in slots:
+            if slot.add_index >= len(adds):
+                raise RuntimeError(f"residual quantizer: {owner} has {len(adds)} adds when re-traced, "
+                                   f"placement expected at least {slot.add_index + 1}")
+            add = adds[slot.add_index]
+            gm.add_submodule(slot.attr, quantizers[site_name])
+            with gm.graph.inserting_before(add):
+                qnode = gm.graph.call_module(slot.attr, (add.args[slot.operand],))
+            add.update_arg(slot.operand, qnode)
+        gm.recompile()
+        gm.train(module.training)
+        _set_submodule(model, owner, gm)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _require_prepared(model: nn.Module) -> Placement:
+    placement = getattr(model, "quant_placement", None)
+    if not isinstance(placement, Placement):
+        raise ValueError("model has no quantizer placement: run yoloq.quant.prepare(model) first")
+    return placement
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized conv modules by name (skipped layers included), in model order."""
+    placement = _require_prepared(model)
+    return {name: model.get_submodule(name) for name in placement.layers}
+
+
+def input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Activation quantizer objects by site name, one entry per object (shared ones once)."""
+    _require_prepared(model)
+    return dict(model.quant_quantizers)
+
+
+def weight_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Per-channel weight quantizers by layer name."""
+    return {name: m._weight_quantizer for name, m in quant_layers(model).items()}
+
+
+def _slots(model: nn.Module, placement: Placement):
+    """Every place a site quantizer is held: (site, holder module, attribute, layer that decides)."""
+    for site in placement.sites:
+        for layer in site.consumers:
+            yield site, model.get_submodule(layer), "_input_quantizer", layer
+        for slot in site.residuals:
+            yield site, model.get_submodule(slot.owner), slot.attr, slot.fusing_layer
+
+
+def set_layers_quantized(model: nn.Module, names: Iterable[str], enabled: bool) -> None:
+    """Quantize (or keep in float) the given layers, keeping shared quantizers consistent.
+
+    Disabled: the layer's weight quantizer is off and it gets a private disabled input quantizer
+    (other readers of its site stay quantized). Enabled: it reads the shared site quantizer again.
+    A residual quantizer is on iff the conv it fuses with is quantized.
+    """
+    placement = _require_prepared(model)
+    names = list(names)
+    known = set(placement.layers)
+    for name in names:
+        if name not in known:
+            hint = difflib.get_close_matches(name, placement.layers, n=1)
+            why = placement.float_layers.get(name)
+            raise ValueError(f"set_layers_quantized: '{name}' is not a quantized layer"
+                             + (f" ({why})" if why else "") + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    changed = set(names)
+    for name in changed:
+        wq = model.get_submodule(name)._weight_quantizer
+        wq.enable() if enabled else wq.disable()
+    for site, holder, attr, layer in _slots(model, placement):
+        if layer in changed:
+            setattr(holder, attr, model.quant_quantizers[site.name] if enabled else new_input_quantizer(disabled=True))
+    skipped = set(model.quant_skip_layers)
+    skipped = skipped - changed if enabled else skipped | changed
+    model.quant_skip_layers = [n for n in placement.layers if n in skipped]
+
+
+def replace_input_quantizer(model: nn.Module, site_name: str, new: nn.Module) -> None:
+    """Swap the quantizer object of one site everywhere it is held (e.g. for PACT / LSQ+).
+    Holders that are skipped keep their private disabled quantizer."""
+    placement = _require_prepared(model)
+    if site_name not in model.quant_quantizers:
+        hint = difflib.get_close_matches(site_name, list(model.quant_quantizers), n=1)
+        raise KeyError(f"no quantizer site '{site_name}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+    old = model.quant_quantizers[site_name]
+    for site, holder, attr, _ in _slots(model, placement):
+        if site.name == site_name and getattr(holder, attr) is old:
+            setattr(holder, attr, new)
+    model.quant_quantizers[site_name] = new
+
+
+def replace_input_quantizers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module]) -> None:
+    """``replace_input_quantizer`` for every site: ``make(site_name, old_quantizer) -> new``."""
+    for name, old in list(input_quantizers(model).items()):
+        replace_input_quantizer(model, name, make(name, old))
+
+
+def set_amax(quantizer: TensorQuantizer, amax: torch.Tensor) -> None:
+    """Set (or create) a quantizer's ``_amax`` buffer, float32, on the quantizer's device."""
+    amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
+    old = getattr(quantizer, "_amax", None)
+    if isinstance(old, torch.Tensor):
+        amax = amax.to(old.device)
+        if old.shape == amax.shape:
+            with torch.no_grad():
+                old.copy_(amax)
+            return
+    if "_amax" in quantizer._buffers:
+        del quantizer._buffers["_amax"]
+    quantizer.register_buffer("_amax", amax)
+
+
+@torch.no_grad()
+def fix_dead_channels(model: nn.Module, floor: float = DEAD_AMAX) -> int:
+    """Replace zero / tiny / NaN / inf amax values (dead channels, unseen tensors) by ``floor``.
+    Returns how many values were replaced."""
+    fixed = 0
+    for module in model.modules():
+        amax = getattr(module, "_amax", None) if isinstance(module, TensorQuantizer) else None
+        if isinstance(amax, torch.Tensor):
+            bad = ~torch.isfinite(amax) | (amax <= 2.0 ** -24)
+            if bad.any():
+                fixed += int(bad.sum())
+                amax[bad] = floor
+    return fixed
