@@ -1,0 +1,210 @@
+"""run_ptq end to end on the shared Lite-S weights (tiny image counts), and bad-input handling."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from yoloq.config import ConfigError, QuantConfig
+from yoloq.quant.calibrate import CalibrationError
+from yoloq.quant.ptq import PTQError, PTQOptions, run_ptq
+from yoloq.quant.qcheckpoint import load_quantized
+from yoloq.report import MAIN_STATS, load_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # test_sensitivity's toy model
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WEIGHTS = SHARED / "weights" / "yolov6lite_s.pt"
+DATA = REPO / "data" / "coco_shared.yaml"
+needs_shared = pytest.mark.skipif(not (WEIGHTS.is_file() and (SHARED / "coco" / "train2017").is_dir()),
+                                  reason=f"shared weights / COCO data not found under {SHARED}")
+
+TINY = dict(calib_images=8, max_images=8, workers=0, progress=False, sensitivity_images=4)
+
+
+def write_cfg(tmp_path: Path, weights=WEIGHTS, data=DATA, quant: dict | None = None) -> Path:
+    cfg = {"model": {"name": "yolov6lite_s", "arch": "lite", "backbone": "Lite_EffiBackbone",
+                     "neck": "Lite_EffiNeck", "width_multiple": 0.7, "img_size": 320, "weights": str(weights)},
+           "data": str(data), "eval": {"batch_size": 8, "workers": 0},
+           "quant": {"calib": "max", "calib_images": 8, "batch_size": 4, **(quant or {})}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or list(out.iterdir()) == [], f"partial output left in {out}: {list(out.iterdir())}"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@needs_shared
+def test_run_ptq_lite_s_end_to_end(tmp_path):
+    """auto calibration + sensitivity (fast and mAP) + --max-drop search + diagnosis + report + quant.pt."""
+    out = tmp_path / "runs"
+    res = run_ptq(write_cfg(tmp_path, quant={"calib": "auto"}), out=str(out), name="e2e",
+                  auto_methods=("max", "percentile-99.99", "entropy"), sensitivity="map", confirm_top=2,
+                  max_drop=0.0, max_skip=2, select_images=3, **{**TINY, "sensitivity_images": 2})
+    run_dir = out / "e2e"
+    assert sorted(p.name for p in out.iterdir()) == ["e2e"]                  # no staging folder left
+    for name in ("report.md", "report.json", "stats.png", "sensitivity.png", "diagnosis.png", "quant.pt"):
+        assert (run_dir / name).is_file(), name
+    rep = load_report(run_dir / "report.json")
+    assert rep["fp32"]["AP"] > 0.15 and rep["int8"]["AP"] > 0.05
+    for k in MAIN_STATS:
+        assert rep["drop"][k] == pytest.approx((rep["fp32"][k] - rep["int8"][k]) * 100, abs=1e-6)
+    assert rep["data"]["eval_images"] == 8 and rep["calibration"]["images"] == 8
+    calib = rep["calibration"]
+    assert calib["requested"] == "auto" and set(calib["auto_errors"]) == {"max", "percentile-99.99", "entropy"}
+    assert calib["method"] == max(calib["auto_errors"], key=lambda m: calib["auto_errors"][m]["sqnr_db"])
+    assert all(f.startswith("0000") for f in calib["files"])                 # train image names
+    n_layers = rep["placement"]["quantized_layers"]
+    assert len(rep["sensitivity"]["ranking"]) == n_layers == len(rep["diagnosis"]["layers"])
+    assert {"calibrate", "eval_fp32", "eval_int8", "sensitivity", "partial_search", "total"} <= set(rep["timings"])
+    # --max-drop: measured on labeled train images that were not calibration images, never on val
+    sel = rep["selection"]
+    assert sel["images"] == 3 and sel["disjoint_from_calibration"] == 3
+    assert sel["source"].endswith("instances_train2017.json") and "never on val" in rep["partial"]["note"]
+    trace, k = rep["partial"]["search"], rep["partial"]["k"]
+    passing = [t["k"] for t in trace if t["drop"] <= 0.0]
+    assert trace[0]["k"] == 0 and k == (min(passing) if passing else 2) and all(t["k"] <= 2 for t in trace)
+    assert set(rep["skipped_layers"]) == {r["layer"] for r in rep["sensitivity"]["ranking"][:k]}
+    assert res.skipped_layers == rep["skipped_layers"]
+    assert all("map_drop" in r for r in rep["sensitivity"]["ranking"][:2] if r["layer"] not in rep["skipped_layers"])
+    md = (run_dir / "report.md").read_text()
+    assert f"| AP | {rep['fp32']['AP'] * 100:.2f} | {rep['int8']['AP'] * 100:.2f} |" in md
+    model, meta = load_quantized(run_dir / "quant.pt")
+    assert model.quant_skip_layers == rep["skipped_layers"] and meta["calib_method"] == calib["method"]
+
+
+@pytest.mark.slow
+@needs_shared
+def test_run_ptq_is_reproducible(tmp_path):
+    cfg = write_cfg(tmp_path, quant={"calib": "percentile"})
+    common = dict(out=str(tmp_path / "runs"), diagnose=False, plots=False, sensitivity="off",
+                  **{**TINY, "max_images": 4})
+    a = run_ptq(cfg, name="a", **common)
+    b = run_ptq(cfg, name="b", **common)
+    assert a.int8 == b.int8 and a.fp32 == b.fp32
+    qa, _ = load_quantized(tmp_path / "runs" / "a" / "quant.pt")
+    qb, _ = load_quantized(tmp_path / "runs" / "b" / "quant.pt")
+    for (ka, va), (kb, vb) in zip(qa.state_dict().items(), qb.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_partial_quantization_keeps_top_k_and_explicit_skips():
+    """--skip-layers and the --max-drop search on a toy model (the search's measure is a plain
+    function of the skipped set here; the real one is COCO mAP on train images, tested above)."""
+    from test_sensitivity import calibrated, toy
+    from yoloq.quant.prepare import set_layers_quantized
+    from yoloq.quant.ptq import _partial_quantization
+    fp32 = toy()
+    q, images = calibrated(fp32)
+    set_layers_quantized(q, ["6"], False)                                   # e.g. from quant.skip_layers
+    sens = {"ranking": [{"layer": name} for name in ("2", "6", "4", "0")]}   # most sensitive first
+    part = _partial_quantization(q, sens, None, QuantConfig(), PTQOptions(skip_layers=2))
+    assert part["k"] == 2 and q.quant_skip_layers == ["2", "4", "6"]        # model order; "6" not counted
+
+    class Drops:                                                            # drop falls as layers stay in float
+        info, fp32_ap = {"images": 1, "disjoint_from_calibration": 1}, 0.5
+
+        def drop(self, model):
+            return 3.0 - len(model.quant_skip_layers)
+
+    set_layers_quantized(q, ["2", "4"], True)                               # back to only "6" in float
+    part = _partial_quantization(q, sens, Drops(), QuantConfig(max_drop=1.0), PTQOptions())
+    assert part["k"] == 1 and q.quant_skip_layers == ["2", "6"]
+    assert [t["k"] for t in part["search"]] == [0, 1]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@needs_shared
+def test_missing_weights_and_data_fail_before_work(tmp_path):
+    out = tmp_path / "runs"
+    with pytest.raises(PTQError, match=r"model.weights not found: .*nope\.pt"):
+        run_ptq(write_cfg(tmp_path, weights=tmp_path / "nope.pt"), out=str(out), **TINY)
+    with pytest.raises(PTQError, match=r"dataset YAML not found: .*missing\.yaml"):
+        run_ptq(write_cfg(tmp_path, data=tmp_path / "missing.yaml"), out=str(out), **TINY)
+    data = yaml.safe_load(DATA.read_text())
+    data.update(train_images=str(tmp_path / "no_such_dir"), val_images=str(SHARED / "coco" / "val2017"),
+                train_ann=str(SHARED / "coco/annotations/instances_train2017.json"),
+                val_ann=str(SHARED / "coco/annotations/instances_val2017.json"), val_ann_official=None)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PTQError, match=r"train_images \(calibration\) not found: .*no_such_dir"):
+        run_ptq(write_cfg(tmp_path, data=tmp_path / "data.yaml"), out=str(out), **TINY)
+    assert_nothing_written(out)
+
+
+@needs_shared
+def test_unreadable_calibration_images(tmp_path):
+    bad = tmp_path / "train"
+    bad.mkdir()
+    (bad / "000000000001.jpg").write_bytes(b"not a jpeg")
+    data = yaml.safe_load(DATA.read_text())
+    data.update(train_images=str(bad), val_images=str(SHARED / "coco" / "val2017"),
+                train_ann=str(SHARED / "coco/annotations/instances_train2017.json"),
+                val_ann=str(SHARED / "coco/annotations/instances_val2017.json"), val_ann_official=None)
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "runs"
+    with pytest.warns(UserWarning, match="unreadable"), pytest.raises(PTQError, match="no readable image"):
+        run_ptq(write_cfg(tmp_path, data=tmp_path / "data.yaml"), out=str(out), **TINY)
+    assert_nothing_written(out)
+
+
+@needs_shared
+def test_invalid_quant_section(tmp_path):
+    out = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="quant.calib: unknown method 'kl'"):
+        run_ptq(write_cfg(tmp_path, quant={"calib": "kl"}), out=str(out), **TINY)
+    with pytest.raises(ConfigError, match="unknown key 'calib_image'"):
+        run_ptq(write_cfg(tmp_path, quant={"calib_image": 8}), out=str(out), **TINY)
+    with pytest.raises(ConfigError, match="quant.percentile"):
+        run_ptq(write_cfg(tmp_path, quant={"calib": "percentile", "percentile": 120}), out=str(out), **TINY)
+    with pytest.raises(PTQError, match="give one"):
+        run_ptq(write_cfg(tmp_path), out=str(out), skip_layers=2, max_drop=1.0, **TINY)
+    with pytest.raises(PTQError, match="not a quantized layer"):
+        run_ptq(write_cfg(tmp_path, quant={"skip_layers": ["backbone.nope"]}), out=str(out), **TINY)
+    assert_nothing_written(out)
+
+
+@needs_shared
+def test_nan_activations_name_the_layer(tmp_path):
+    ckpt = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    key = "backbone.conv_0.block.conv.weight"
+    ckpt["model_state_dict"][key][0, 0, 0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    out = tmp_path / "runs"
+    with pytest.raises(CalibrationError, match=r"NaN in the input of backbone\.lite_effiblock_1"):
+        run_ptq(write_cfg(tmp_path, weights=tmp_path / "nan.pt"), out=str(out), **TINY)
+    assert_nothing_written(out)
+
+
+def test_options_are_a_dataclass_with_defaults():
+    opts = PTQOptions()
+    assert opts.sensitivity == "fast" and opts.out == "runs/ptq" and opts.save_model
+
+
+
+@pytest.mark.slow
+@needs_shared
+def test_bench_ptq_tiny(tmp_path):
+    """The peer benchmark runs both sides on the same images and writes one table."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_ptq
+    cfg = write_cfg(tmp_path)
+    bench_ptq.main(["--cfg", str(cfg), "--calib-images", "4", "--max-images", "2", "--workers", "0",
+                    "--methods", "max", "--ort-variants", "minmax_s8s8", "--out", str(tmp_path / "b"),
+                    "--name", "t", "--no-progress"])
+    bench = load_report(tmp_path / "b" / "t" / "bench.json")
+    rows = {(r["tool"], r["variant"]): r for r in bench["rows"]}
+    assert set(rows) == {("yoloq", "max"), ("onnxruntime", "fp32"), ("onnxruntime", "minmax_s8s8")}
+    assert rows[("onnxruntime", "fp32")]["int8"]["AP"] == pytest.approx(bench["fp32"]["AP"], abs=0.02)
+    assert bench["calib_images"] == 4 and bench["eval_images"] == 2
+    assert "| onnxruntime | minmax_s8s8 |" in (tmp_path / "b" / "t" / "bench.md").read_text()
