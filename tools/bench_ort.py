@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""onnxruntime CPU latency (and optionally COCO mAP) of FP32 vs INT8 exports of one quantized model.
+
+    python tools/bench_ort.py --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt
+    python tools/bench_ort.py --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --map 100
+    python tools/bench_ort.py --cfg configs/yolov6n_repvgg.yaml --random-weights      # 640, no trained weights
+
+Exports four ONNX files (``export_onnx``): FP32, the TensorRT Q/DQ variant, and the onnxruntime
+fast path (``make_ort_fast``; "exact": convs before HardSwish/SiLU stay float; default: they get a
+pre-activation Q/DQ on the consumer's scale, zero point from train images), then times each
+with onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL, ``--threads`` intra-op threads): warm-up,
+then ``--iters`` runs taken round-robin over the variants in ``--rounds`` blocks (so a noisy, shared
+machine slows all variants alike). Prints median / p90 ms and the ratio to FP32. ``--map N`` adds
+the COCO mAP of each variant and of the fake-quant PyTorch model on the first N val images.
+``--random-weights``: random init, PTQ-calibrated (max) in memory on ``--calib-images`` train images —
+for latency only (its mAP is meaningless).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="quantized checkpoint (tools/ptq.py / tools/qat.py quant.pt)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="random weights, max-calibrated on --calib-images train images (latency only)")
+    p.add_argument("--img-size", type=int, help="input size (default: model.img_size)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=60, help="timed runs per variant (default 60)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=6, help="round-robin blocks over the variants")
+    p.add_argument("--calib-images", type=int, default=32,
+                   help="train images calibrating the fast path's pre-activation ranges (and --random-weights)")
+    p.add_argument("--pre-act", choices=("consumer", "minmax", "symmetric"), default="consumer",
+                   help="scale of the fast path's new pre-activation Q/DQ (default: the consumer quantizer's)")
+    p.add_argument("--other", choices=("float", "minmax"), default="float",
+                   help="convs whose output is not self-gated (SE input, residual add): keep float (exact, "
+                        "default) or give them a min/max-calibrated Q/DQ")
+    p.add_argument("--map", type=int, metavar="N", help="also COCO mAP on the first N val images")
+    p.add_argument("--out", help="folder for the ONNX files (default /tmp/bench_ort/<model>)")
+    p.add_argument("--workers", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_quantized(cfg, args, calib_batches):
+    """(prepared, calibrated model, where it came from)."""
+    if args.ckpt:
+        from yoloq.quant.qcheckpoint import load_quantized
+        model, _ = load_quantized(args.ckpt)
+        return model.eval(), args.ckpt
+    from yoloq.models import build_model
+    from yoloq.quant.calibrate import calibrate
+    from yoloq.quant.prepare import prepare
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval().fuse()
+    qmodel = prepare(model, cfg.quant)
+    calibrate(qmodel, calib_batches, method="max", progress=False)
+    return qmodel.eval(), "random weights (max calibration)"
+
+
+def export_variants(qmodel, out: Path, img_size: int, batch: int, calib_batches, pre_act: str, other: str) -> dict:
+    from yoloq.export.onnx import export_onnx
+    from yoloq.export.ort_fast import make_ort_fast
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"fp32": out / "fp32.onnx", "int8 trt q/dq": out / "int8_trt.onnx",
+             "int8 ort fast (exact)": out / "int8_ort_exact.onnx", "int8 ort fast": out / "int8_ort_fast.onnx"}
+    export_onnx(qmodel, paths["fp32"], img_size=img_size, batch=batch, fp32=True)
+    export_onnx(qmodel, paths["int8 trt q/dq"], img_size=img_size, batch=batch)
+    for key, mode in (("int8 ort fast (exact)", "float"), ("int8 ort fast", pre_act)):
+        info = make_ort_fast(paths["int8 trt q/dq"], paths[key], calib_batches, pre_act=mode, other=other)
+        print(f"{key}: {info.n_conv} convs, {info.already_fused} already conv->Q, {info.relu_exact} conv->Relu "
+              f"(exact), {info.pre_activation} pre-activation Q/DQ, {len(info.left_float)} float; "
+              f"{info.propagated} Q/DQ propagated; " + "; ".join(info.notes))
+    return paths
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def bench(paths: dict, threads: int, batch: int, img_size: int, iters: int, warmup: int, rounds: int) -> dict:
+    """name -> list of ms, measured round-robin so background load hits every variant alike."""
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    x = np.random.default_rng(0).random((batch, 3, img_size, img_size), dtype=np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    times = {k: [] for k in sessions}
+    per_round = max(1, iters // rounds)
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def evaluate_all(paths: dict, qmodel, cfg, data_cfg, img_size: int, n: int, threads: int) -> dict:
+    from yoloq.eval import OnnxPredictor, evaluate, evaluate_model
+    eval_cfg = dataclasses.replace(cfg.eval, workers=0)
+    common = dict(max_images=n, progress=False)
+    maps = {"fake-quant pytorch": evaluate_model(qmodel, data_cfg, eval_cfg, img_size, **common).stats["AP"]}
+    for k, p in paths.items():
+        maps[k] = evaluate(OnnxPredictor(p, threads=threads), data_cfg, eval_cfg, img_size, **common).stats["AP"]
+    return maps
+
+
+def format_table(times: dict, maps: dict | None, header: str) -> str:
+    fp32 = float(np.median(times["fp32"]))
+    cols = "| variant | median ms | p90 ms | x FP32 |" + (" mAP |" if maps else "")
+    lines = [header, "", cols, "|" + "---|" * (cols.count("|") - 1)]
+    for k, t in times.items():
+        med = float(np.median(t))
+        row = f"| {k} | {med:.2f} | {np.percentile(t, 90):.2f} | {med / fp32:.2f} |"
+        lines.append(row + (f" {100 * maps[k]:.2f} |" if maps else ""))
+    if maps and "fake-quant pytorch" in maps:
+        lines.append(f"| fake-quant pytorch | – | – | – | {100 * maps['fake-quant pytorch']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from yoloq.config import load_config, load_data_config
+    from yoloq.data.coco import calibration_loader
+    cfg = load_config(args.cfg)
+    data_cfg = load_data_config(cfg.data)
+    img_size = args.img_size or cfg.model.img_size
+    calib = [images for images, _ in calibration_loader(data_cfg, args.calib_images, img_size, 8, args.workers)]
+    qmodel, where = build_quantized(cfg, args, calib)
+    out = Path(args.out or f"/tmp/bench_ort/{cfg.model.name}_{img_size}")
+    paths = export_variants(qmodel, out, img_size, args.batch, calib, args.pre_act, args.other)
+    times = bench(paths, args.threads, args.batch, img_size, args.iters, args.warmup, args.rounds)
+    maps = None
+    if args.map:
+        if args.random_weights:
+            print("note: --map with --random-weights measures an untrained model", file=sys.stderr)
+        maps = evaluate_all(paths, qmodel, cfg, data_cfg, img_size, args.map, args.threads)
+    header = (f"{cfg.model.name} @ {img_size}, batch {args.batch}, {args.threads} threads, onnxruntime "
+              f"{__import__('onnxruntime').__version__} CPU; {where}" + (f"; mAP on {args.map} val images" if maps else ""))
+    print(format_table(times, maps, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
