@@ -143,7 +143,9 @@ def test_parameter_groups_and_quantizer_assertion():
     qids = {id(p) for p in quantizer_parameters(student)}
     assert {id(p) for p in groups["quantizers"]["params"] + groups["weight_scales"]["params"]} == qids
     assert groups["quantizers"]["weight_decay"] == 0 and groups["weight_scales"]["weight_decay"] == 0
-    assert groups["quantizers"]["lr"] == 0.25 and groups["weight_scales"]["lr"] == 0.5
+    assert groups["quantizers"]["lr"] == 0.25 and groups["weight_scales"]["lr"] == QATConfig().weight_scale_lr
+    same = {g["name"]: g for g in parameter_groups(student, qcfg(lr=0.5, weight_scale_lr=None))}
+    assert same["weight_scales"]["lr"] == 0.5            # None: the weights' learning rate
     assert all(p.dim() == 1 for p in groups["weight_scales"]["params"])
     assert all(p.dim() > 1 for p in groups["weights"]["params"])
     all_ids = [id(p) for g in groups.values() for p in g["params"]]

@@ -9,8 +9,9 @@ yoloq: TensorRT placement (Q/DQ on conv inputs and weights, shared scales), per-
 every calibration method from one statistics pass (its time = that pass + the method's amax search),
 and ``auto`` (picks by detector-output SQNR on calibration images). onnxruntime: the fused FP32
 model exported with ``torch.onnx.export(..., dynamo=False)``, then ``quantize_static`` (QDQ,
-per_channel=True) with MinMax / Entropy / Percentile (S8S8) and MinMax U8S8; run with onnxruntime
-CPU. Writes <out>/bench.md, bench.json and bench.png.
+per_channel=True) with MinMax / Entropy / Percentile (S8S8) and MinMax U8S8 over every op (ORT's
+default), and MinMax / Entropy / Percentile S8S8 restricted to Conv (``_conv``: decode left float, a
+fair like-for-like with TensorRT placement); run with onnxruntime CPU. Writes <out>/bench.md, bench.json and bench.png.
 """
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ from yoloq.quant.ptq import (PTQOptions, calibration_batches, evaluate_stats, lo
 from yoloq.report import atomic_write_bytes, atomic_write_text, md_table, stat_drop, to_json
 
 YOLOQ_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse", "auto")
-ORT_VARIANTS = ("minmax_s8s8", "entropy_s8s8", "percentile_s8s8", "minmax_u8s8")
+# "<calibration>_<activation/weight types>[_conv]": _conv quantizes only Conv / ConvTranspose (inputs,
+# weights, outputs), leaving the decode (boxes in pixels and scores in 0..1 concatenated into one
+# tensor, which one per-tensor scale wipes out) in float, as TensorRT placement does.
+ORT_VARIANTS = ("minmax_s8s8", "entropy_s8s8", "percentile_s8s8", "minmax_u8s8",
+                "minmax_s8s8_conv", "entropy_s8s8_conv", "percentile_s8s8_conv")
 
 
 # --------------------------------------------------------------------------- onnxruntime side
@@ -76,14 +81,16 @@ def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.T
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-    method, types = variant.split("_")
+    method, types, *scope = variant.split("_")
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     act = {"s8s8": QuantType.QInt8, "u8s8": QuantType.QUInt8}[types]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})("images", batches)
     start = time.perf_counter()
+    op_types = ["Conv", "ConvTranspose"] if scope == ["conv"] else None     # None: every supported op
     quantize_static(str(fp32_onnx), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=act, weight_type=QuantType.QInt8, calibrate_method=calib)
+                    activation_type=act, weight_type=QuantType.QInt8, calibrate_method=calib,
+                    op_types_to_quantize=op_types)
     return time.perf_counter() - start
 
 

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate of the conv weights")
     p.add_argument("--quantizer-lr", type=float, help="learning rate of the quantizer parameters")
+    p.add_argument("--weight-scale-lr", type=float, help="learning rate of LSQ weight scales (default: --lr)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: the config's qat.optimizer (sgd)")
     p.add_argument("--workers", type=int)
     p.add_argument("--max-images", type=int, help="evaluate only the first N val images (quick runs)")
     p.add_argument("--name", help="run name (default <ptq name>_<quantizer>)")
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     try:
         result = run_qat(a.cfg, QATOptions(from_dir=a.from_dir, quantizer=a.quantizer, lsq_mode=a.lsq_mode,
                                            epochs=a.epochs, images=a.images, batch_size=a.batch_size, lr=a.lr,
-                                           quantizer_lr=a.quantizer_lr, workers=a.workers, max_images=a.max_images,
+                                           quantizer_lr=a.quantizer_lr, weight_scale_lr=a.weight_scale_lr,
+                                           optimizer=a.optimizer, workers=a.workers, max_images=a.max_images,
                                            name=a.name, out=a.out, resume=a.resume, device=a.device,
                                            progress=not a.no_progress, plots=not a.no_plots))
         if result.report:

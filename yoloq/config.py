@@ -74,8 +74,10 @@ class QATConfig:
     epochs: int = 2
     images: int = 256
     batch_size: int = 8
-    lr: float = 1e-4
+    lr: float = 1e-4                    # conv weights and biases
     quantizer_lr: float = 1e-3
+    weight_scale_lr: Optional[float] = 1e-5   # LSQ weight scales (None = lr): at 1e-4 the depthwise
+    #                                     scales of Lite-S collapse to <= 0 within 10 steps
     weight_decay: float = 5e-5
     alpha_decay: float = 1e-4           # L2 on PACT clip values
     distill_weight: float = 1.0         # channel-wise distillation (CWD) on the neck outputs

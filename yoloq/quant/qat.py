@@ -174,7 +174,8 @@ def parameter_groups(model: nn.Module, qcfg: QATConfig) -> list[dict]:
         groups.append({"name": "quantizers", "params": act, "lr": qcfg.quantizer_lr, "weight_decay": 0.0})
     if wsc:   # LSQ: weight scales share the weights' learning rate (the gradient scale g assumes it);
         #       measured on Lite-S: their relative gradients are ~10-6000x the weights', quantizer_lr collapses them
-        groups.append({"name": "weight_scales", "params": wsc, "lr": qcfg.lr, "weight_decay": 0.0})
+        wlr = qcfg.lr if qcfg.weight_scale_lr is None else qcfg.weight_scale_lr
+        groups.append({"name": "weight_scales", "params": wsc, "lr": wlr, "weight_decay": 0.0})
     return groups
 
 
@@ -455,6 +456,8 @@ class QATOptions:
     batch_size: Optional[int] = None
     lr: Optional[float] = None
     quantizer_lr: Optional[float] = None
+    weight_scale_lr: Optional[float] = None
+    optimizer: Optional[str] = None         # sgd | adam
     workers: Optional[int] = None
     max_images: Optional[int] = None        # evaluate only the first N val images
     name: Optional[str] = None
@@ -479,7 +482,7 @@ def _resolve(cfg: Config | str | os.PathLike, opts: QATOptions):
         cfg = load_config(cfg)
     where = cfg.path or "config"
     over = {k: getattr(opts, k) for k in ("quantizer", "lsq_mode", "epochs", "images", "batch_size", "lr",
-                                          "quantizer_lr", "workers") if getattr(opts, k) is not None}
+                                          "quantizer_lr", "weight_scale_lr", "optimizer", "workers") if getattr(opts, k) is not None}
     qcfg = dataclasses.replace(cfg.qat, **over)
     if qcfg.quantizer not in KINDS:
         raise ConfigError(f"{where}: qat.quantizer / --quantizer must be one of {KINDS}, got '{qcfg.quantizer}'")
@@ -491,6 +494,8 @@ def _resolve(cfg: Config | str | os.PathLike, opts: QATOptions):
     for key in ("lr", "quantizer_lr", "temperature"):
         if not getattr(qcfg, key) > 0:
             raise ConfigError(f"{where}: qat.{key} must be > 0, got {getattr(qcfg, key)}")
+    if qcfg.weight_scale_lr is not None and not qcfg.weight_scale_lr > 0:
+        raise ConfigError(f"{where}: qat.weight_scale_lr must be > 0 (or null = lr), got {qcfg.weight_scale_lr}")
     if qcfg.lsq_init not in ("amax", "mse"):
         raise ConfigError(f"{where}: qat.lsq_init must be 'amax' or 'mse', got '{qcfg.lsq_init}'")
     if qcfg.optimizer not in ("sgd", "adam"):
