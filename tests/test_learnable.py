@@ -20,7 +20,7 @@ from pytorch_quantization import nn as quant_nn                         # noqa: 
 from pytorch_quantization.nn import TensorQuantizer                     # noqa: E402
 from pytorch_quantization.tensor_quant import QuantDescriptor           # noqa: E402
 
-from yoloq.quant.learnable import (LSQActQuantizer, LSQFunction, LSQWeightQuantizer, PACTFunction,  # noqa: E402
+from yoloq.quant.learnable import (clamp_weight_scales, LSQActQuantizer, LSQFunction, LSQWeightQuantizer, PACTFunction,  # noqa: E402
                                    PACTQuantizer, QuantizerDivergenceError, check_quantizers, export_spec,
                                    freeze_quantizers, lsq_init, named_quantizers, pact_alpha_l2,
                                    quantizer_parameters, swap_quantizers)
@@ -333,6 +333,17 @@ def test_check_quantizers_names_the_quantizer():
         m.bad.scale.fill_(-1.0)
     with pytest.raises(QuantizerDivergenceError, match="'bad'.*collapsed"):
         check_quantizers(m)
+
+
+def test_clamp_weight_scales_keeps_a_floor_and_leaves_the_rest():
+    m = nn.Module()
+    m.w = LSQWeightQuantizer(scale=torch.tensor([1e-6, 0.5, 2.0]))
+    with torch.no_grad():
+        m.w.scale.copy_(torch.tensor([-3e-6, 0.04, 2.5]))     # an SGD step overshot channel 0 and 1
+    assert clamp_weight_scales(m) == 2
+    torch.testing.assert_close(m.w.scale.detach(), torch.tensor([1e-7, 0.05, 2.5]))
+    check_quantizers(m)                                       # no longer "collapsed"
+    assert clamp_weight_scales(m) == 0
 
 
 # --------------------------------------------------------------------------- swap on a hand-built model

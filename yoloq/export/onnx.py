@@ -28,8 +28,6 @@ End-to-end NMS (optional): ``nms="trt"`` appends TensorRT's ``EfficientNMS_TRT``
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 from torch import nn
 
 from ..quant.qdq import QDQSpec
+from ..report import atomic_write_bytes
 
 INT8_MIN, INT8_MAX = -128, 127
 OFFSET_MODES = ("subadd", "zero_point")
@@ -323,19 +322,7 @@ def append_onnx_nms(model, score_threshold: float, iou_threshold: float, max_det
 
 
 def _atomic_save(model, path: Path) -> None:
-    import onnx
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, model.SerializeToString())      # temp file + rename: never half-written
 
 
 def _trace_to_onnx(model: nn.Module, img_size: int, batch: Optional[int], opset: int):

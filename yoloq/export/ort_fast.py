@@ -58,6 +58,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..report import atomic_write_bytes
+
 # Ops with Q(op(x)) == op(Q(x)) for one positive scale: pure data movement, or monotone selection.
 PASS_THROUGH = {"Concat", "MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
 # How far (in float ops) a conv output may travel to a Q to count as "feeding a quantized consumer".
@@ -445,16 +447,8 @@ def _drop_unused_initializers(g: _Graph) -> None:
     g.g.initializer.extend(keep)
 
 
-def _atomic_save(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _atomic_save(model, path: Path) -> None:
+    atomic_write_bytes(path, model.SerializeToString())      # temp file + rename: never half-written
 
 
 def optimized_op_counts(path: str | os.PathLike, threads: int = 1) -> dict:

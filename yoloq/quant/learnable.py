@@ -391,6 +391,24 @@ def pact_alpha_l2(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
+WEIGHT_SCALE_FLOOR = 0.1      # LSQ weight scales stay >= this x their max-calibrated start
+
+
+@torch.no_grad()
+def clamp_weight_scales(model: nn.Module, floor: float = WEIGHT_SCALE_FLOOR) -> int:
+    """Keep every LSQ weight scale >= ``floor`` x its initial (per-channel max / 127) value; returns
+    how many channels were clamped. Why: an SGD step is absolute, and near-dead channels start at
+    scales of ~1e-6, so one step drives them <= 0 (seen on Lite-S within 50 steps at lr 1e-5);
+    a weight scale below a tenth of the max range clips over 90% of it, never the MSE optimum."""
+    clamped = 0
+    for q in named_quantizers(model, (LSQWeightQuantizer,)).values():
+        low = q.init_value * floor
+        below = q.scale < low
+        clamped += int(below.sum())
+        q.scale.copy_(torch.where(below, low, q.scale))
+    return clamped
+
+
 def check_quantizers(model: nn.Module, max_growth: float = 1e3) -> None:
     """Raise ``QuantizerDivergenceError`` naming the first quantizer whose scale / clip / offset is
     non-finite, <= MIN_SCALE, or grew or shrank by more than ``max_growth`` from its initial value."""

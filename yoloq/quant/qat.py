@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, QATConfig, load_config, load_data_config
 from .learnable import (KINDS, LEARNABLE, LSQ_MODES, LSQWeightQuantizer, QuantizerDivergenceError, check_quantizers,
-                        freeze_quantizers, named_quantizers, pact_alpha_l2, quantizer_parameters,
+                        clamp_weight_scales, freeze_quantizers, named_quantizers, pact_alpha_l2, quantizer_parameters,
                         swap_quantizers)
 from .prepare import TensorQuantizer
 
@@ -363,6 +363,7 @@ def fit(student: nn.Module, teacher: nn.Module, loader: Iterable, qcfg: QATConfi
                 torch.nn.utils.clip_grad_norm_(student.parameters(), MAX_GRAD_NORM)
                 opt.step()
                 sched.step()
+                clamp_weight_scales(student)
                 try:
                     check_quantizers(student, qcfg.max_scale_growth)
                 except QuantizerDivergenceError as err:
