@@ -1,4 +1,5 @@
-"""Turn per-level head outputs into boxes and class scores (one tensor per image).
+"""Turn per-level head outputs into boxes and class scores (one tensor per image), and the
+detector wrapper both model families share (backbone -> neck -> head -> decode).
 
 Kept as its own module so graph tracing (torch.fx) can treat it as a leaf: anchor generation
 depends on the input shape, and nothing inside it is ever quantized.
@@ -37,3 +38,24 @@ class Decode(nn.Module):
             boxes.append(torch.cat((xy1, xy2), 1))
             scores.append(cls_logits.flatten(2).sigmoid())
         return torch.cat((torch.cat(boxes, 2), torch.cat(scores, 2)), 1).permute(0, 2, 1)
+
+
+class Detector(nn.Module):
+    """Detector: ``forward(x [B,3,H,W] in 0..1) -> [B, N, 4 + nc]`` (xyxy pixels, sigmoid scores).
+
+    The model families differ only in their parts and in how they convert to deploy form
+    (``fuse``), which each subclass defines.
+    """
+
+    def __init__(self, cfg, backbone: nn.Module, neck: nn.Module, detect: nn.Module, strides: Sequence[int]):
+        super().__init__()
+        self.cfg = cfg
+        self.nc = detect.nc
+        self.strides = list(strides)
+        self.backbone = backbone
+        self.neck = neck
+        self.detect = detect
+        self.decode = Decode(self.strides)
+
+    def forward(self, x):
+        return self.decode(self.detect(self.neck(self.backbone(x))))

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from .common import fold_bn, make_bn
-from .decode import Decode
+from .decode import Detector
 
 BASE_CHANNELS = [24, 32, 64, 128, 256]     # stem, stages 1..4 (before the width multiplier)
 STAGE_REPEATS = [1, 3, 7, 3]               # same for S, M and L (no depth multiplier)
@@ -327,22 +327,12 @@ class LiteDetect(nn.Module):
         return outputs
 
 
-class YOLOv6Lite(nn.Module):
-    """Detector: ``forward(x [B,3,H,W] in 0..1) -> [B, N, 4 + nc]`` (xyxy pixels, sigmoid scores)."""
+class YOLOv6Lite(Detector):
+    """YOLOv6-Lite detector (see :class:`Detector` for the forward contract)."""
 
     def __init__(self, cfg: ModelConfig, backbone: LiteBackbone, neck: LiteNeck, detect: LiteDetect,
                  strides: Sequence[int] = STRIDES):
-        super().__init__()
-        self.cfg = cfg
-        self.nc = detect.nc
-        self.strides = list(strides)
-        self.backbone = backbone
-        self.neck = neck
-        self.detect = detect
-        self.decode = Decode(self.strides)
-
-    def forward(self, x):
-        return self.decode(self.detect(self.neck(self.backbone(x))))
+        super().__init__(cfg, backbone, neck, detect, strides)
 
     def fuse(self) -> "YOLOv6Lite":
         """Fold every BatchNorm into its conv, in place (outputs unchanged in eval mode)."""

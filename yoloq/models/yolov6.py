@@ -26,7 +26,7 @@ from ..config import ConfigError, ModelConfig
 from .blocks import (BASIC_BLOCKS, BepC3, BiFusion, ConvBNReLU, ConvBNSiLU, CSPSPPF, RepBlock, SPPF,
                      Transpose, fold_remaining_bn, fuse_blocks)
 from .common import make_divisible, scale_depth
-from .decode import Decode
+from .decode import Detector
 
 BACKBONE_CHANNELS = [64, 128, 256, 512, 1024]
 BACKBONE_REPEATS = [1, 6, 12, 18, 6]
@@ -169,22 +169,12 @@ class Detect(nn.Module):
         return self.proj_conv(prob).unflatten(2, (4, -1)).squeeze(1)  # [B, 4, H, W]
 
 
-class YOLOv6(nn.Module):
-    """Detector: ``forward(x [B,3,H,W] in 0..1) -> [B, N, 4 + nc]`` (xyxy pixels, sigmoid scores)."""
+class YOLOv6(Detector):
+    """YOLOv6 v3/v4 detector (see :class:`Detector` for the forward contract)."""
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module, neck: nn.Module, detect: Detect,
                  strides: Sequence[int] = STRIDES):
-        super().__init__()
-        self.cfg = cfg
-        self.nc = detect.nc
-        self.strides = list(strides)
-        self.backbone = backbone
-        self.neck = neck
-        self.detect = detect
-        self.decode = Decode(self.strides)
-
-    def forward(self, x):
-        return self.decode(self.detect(self.neck(self.backbone(x))))
+        super().__init__(cfg, backbone, neck, detect, strides)
 
     def fuse(self) -> "YOLOv6":
         """Convert every block to upstream's deploy form, in place (outputs unchanged in eval mode)."""
