@@ -208,3 +208,14 @@ def test_bench_ptq_tiny(tmp_path):
     assert rows[("onnxruntime", "fp32")]["int8"]["AP"] == pytest.approx(bench["fp32"]["AP"], abs=0.02)
     assert bench["calib_images"] == 4 and bench["eval_images"] == 2
     assert "| onnxruntime | minmax_s8s8 |" in (tmp_path / "b" / "t" / "bench.md").read_text()
+
+
+def test_bench_ptq_failed_peer_variant_is_an_error_not_a_crash(tmp_path):
+    """quantize_static runs in a child process; its failure is raised as one clear error (the
+    benchmark records it as a failed row and goes on)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_ptq
+    missing = tmp_path / "no_such_model.onnx"
+    with pytest.raises(RuntimeError, match=r"quantize_static minmax_s8s8_conv exited with code 1"):
+        bench_ptq.ort_quantize(missing, tmp_path / "q.onnx", "minmax_s8s8_conv", [torch.zeros(1, 3, 32, 32)])
+    assert not (tmp_path / "q.onnx").exists()

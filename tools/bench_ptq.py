@@ -16,6 +16,8 @@ fair like-for-like with TensorRT placement); run with onnxruntime CPU. Writes <o
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import signal
 import sys
 import tempfile
 import time
@@ -76,8 +78,7 @@ class _Reader:
         self.i = 0
 
 
-def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.Tensor]) -> float:
-    """quantize_static with one of ``ORT_VARIANTS``; returns the seconds it took."""
+def _ort_quantize_in_process(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.Tensor]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
@@ -86,11 +87,28 @@ def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.T
              "percentile": CalibrationMethod.Percentile}[method]
     act = {"s8s8": QuantType.QInt8, "u8s8": QuantType.QUInt8}[types]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})("images", batches)
-    start = time.perf_counter()
     op_types = ["Conv", "ConvTranspose"] if scope == ["conv"] else None     # None: every supported op
+    # MinMax merges ranges every few batches (same result, bounded memory); onnxruntime's histogram
+    # calibrators (Entropy, Percentile) keep every calibrated tensor of every image until the end.
+    extra = {"CalibMaxIntermediateOutputs": 8} if method == "minmax" else {}
     quantize_static(str(fp32_onnx), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=act, weight_type=QuantType.QInt8, calibrate_method=calib,
-                    op_types_to_quantize=op_types)
+                    op_types_to_quantize=op_types, extra_options=extra)
+
+
+def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.Tensor]) -> float:
+    """quantize_static with one of ``ORT_VARIANTS`` in a forked child process, so that a variant
+    killed for memory (Entropy / Percentile over every op of Lite-M/L at 256 images need more than
+    24 GB) becomes a failed row instead of ending the whole benchmark. Returns the seconds it took."""
+    start = time.perf_counter()
+    child = multiprocessing.get_context("fork").Process(target=_ort_quantize_in_process,
+                                                          args=(fp32_onnx, out, variant, batches))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        why = (" (killed by SIGKILL: most likely out of memory, onnxruntime's histogram calibrators keep "
+               "every activation of every calibration image)" if child.exitcode == -signal.SIGKILL else "")
+        raise RuntimeError(f"quantize_static {variant} exited with code {child.exitcode}{why}")
     return time.perf_counter() - start
 
 
