@@ -88,12 +88,11 @@ def _ort_quantize_in_process(fp32_onnx: Path, out: Path, variant: str, batches: 
     act = {"s8s8": QuantType.QInt8, "u8s8": QuantType.QUInt8}[types]
     reader = type("Reader", (_Reader, CalibrationDataReader), {})("images", batches)
     op_types = ["Conv", "ConvTranspose"] if scope == ["conv"] else None     # None: every supported op
-    # MinMax merges ranges every few batches (same result, bounded memory); onnxruntime's histogram
-    # calibrators (Entropy, Percentile) keep every calibrated tensor of every image until the end.
-    extra = {"CalibMaxIntermediateOutputs": 8} if method == "minmax" else {}
+    # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMax then fails with "No data is
+    # collected" when the batch count is a multiple of it.
     quantize_static(str(fp32_onnx), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=act, weight_type=QuantType.QInt8, calibrate_method=calib,
-                    op_types_to_quantize=op_types, extra_options=extra)
+                    op_types_to_quantize=op_types)
 
 
 def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.Tensor]) -> float:
