@@ -42,7 +42,7 @@ def away_from_ties(v: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
 def pact_reference(x, alpha, signed, quant_error):
     """Plain autograd with the round-STE trick; ``quant_error=False`` detaches the in-range
     dependence on alpha (PACT paper: STE inside, d/dalpha only from the clipped values)."""
-    lo = -alpha if signed else torch.zeros_like(alpha)
+    lo = -alpha * 128 / 127 if signed else torch.zeros_like(alpha)
     y = torch.minimum(torch.maximum(x, lo), alpha)
     s = alpha / 127
     v = y / s
@@ -60,12 +60,12 @@ def test_pact_forward_values(signed):
     x = torch.tensor([-5.0, -2.0, -1.0, -0.01, 0.0, 0.0079, 0.5, 1.99, 2.0, 3.0])
     y = PACTFunction.apply(x, alpha, signed, False)
     s = 2.0 / 127
-    lo = -2.0 if signed else 0.0
+    lo = -2.0 * 128 / 127 if signed else 0.0         # the int8 -128 level, as QuantizeLinear / TensorRT
     expected = torch.round(x.clamp(lo, 2.0) / s) * s
     assert torch.allclose(y, expected)
     assert float(y.max()) == pytest.approx(2.0) and float(y.min()) == pytest.approx(lo)
     assert len(torch.unique(torch.round(PACTFunction.apply(torch.linspace(-3, 3, 5001), alpha, signed, False) / s)))\
-        == (255 if signed else 128)
+        == (256 if signed else 128)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -79,12 +79,13 @@ def test_pact_gradients_match_formula_and_reference(signed, quant_error):
     (PACTFunction.apply(xa, aa, signed, quant_error) * w).sum().backward()
 
     # analytic
-    above, below = x > alpha, (x < -alpha) if signed else (x < 0)
+    lo = -alpha * 128 / 127 if signed else torch.zeros_like(alpha)
+    above, below = x > alpha, x < lo
     inside = ~(above | below)
     assert torch.equal(xa.grad, w * inside)
-    d = above.to(D) - ((x < -alpha).to(D) if signed else 0)
+    d = above.to(D) - (128 / 127 * below.to(D) if signed else 0)
     if quant_error:
-        v = x.clamp(-alpha if signed else 0, alpha) * 127 / alpha
+        v = x.clamp(lo, alpha) * 127 / alpha
         d = d + inside * (torch.round(v) - v) / 127
     assert torch.allclose(aa.grad, (w * d).sum())
 
@@ -105,8 +106,9 @@ def test_pact_alpha_gradient_finite_differences_in_clipped_region(signed):
     aa = alpha.clone().requires_grad_()
     (PACTFunction.apply(x, aa, signed, False) * w).sum().backward()
     assert float(aa.grad) == pytest.approx(fd, rel=1e-6, abs=1e-9)
-    # signed: -alpha side contributes -1 per element; unsigned: negative x is clipped at 0 (no alpha)
-    expect = float(w[:50].sum() - (w[50:].sum() if signed else 0))
+    # signed: the lower clip -alpha * 128/127 contributes -128/127 per element; unsigned: negative x
+    # is clipped at 0 (no alpha)
+    expect = float(w[:50].sum() - (128 / 127 * w[50:].sum() if signed else 0))
     assert float(aa.grad) == pytest.approx(expect, rel=1e-9)
 
 
@@ -169,7 +171,7 @@ def test_lsq_forward_values(variant):
     x = torch.linspace(-3, 6, 1001, dtype=D)
     s = torch.tensor(0.02, dtype=D)
     if variant == "symmetric":
-        beta, n, p, ro = None, -127, 127, False
+        beta, n, p, ro = None, -128, 127, False
     else:
         beta, n, p, ro = torch.tensor(0.513, dtype=D), -128, 127, variant == "offset"
     y = LSQFunction.apply(x, s, beta, n, p, 1.0, ro)
@@ -190,7 +192,7 @@ def test_lsq_gradients_match_formula_and_reference(variant):
     s = torch.tensor(0.011, dtype=D)
     g = 1 / math.sqrt(x.numel() * 127)
     if variant == "symmetric":
-        beta, n, p, ro = None, -127, 127, False
+        beta, n, p, ro = None, -128, 127, False
     else:
         beta, n, p, ro = torch.tensor(0.2537, dtype=D), -128, 127, variant == "offset"
     w = torch.randn_like(x)
@@ -223,7 +225,7 @@ def test_lsq_finite_differences_in_clamped_regions(variant):
     """Where x is clamped the output is s*n + b (or s*p + b): smooth in s and beta."""
     s = torch.tensor(0.01, dtype=D)
     if variant == "symmetric":
-        beta, n, p, ro = None, -127, 127, False
+        beta, n, p, ro = None, -128, 127, False
     else:
         beta, n, p, ro = torch.tensor(0.3013, dtype=D), -128, 127, variant == "offset"
     x = torch.cat([torch.linspace(-5, -2, 40, dtype=D), torch.linspace(2.5, 6, 40, dtype=D)])
@@ -264,7 +266,7 @@ def test_lsq_modules_grad_scale_export_and_checkpoint():
     q = LSQActQuantizer(scale=0.02, mode="symmetric")
     q(x).sum().backward()
     v = x / 0.02
-    d = torch.where(v.abs() > 127, torch.sign(v) * 127, torch.round(v) - v)
+    d = torch.where(v > 127, 127.0, torch.where(v < -128, -128.0, torch.round(v) - v))   # levels -128..127
     assert float(q.scale.grad) == pytest.approx(float(d.sum()) / math.sqrt(48 * 127), rel=1e-4)
     assert not hasattr(q, "beta") and q.export_spec().offset is None
 
@@ -300,7 +302,7 @@ def test_lsq_init_mse_search():
     x = torch.distributions.StudentT(2.0).sample((50000,))        # heavy tails: max is a poor range
     amax = float(x.abs().max())
 
-    def mse(s_, b_, n=-127, p=127):
+    def mse(s_, b_, n=-128, p=127):
         return float((torch.round((x - b_) / s_).clamp(n, p) * s_ + b_ - x).square().mean())
     s, beta = lsq_init(x, float(x.min()), float(x.max()), "symmetric", amax=amax)
     assert beta == 0.0 and s * 127 < 0.9 * amax

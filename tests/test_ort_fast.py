@@ -190,6 +190,17 @@ def test_output_close_to_trt_variant(trt_onnx, fast):
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.9
 
 
+def test_fast_path_files_are_marked_for_integer_kernels(fast, tmp_path, trt_onnx):
+    from yoloq.eval.predictors import OnnxPredictor, onnx_variant
+    path, _ = fast
+    assert onnx_variant(path) == "ort-fast" and OnnxPredictor(path).quantize_bias is True
+    exact = tmp_path / "exact_variant.onnx"
+    make_ort_fast(trt_onnx[0], exact, pre_act="float")
+    assert onnx_variant(exact) == "ort-exact"
+    # without onnxruntime's int32 bias rounding no QLinearConv forms: why the fast path keeps it
+    assert optimized_op_counts(path, quantize_bias=False).get("QLinearConv", 0) == 0
+
+
 def test_exact_mode_is_bit_exact(trt_onnx, tmp_path):
     """pre_act="float" skips the only inexact rewrite (convs before HardSwish/SiLU stay float): the
     fast path then computes exactly what the Q/DQ graph computes, and still forms integer convs."""

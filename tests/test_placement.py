@@ -169,7 +169,9 @@ def test_prepare_replaces_convs_and_shares_objects(toy, toy_quant):
     assert isinstance(layers["deconv"], quant_nn.QuantConvTranspose2d)
     assert layers["deconv"]._weight_quantizer.axis == (1,)
     assert layers["stem.0"]._weight_quantizer.axis == (0,)
-    assert layers["stem.0"]._input_quantizer.axis is None and layers["stem.0"]._input_quantizer.narrow_range
+    # activations: full int8 range (-128, as TensorRT / QuantizeLinear); weights: narrow (-127..127)
+    assert layers["stem.0"]._input_quantizer.axis is None and not layers["stem.0"]._input_quantizer.narrow_range
+    assert layers["stem.0"]._weight_quantizer.narrow_range
     assert type(toy_quant.proj_conv) is nn.Conv2d                     # DFL stays float
     assert toy_quant.left[0]._input_quantizer is toy_quant.right[0]._input_quantizer
     assert toy_quant.shuffle_in[0]._input_quantizer is toy_quant.res1[0]._input_quantizer

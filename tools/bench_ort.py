@@ -8,7 +8,8 @@
 Exports four ONNX files (``export_onnx``): FP32, the TensorRT Q/DQ variant, and the onnxruntime
 fast path (``make_ort_fast``; "exact": convs before HardSwish/SiLU stay float; default: they get a
 pre-activation Q/DQ on the consumer's scale, zero point from train images), then times each
-with onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL, ``--threads`` intra-op threads): warm-up,
+with onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL, ``--threads`` intra-op threads; onnxruntime's
+int32 bias rounding only for the fast-path files, which need it for integer kernels): warm-up,
 then ``--iters`` runs taken round-robin over the variants in ``--rounds`` blocks (so a noisy, shared
 machine slows all variants alike). Prints median / p90 ms and the ratio to FP32. ``--map N`` adds
 the COCO mAP of each variant and of the fake-quant PyTorch model on the first N val images.
@@ -86,13 +87,10 @@ def export_variants(qmodel, out: Path, img_size: int, batch: int, calib_batches,
 
 
 def session(path: Path, threads: int):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """Timed as evaluated: integer kernels (onnxruntime's int32 bias rounding) for the fast-path files,
+    the graph as written for the others (``yoloq.eval.predictors.ort_session``)."""
+    from yoloq.eval.predictors import ort_session, wants_integer_kernels
+    return ort_session(path, threads, quantize_bias=wants_integer_kernels(path))
 
 
 def bench(paths: dict, threads: int, batch: int, img_size: int, iters: int, warmup: int, rounds: int) -> dict:

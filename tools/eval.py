@@ -24,6 +24,10 @@ def parse_args(argv=None):
     p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
     p.add_argument("--weights", help="checkpoint (default: model.weights of the config)")
     p.add_argument("--onnx", help="evaluate this ONNX file with onnxruntime (CPU) instead of PyTorch")
+    p.add_argument("--ort-bias", choices=("auto", "float", "int32"), default="auto",
+                   help="with --onnx: conv biases as written (float) or rounded to int32 by onnxruntime's "
+                        "WeightBiasQuantization (needed for integer kernels); auto = int32 only for "
+                        "yoloq's onnxruntime fast-path files (default)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
     p.add_argument("--img-size", type=int, help="square input size (default: ONNX input, else model.img_size)")
     p.add_argument("--ann", choices=ANN_KEYS, help="ground-truth key of the dataset YAML (default: eval.val_ann)")
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
     eval_cfg = dataclasses.replace(cfg.eval, **overrides)
     common = dict(max_images=args.max_images, progress=not args.no_progress, interpolation=args.interpolation)
     if args.onnx:
-        predictor = OnnxPredictor(args.onnx)
+        predictor = OnnxPredictor(args.onnx, quantize_bias={"auto": None, "float": False, "int32": True}[args.ort_bias])
         img_size = args.img_size or predictor.img_size or cfg.model.img_size
         result = evaluate(predictor, data_cfg, eval_cfg, img_size, **common)
     else:
@@ -60,6 +64,8 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/eval/{cfg.model.name}{'_onnx' if args.onnx else ''}.json")
     save_result(result, out)
     source = args.onnx or args.weights or cfg.model.weights
+    if args.onnx:
+        source += f", onnxruntime {'int32' if predictor.quantize_bias else 'float'} conv biases"
     print(f"{cfg.model.name} ({source}) at {img_size} on {Path(result.ann_file).name}: "
           f"{result.n_images} images, {len(result.detections)} detections, {result.images_per_s:.1f} img/s, "
           f"{len(result.failed_files)} failed, backend {result.backend}")

@@ -9,23 +9,72 @@ import numpy as np
 import torch
 
 
+# onnxruntime (>= 1.20) graph optimizer that rounds each float Conv bias fed by Q/DQ inputs to int32 at
+# scale s_input * s_weight. It is what lets onnxruntime form integer QLinearConv kernels (the fast
+# path needs it), but on a graph whose convs stay float (the TensorRT variant) it only changes the
+# numbers: the ONNX graph, the fake-quant model and TensorRT all add the bias in float. The change is
+# at most half a step of the int32 accumulator, yet it moved the 500-image mAP of a Lite-S QAT model
+# by -0.32 (a quantized detector's mAP moves by that much under any tiny perturbation; README).
+BIAS_QUANTIZATION_OPTIMIZER = "WeightBiasQuantization"
+VARIANT_KEY = "yoloq.variant"                     # ONNX metadata written by yoloq's exporters
+INTEGER_KERNEL_VARIANTS = ("ort-fast", "ort-exact")
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def onnx_variant(path: str | Path) -> Optional[str]:
+    """The ``yoloq.variant`` metadata of an ONNX file (None for files yoloq did not write)."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return next((p.value for p in model.metadata_props if p.key == VARIANT_KEY), None)
+
+
+def wants_integer_kernels(path: str | Path) -> bool:
+    """True for yoloq's onnxruntime fast-path files (run them with ``quantize_bias=True``)."""
+    return onnx_variant(path) in INTEGER_KERNEL_VARIANTS
+
+
+def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quantize_bias: bool = False,
+                level: str = "all", optimized_path: Optional[str] = None):
+    """An onnxruntime CPU session. ``quantize_bias=False`` disables onnxruntime's int32 bias rounding
+    (``BIAS_QUANTIZATION_OPTIMIZER``) so the session computes what the Q/DQ graph says; set it for
+    graphs meant to run integer kernels (``make_ort_fast`` output). ``level``: graph optimizations."""
+    import onnxruntime as ort
+
+    if level not in GRAPH_LEVELS:
+        raise ValueError(f"level must be one of {GRAPH_LEVELS}, got {level!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_path:
+        options.optimized_model_filepath = str(optimized_path)
+    options.log_severity_level = 3
+    disabled = [] if quantize_bias else [BIAS_QUANTIZATION_OPTIMIZER]
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
 class OnnxPredictor:
     """Runs an ONNX detector with onnxruntime (CPU): ``[B,3,S,S] -> ndarray [B,N,4+nc]``.
 
     A model exported with a fixed batch size of 1 is run image by image. ``img_size`` is the
-    model's fixed input size, or None when its spatial dimensions are dynamic.
+    model's fixed input size, or None when its spatial dimensions are dynamic. ``quantize_bias``
+    (see :func:`ort_session`): None = only for yoloq's onnxruntime fast-path files, which need it to
+    run integer kernels; every other graph is run as written.
     """
 
-    def __init__(self, path: str | Path, threads: Optional[int] = None):
-        import onnxruntime as ort
-
+    def __init__(self, path: str | Path, threads: Optional[int] = None, quantize_bias: Optional[bool] = None):
         self.path = str(path)
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        if quantize_bias is None:
+            quantize_bias = wants_integer_kernels(self.path)
+        self.quantize_bias = bool(quantize_bias)
+        self.session = ort_session(self.path, threads, quantize_bias=self.quantize_bias)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{self.path}: expected one image input, found {[i.name for i in inputs]}")

@@ -15,10 +15,14 @@ explicit-quantization form:
   Sub/Add cost one elementwise op each, TensorRT cannot take a zero point) or
   ``"zero_point"`` -> Q/DQ with the int8 zero point -round(beta/s) (onnxruntime).
 
-Range note: the PyTorch fake-quant of symmetric quantizers uses -127..127 (narrow range); ONNX
-QuantizeLinear always clamps to -128..127. Values below -127.5 * scale therefore dequantize to
--128 * scale in the exported graph instead of -127 * scale (what TensorRT itself does as well).
-Weights never reach it (scale = max|w| / 127); activations only under clipping calibrations.
+Exactness: the exported graph computes what the fake-quant model computes. Activation quantizers
+use the int8 levels -128..127 in PyTorch too (``prepare.activation_descriptor``, PACT, LSQ+), as
+QuantizeLinear and TensorRT do. Weights are fake-quantized on -127..127 with round(w * (127 / amax));
+QuantizeLinear computes round(w / scale), which picks the other level at a rounding tie, so the
+exporter stores the fake-quantized weight (``_snap_weight``): it re-quantizes to the same levels.
+The remaining difference is float rounding of x * (127 / amax) vs x / scale on activations (one
+ulp, a level flip only on an exact tie). Runtimes may still change the numbers: onnxruntime's
+``WeightBiasQuantization`` rounds conv biases to int32 (``yoloq.eval.predictors.ort_session``).
 
 End-to-end NMS (optional): ``nms="trt"`` appends TensorRT's ``EfficientNMS_TRT`` plugin node
 (outputs num_dets, det_boxes, det_scores, det_classes); ``nms="onnx"`` appends ONNX
@@ -137,16 +141,15 @@ def _spec_of(q: nn.Module, where: str, offset_mode: str) -> Optional[QDQSpec]:
 
 
 @torch.no_grad()
-def _clamp_weight(conv: nn.Module, spec: QDQSpec) -> None:
-    """Weights are fake-quantized on the narrow range -127..127; ONNX QuantizeLinear has a -128
-    level. Clamping the (constant) weight to +-127 * scale makes the exported Q/DQ exact."""
+def _snap_weight(conv: nn.Module, quantizer: nn.Module) -> None:
+    """Replace the (constant) weight by its fake-quantized value, so that ONNX re-quantizes it to
+    exactly the integer levels the PyTorch model used. Two things would differ otherwise:
+    pytorch-quantization computes round(w * (127 / amax)) while QuantizeLinear computes
+    round(w / scale) -- at a rounding tie (QAT leaves many weights oscillating right there) the two
+    pick different levels; and weights are fake-quantized on the narrow range -127..127 while
+    QuantizeLinear has a -128 level. w' = k * amax / 127 re-quantizes to k with no tie."""
     w = conv.weight
-    limit = 127 * spec.scale.detach().float().to(w.device)
-    if spec.axis is not None:
-        shape = [1] * w.dim()
-        shape[spec.axis] = -1
-        limit = limit.reshape(shape)
-    w.copy_(torch.maximum(torch.minimum(w, limit), -limit))
+    w.copy_(quantizer(w))
 
 
 def to_export_model(model: nn.Module, offset_mode: str = "subadd", fp32: bool = False) -> nn.Module:
@@ -166,7 +169,7 @@ def to_export_model(model: nn.Module, offset_mode: str = "subadd", fp32: bool = 
                 spec = None if fp32 else _spec_of(child, names.get(id(child), f"'{attr}'"), offset_mode)
                 new[id(child)] = nn.Identity() if spec is None else ExportQDQ(spec, offset_mode)
                 if spec is not None and attr == "_weight_quantizer":
-                    _clamp_weight(holder, spec)
+                    _snap_weight(holder, child)
             setattr(holder, attr, new[id(child)])
     sites = getattr(model, "quant_quantizers", None)
     if isinstance(sites, dict):
@@ -321,6 +324,17 @@ def append_onnx_nms(model, score_threshold: float, iou_threshold: float, max_det
     return model
 
 
+def set_variant(model, variant: str) -> None:
+    """Record which export variant a graph is (ONNX metadata ``yoloq.variant``): onnxruntime runs the
+    fast-path variants with integer kernels, every other graph exactly as written (OnnxPredictor)."""
+    from ..eval.predictors import VARIANT_KEY
+    for prop in list(model.metadata_props):
+        if prop.key == VARIANT_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = VARIANT_KEY, variant
+
+
 def _atomic_save(model, path: Path) -> None:
     atomic_write_bytes(path, model.SerializeToString())      # temp file + rename: never half-written
 
@@ -376,6 +390,7 @@ def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1,
     elif nms == "onnx":
         graph = append_onnx_nms(graph, score_threshold, iou_threshold, max_det)
     graph.producer_name = "yoloq"
+    set_variant(graph, "fp32" if fp32 else "tensorrt")
     try:
         onnx.checker.check_model(graph)
     except onnx.checker.ValidationError as err:

@@ -58,7 +58,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..eval.predictors import ort_session
 from ..report import atomic_write_bytes
+from .onnx import set_variant
 
 # Ops with Q(op(x)) == op(Q(x)) for one positive scale: pure data movement, or monotone selection.
 PASS_THROUGH = {"Concat", "MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
@@ -313,17 +315,13 @@ def _self_gated(g: _Graph, y: str) -> bool:
 def calibrate_ranges(model: onnx.ModelProto, tensors: list, calib_images: Iterable) -> dict:
     """Min / max of ``tensors`` over ``calib_images`` ([B,3,S,S] tensors or arrays, or (images, meta)
     batches as from ``calibration_loader``), running ``model`` with onnxruntime (CPU)."""
-    import onnxruntime as ort
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
     present = {o.name for o in m.graph.output}
     for name in tensors:
         if name not in present:
             m.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(m.SerializeToString(), level="basic")      # the graph as written (float biases)
     input_name = sess.get_inputs()[0].name
     lo = {t: np.inf for t in tensors}
     hi = {t: -np.inf for t in tensors}
@@ -435,6 +433,7 @@ def make_ort_fast(trt_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     if uint8:
         info.uint8 = _activations_to_uint8(g)
     _drop_unused_initializers(g)
+    set_variant(model, "ort-exact" if pre_act == "float" else "ort-fast")
     onnx.checker.check_model(model)
     _atomic_save(model, Path(out_path))
     return info
@@ -451,18 +450,13 @@ def _atomic_save(model, path: Path) -> None:
     atomic_write_bytes(path, model.SerializeToString())      # temp file + rename: never half-written
 
 
-def optimized_op_counts(path: str | os.PathLike, threads: int = 1) -> dict:
+def optimized_op_counts(path: str | os.PathLike, threads: int = 1, quantize_bias: bool = True) -> dict:
     """Op-type counts of the graph onnxruntime actually runs (ORT_ENABLE_ALL, CPU), e.g. to check that
-    QLinearConv nodes were formed."""
-    import onnxruntime as ort
-
+    QLinearConv nodes were formed (they need ``quantize_bias``; see ``yoloq.eval.predictors``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, threads, quantize_bias=quantize_bias, optimized_path=str(optimized))
         counts: dict = defaultdict(int)
-        for node in onnx.load(opts.optimized_model_filepath).graph.node:
+        for node in onnx.load(str(optimized)).graph.node:
             counts[node.op_type] += 1
     return dict(counts)

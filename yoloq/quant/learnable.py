@@ -3,12 +3,14 @@
 Both are ``torch.autograd.Function``s with explicit backward passes, so the gradients are exactly
 the formulas below (unit-tested against them and against finite differences).
 
-PACT (activations). ``s = alpha / 127`` and
-    signed:   y = s * round(clip(x, -alpha, alpha) / s)          levels -127..127
-    unsigned: y = s * round(clip(x,   0,   alpha) / s)           levels    0..127
-dy/dx = 1 inside the clip range (STE), 0 outside; dy/dalpha = sign(x) * [|x| > alpha] (signed) or
-[x > alpha] (unsigned) -- the PACT paper. With ``quant_error=True`` the in-range term of the exact
-derivative, (round(v) - v) / 127 with v = y / s, is added (LSQ-style; off by default).
+PACT (activations). ``s = alpha / 127``, lower clip ``lo = -128 * s`` (signed) or 0 (unsigned) and
+    signed:   y = s * round(clip(x, lo, alpha) / s)              levels -128..127
+    unsigned: y = s * round(clip(x,  0, alpha) / s)              levels    0..127
+dy/dx = 1 inside the clip range (STE), 0 outside; dy/dalpha = 1 above alpha, -128/127 below lo
+(signed), 0 inside -- the PACT paper's clip gradient, with the int8 -128 level that ONNX
+QuantizeLinear and TensorRT have (a clip at -alpha would make deployment differ from training).
+With ``quant_error=True`` the in-range term of the exact derivative, (round(v) - v) / 127 with
+v = y / s, is added (LSQ-style; off by default).
 Deployment: both variants are the symmetric int8 Q/DQ with scale alpha/127 (TensorRT needs zero
 point 0). The unsigned variant equals that Q/DQ only for non-negative inputs, so
 ``swap_quantizers`` picks it only for sites whose calibration minimum is >= 0 (ReLU outputs);
@@ -20,7 +22,7 @@ dy/dx = [n <= v <= p] (STE); dy/ds = round(v) - v inside, n below, p above;
 dy/db = 0 inside, 1 outside. Both s and b gradients are multiplied by the LSQ gradient scale
 g = 1 / sqrt(N * p), N = elements of one sample of x (per-channel weights: elements of a channel).
 Modes:
-    symmetric  b = 0 (not learned), n = -127, p = 127: the TensorRT-native Q/DQ with scale s.
+    symmetric  b = 0 (not learned), n = -128, p = 127: the TensorRT-native Q/DQ with scale s.
     offset     b = s * z, z = round(beta / s) (clamped to -127..128 so -z is an int8 zero point),
                n = -128, p = 127: exactly ONNX QuantizeLinear/DequantizeLinear with zero point -z,
                or Sub(b) -> Q/DQ(s) -> Add(b) for TensorRT. The rounding is in the forward, so
@@ -46,8 +48,9 @@ from torch import nn
 from .prepare import TensorQuantizer, set_amax
 from .qdq import QDQSpec
 
-QMAX = 127                      # symmetric int8 (narrow range): levels -127..127
-OFFSET_RANGE = (-128, 127)      # offset mode: full int8 range, ONNX QuantizeLinear semantics
+QMAX = 127                      # int8 scale = range / 127; weights use levels -127..127
+ACT_RANGE = (-128, 127)         # activations, both LSQ modes and PACT: ONNX QuantizeLinear / TensorRT
+OFFSET_RANGE = ACT_RANGE
 ZMIN, ZMAX = -127, 128          # z = beta / s such that the zero point -z fits int8
 KINDS = ("pact", "lsqplus", "fixed")
 LSQ_MODES = ("symmetric", "offset")
@@ -71,14 +74,14 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class PACTFunction(torch.autograd.Function):
-    """y = (alpha/127) * round(clip(x, lo, alpha) * 127 / alpha), lo = -alpha (signed) or 0."""
+    """y = (alpha/127) * round(clip(x, lo, alpha) * 127 / alpha), lo = -alpha*128/127 (signed) or 0."""
 
     @staticmethod
     def forward(ctx, x, alpha, signed: bool, quant_error: bool):
         # computed as pytorch-quantization does (x * (127 / amax), then / (127 / amax)) so the frozen
         # TensorQuantizer with amax = alpha gives bit-identical outputs
         inv = torch.full_like(alpha, QMAX) / alpha         # true division (int / tensor is reciprocal*int)
-        lo = -alpha if signed else torch.zeros_like(alpha)
+        lo = -alpha * (-ACT_RANGE[0] / QMAX) if signed else torch.zeros_like(alpha)
         v = torch.minimum(torch.maximum(x, lo), alpha) * inv
         q = torch.round(v)
         ctx.save_for_backward(x, alpha, v, q)
@@ -89,12 +92,13 @@ class PACTFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, alpha, v, q = ctx.saved_tensors
         above = x > alpha
-        below = x < -alpha if ctx.signed else x < 0
+        lo_factor = -ACT_RANGE[0] / QMAX                   # 128 / 127
+        below = x < -alpha * lo_factor if ctx.signed else x < 0
         inside = ~(above | below)
         grad_x = grad * inside
         d_alpha = above.to(grad.dtype)
         if ctx.signed:
-            d_alpha = d_alpha - (x < -alpha).to(grad.dtype)
+            d_alpha = d_alpha - lo_factor * below.to(grad.dtype)
         if ctx.quant_error:
             d_alpha = d_alpha + inside * (q - v) / QMAX
         return grad_x, _reduce_to(grad * d_alpha, alpha), None, None
@@ -246,7 +250,7 @@ class LSQActQuantizer(_FlagsMixin, nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
-        return OFFSET_RANGE if self.offset_mode else (-QMAX, QMAX)
+        return ACT_RANGE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -486,7 +490,7 @@ def collect_activation_samples(model: nn.Module, batches: Iterable, quantizers: 
 
 
 def _lsq_mse(x: torch.Tensor, s: float, beta: float, mode: str) -> float:
-    n, p = OFFSET_RANGE if mode == "offset" else (-QMAX, QMAX)
+    n, p = ACT_RANGE
     if mode == "offset":
         beta = s * min(max(round(beta / s), ZMIN), ZMAX)
     xq = torch.round((x - beta) / s).clamp(n, p) * s + beta

@@ -51,7 +51,10 @@ DEAD_AMAX = 1e-4
 
 
 def activation_descriptor() -> QuantDescriptor:
-    return QuantDescriptor(num_bits=NUM_BITS, axis=None, unsigned=False, narrow_range=True,
+    # Full int8 range -128..127 with scale amax / 127: what ONNX QuantizeLinear and TensorRT compute
+    # for a zero-point-0 Q/DQ, so the fake-quant model is the deployed one. (narrow_range=True would
+    # stop at -127 and differ from the engine wherever calibration clips negative values.)
+    return QuantDescriptor(num_bits=NUM_BITS, axis=None, unsigned=False, narrow_range=False,
                            calib_method="max")
 
 
