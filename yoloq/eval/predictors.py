@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-# onnxruntime (>= 1.20) graph optimizer that rounds each float Conv bias fed by Q/DQ inputs to int32 at
+# onnxruntime graph optimizer (1.32 here; older releases lack it and ignore the name) that rounds each float Conv bias fed by Q/DQ inputs to int32 at
 # scale s_input * s_weight. It is what lets onnxruntime form integer QLinearConv kernels (the fast
 # path needs it), but on a graph whose convs stay float (the TensorRT variant) it only changes the
 # numbers: the ONNX graph, the fake-quant model and TensorRT all add the bias in float. The change is
