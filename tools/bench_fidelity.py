@@ -57,18 +57,13 @@ def has_offset_quantizers(model: torch.nn.Module) -> bool:
     return any(isinstance(m, LSQActQuantizer) and m.offset_mode for m in model.modules())
 
 
-def img_size_of(ckpt: str, default: int) -> int:
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("model_config", {})
-    return int(saved.get("img_size", default))
-
-
 def measure(ckpt: str, cfg, data_cfg, args, tmp: Path) -> dict:
     from yoloq.eval import OnnxPredictor, evaluate, evaluate_model
     from yoloq.export.onnx import export_onnx
     from yoloq.quant.qcheckpoint import load_quantized
 
     model, _ = load_quantized(ckpt)
-    img_size = img_size_of(ckpt, cfg.model.img_size)
+    img_size = model.cfg.img_size            # the checkpoint's own model config
     eval_cfg = cfg.eval
     common = dict(max_images=args.images, progress=not args.no_progress)
     row = {"ckpt": ckpt, "img_size": img_size,

@@ -59,8 +59,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..eval.predictors import ort_session
-from ..report import atomic_write_bytes
-from .onnx import set_variant
+from .onnx import _atomic_save, set_variant
 
 # Ops with Q(op(x)) == op(Q(x)) for one positive scale: pure data movement, or monotone selection.
 PASS_THROUGH = {"Concat", "MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
@@ -444,10 +443,6 @@ def _drop_unused_initializers(g: _Graph) -> None:
     keep = [t for t in g.g.initializer if t.name in used]
     del g.g.initializer[:]
     g.g.initializer.extend(keep)
-
-
-def _atomic_save(model, path: Path) -> None:
-    atomic_write_bytes(path, model.SerializeToString())      # temp file + rename: never half-written
 
 
 def optimized_op_counts(path: str | os.PathLike, threads: int = 1, quantize_bias: bool = True) -> dict:

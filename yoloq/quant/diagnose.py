@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .calibrate import _quiet_absl
-from .prepare import _require_prepared, quant_layers, set_layers_quantized
+from .prepare import ACT_RANGE, _require_prepared, quant_layers, set_layers_quantized
 
 QMAX = 127.0          # signed INT8: weights -127..127 (narrow), activations -128..127
 
@@ -40,12 +40,10 @@ class Thresholds:
 
 def fake_quant(x: torch.Tensor, amax: torch.Tensor, qmin: float = -QMAX) -> torch.Tensor:
     """Symmetric INT8 fake quantization (scale amax / 127, levels qmin..127); ``amax`` broadcast
-    against ``x``. Weights use -127 (narrow range), activations -128 (``ACT_QMIN``)."""
+    against ``x``. Weights use -127 (narrow range), activations -128 (``prepare.ACT_RANGE``)."""
     scale = amax.clamp(min=1e-12) / QMAX
     return torch.clamp(torch.round(x / scale), qmin, QMAX) * scale
 
-
-ACT_QMIN = -128.0
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
@@ -117,7 +115,7 @@ class _InputStats:
         if self.amax is not None:
             xd = x.double()
             self.signal += float((xd ** 2).sum())
-            self.noise += float(((fake_quant(xd, self.amax.double(), ACT_QMIN) - xd) ** 2).sum())
+            self.noise += float(((fake_quant(xd, self.amax.double(), ACT_RANGE[0]) - xd) ** 2).sum())
 
 
 @torch.no_grad()

@@ -45,12 +45,12 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .prepare import TensorQuantizer, set_amax
+from .prepare import ACT_RANGE, TensorQuantizer, set_amax
 from .qdq import QDQSpec
 
 QMAX = 127                      # int8 scale = range / 127; weights use levels -127..127
-ACT_RANGE = (-128, 127)         # activations, both LSQ modes and PACT: ONNX QuantizeLinear / TensorRT
-OFFSET_RANGE = ACT_RANGE
+# activations (PACT, both LSQ modes) use prepare.ACT_RANGE = (-128, 127), as QuantizeLinear / TensorRT
+PACT_LO = -ACT_RANGE[0] / QMAX  # signed PACT clips below at -alpha * 128/127 (the -128 level)
 ZMIN, ZMAX = -127, 128          # z = beta / s such that the zero point -z fits int8
 KINDS = ("pact", "lsqplus", "fixed")
 LSQ_MODES = ("symmetric", "offset")
@@ -81,7 +81,7 @@ class PACTFunction(torch.autograd.Function):
         # computed as pytorch-quantization does (x * (127 / amax), then / (127 / amax)) so the frozen
         # TensorQuantizer with amax = alpha gives bit-identical outputs
         inv = torch.full_like(alpha, QMAX) / alpha         # true division (int / tensor is reciprocal*int)
-        lo = -alpha * (-ACT_RANGE[0] / QMAX) if signed else torch.zeros_like(alpha)
+        lo = -alpha * PACT_LO if signed else torch.zeros_like(alpha)
         v = torch.minimum(torch.maximum(x, lo), alpha) * inv
         q = torch.round(v)
         ctx.save_for_backward(x, alpha, v, q)
@@ -92,13 +92,12 @@ class PACTFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, alpha, v, q = ctx.saved_tensors
         above = x > alpha
-        lo_factor = -ACT_RANGE[0] / QMAX                   # 128 / 127
-        below = x < -alpha * lo_factor if ctx.signed else x < 0
+        below = x < -alpha * PACT_LO if ctx.signed else x < 0
         inside = ~(above | below)
         grad_x = grad * inside
         d_alpha = above.to(grad.dtype)
         if ctx.signed:
-            d_alpha = d_alpha - lo_factor * below.to(grad.dtype)
+            d_alpha = d_alpha - PACT_LO * below.to(grad.dtype)
         if ctx.quant_error:
             d_alpha = d_alpha + inside * (q - v) / QMAX
         return grad_x, _reduce_to(grad * d_alpha, alpha), None, None
@@ -515,7 +514,7 @@ def lsq_init(x: torch.Tensor, lo: float, hi: float, mode: str, amax: Optional[fl
         else:
             a, b = c * lo, c * hi
             if b > a:
-                n, p = OFFSET_RANGE
+                n, p = ACT_RANGE
                 s = (b - a) / (p - n)
                 candidates.append((s, a - n * s))
     if amax is not None and amax > 0:

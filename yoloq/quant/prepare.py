@@ -45,15 +45,18 @@ from ..config import QuantConfig
 from .placement import Placement, PlacementTracer, ResidualSlot, _Graph, analyze
 
 NUM_BITS = 8
+# Activation levels: the full int8 range with scale amax / 127, what ONNX QuantizeLinear and TensorRT
+# compute for a zero-point-0 Q/DQ, so the fake-quant model is the deployed one (narrow_range=True
+# would stop at -127 and differ from the engine wherever calibration clips negative values).
+# Weights keep the narrow range -127..127.
+ACT_RANGE = (-128, 127)
 # Smallest amax we hand to TensorRT: pytorch-quantization treats amax <= 2**-24 as "zero" and
 # TensorRT needs scale = amax / 127 > 0. A dead channel quantizes to exactly 0 either way.
 DEAD_AMAX = 1e-4
 
 
 def activation_descriptor() -> QuantDescriptor:
-    # Full int8 range -128..127 with scale amax / 127: what ONNX QuantizeLinear and TensorRT compute
-    # for a zero-point-0 Q/DQ, so the fake-quant model is the deployed one. (narrow_range=True would
-    # stop at -127 and differ from the engine wherever calibration clips negative values.)
+    # narrow_range=False: levels ACT_RANGE
     return QuantDescriptor(num_bits=NUM_BITS, axis=None, unsigned=False, narrow_range=False,
                            calib_method="max")
 
