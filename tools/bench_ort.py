@@ -11,7 +11,10 @@ pre-activation Q/DQ on the consumer's scale, zero point from train images), then
 with onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL, ``--threads`` intra-op threads; onnxruntime's
 int32 bias rounding only for the fast-path files, which need it for integer kernels): warm-up,
 then ``--iters`` runs taken round-robin over the variants in ``--rounds`` blocks (so a noisy, shared
-machine slows all variants alike). Prints median / p90 ms and the ratio to FP32. ``--map N`` adds
+machine slows all variants alike), each block after 2 untimed runs (the first run after a switch
+pays for cold caches and the previous session's spinning threads). Prints median / p90 ms and the ratio to
+FP32 (median over blocks of the per-block ratio); ``--repeat R`` repeats all that R times and adds
+the range of the ratio. ``--map N`` adds
 the COCO mAP of each variant and of the fake-quant PyTorch model on the first N val images.
 ``--random-weights``: random init, PTQ-calibrated (max) in memory on ``--calib-images`` train images —
 for latency only (its mAP is meaningless).
@@ -41,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=60, help="timed runs per variant (default 60)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rounds", type=int, default=6, help="round-robin blocks over the variants")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="repeat the whole timing N times and show the range of the ratio to FP32 (shared "
+                        "machines drift between slower and faster phases that last longer than a block)")
     p.add_argument("--calib-images", type=int, default=32,
                    help="train images calibrating the fast path's pre-activation ranges (and --random-weights)")
     p.add_argument("--pre-act", choices=("consumer", "minmax", "symmetric"), default="consumer",
@@ -82,7 +88,8 @@ def export_variants(qmodel, out: Path, img_size: int, batch: int, calib_batches,
         info = make_ort_fast(paths["int8 trt q/dq"], paths[key], calib_batches, pre_act=mode, other=other)
         print(f"{key}: {info.n_conv} convs, {info.already_fused} already conv->Q, {info.relu_exact} conv->Relu "
               f"(exact), {info.pre_activation} pre-activation Q/DQ, {len(info.left_float)} float; "
-              f"{info.propagated} Q/DQ propagated; " + "; ".join(info.notes))
+              f"{info.propagated} Q/DQ propagated; {info.folded_weights} float convs with constant weights; "
+              + "; ".join(info.notes))
     return paths
 
 
@@ -91,6 +98,9 @@ def session(path: Path, threads: int):
     the graph as written for the others (``yoloq.eval.predictors.ort_session``)."""
     from yoloq.eval.predictors import ort_session, wants_integer_kernels
     return ort_session(path, threads, quantize_bias=wants_integer_kernels(path))
+
+
+BLOCK_WARMUP = 2      # untimed runs at the start of every round-robin block
 
 
 def bench(paths: dict, threads: int, batch: int, img_size: int, iters: int, warmup: int, rounds: int) -> dict:
@@ -105,6 +115,8 @@ def bench(paths: dict, threads: int, batch: int, img_size: int, iters: int, warm
     per_round = max(1, iters // rounds)
     for _ in range(rounds):
         for k, s in sessions.items():
+            for _ in range(BLOCK_WARMUP):     # untimed: the switch (cold caches, the last session's
+                s.run(None, feeds[k])         # spinning threads) is not charged to this variant
             for _ in range(per_round):
                 t = time.perf_counter()
                 s.run(None, feeds[k])
@@ -122,16 +134,31 @@ def evaluate_all(paths: dict, qmodel, cfg, data_cfg, img_size: int, n: int, thre
     return maps
 
 
-def format_table(times: dict, maps: dict | None, header: str) -> str:
-    fp32 = float(np.median(times["fp32"]))
-    cols = "| variant | median ms | p90 ms | x FP32 |" + (" mAP |" if maps else "")
+def ratio_to_fp32(times: dict, key: str, rounds: int) -> float:
+    """Median over round-robin blocks of (variant median / FP32 median in the same block): each ratio
+    compares runs taken moments apart, so the machine's slow and fast phases cancel."""
+    per_round = max(1, len(times["fp32"]) // rounds)
+    ratios = [np.median(times[key][i:i + per_round]) / np.median(times["fp32"][i:i + per_round])
+              for i in range(0, len(times["fp32"]), per_round)]
+    return float(np.median(ratios))
+
+
+def format_table(repeats: list, maps: dict | None, header: str, rounds: int) -> str:
+    """``repeats``: one ``bench`` result per repetition. Median ms over all runs; ratio to FP32 = median
+    of the repetitions' ratios, with their min..max when repeated."""
+    cols = "| variant | median ms | p90 ms | x FP32 |" + (" x FP32 min..max |" if len(repeats) > 1 else "") \
+        + (" mAP |" if maps else "")
     lines = [header, "", cols, "|" + "---|" * (cols.count("|") - 1)]
-    for k, t in times.items():
-        med = float(np.median(t))
-        row = f"| {k} | {med:.2f} | {np.percentile(t, 90):.2f} | {med / fp32:.2f} |"
+    for k in repeats[0]:
+        t = [ms for times in repeats for ms in times[k]]
+        ratios = [ratio_to_fp32(times, k, rounds) for times in repeats]
+        row = f"| {k} | {np.median(t):.2f} | {np.percentile(t, 90):.2f} | {np.median(ratios):.2f} |"
+        if len(repeats) > 1:
+            row += f" {min(ratios):.2f}..{max(ratios):.2f} |"
         lines.append(row + (f" {100 * maps[k]:.2f} |" if maps else ""))
     if maps and "fake-quant pytorch" in maps:
-        lines.append(f"| fake-quant pytorch | – | – | – | {100 * maps['fake-quant pytorch']:.2f} |")
+        dashes = "– | " * (4 if len(repeats) > 1 else 3)
+        lines.append(f"| fake-quant pytorch | {dashes}{100 * maps['fake-quant pytorch']:.2f} |")
     return "\n".join(lines)
 
 
@@ -146,7 +173,8 @@ def main(argv=None) -> int:
     qmodel, where = build_quantized(cfg, args, calib)
     out = Path(args.out or f"/tmp/bench_ort/{cfg.model.name}_{img_size}")
     paths = export_variants(qmodel, out, img_size, args.batch, calib, args.pre_act, args.other)
-    times = bench(paths, args.threads, args.batch, img_size, args.iters, args.warmup, args.rounds)
+    repeats = [bench(paths, args.threads, args.batch, img_size, args.iters, args.warmup, args.rounds)
+               for _ in range(args.repeat)]
     maps = None
     if args.map:
         if args.random_weights:
@@ -154,7 +182,7 @@ def main(argv=None) -> int:
         maps = evaluate_all(paths, qmodel, cfg, data_cfg, img_size, args.map, args.threads)
     header = (f"{cfg.model.name} @ {img_size}, batch {args.batch}, {args.threads} threads, onnxruntime "
               f"{__import__('onnxruntime').__version__} CPU; {where}" + (f"; mAP on {args.map} val images" if maps else ""))
-    print(format_table(times, maps, header))
+    print(format_table(repeats, maps, header, args.rounds))
     return 0
 
 

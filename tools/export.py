@@ -80,7 +80,8 @@ def _ort_fast(info, args, img_size: int):
     for note in fast.notes:
         info.notes.append(f"ort fast path: {note}")
     info.notes.append(f"ort fast path: {fast.relu_exact} conv->Relu, {fast.already_fused} conv->Q, "
-                      f"{fast.pre_activation} pre-activation Q/DQ, {len(fast.left_float)} convs float")
+                      f"{fast.pre_activation} pre-activation Q/DQ, {len(fast.left_float)} convs float "
+                      f"({fast.folded_weights} with constant dequantized weights)")
     import onnx
     info.n_quantize, info.n_dequantize = count_qdq(onnx.load(info.path))
     return info
