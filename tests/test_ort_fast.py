@@ -330,3 +330,18 @@ def test_bench_ratio_pairs_runs_of_the_same_block():
     slower = {"fp32": [10.0] * 12, "int8": [5.0] * 12}              # a second repetition, other phase
     table = bench_ort.format_table([times, slower], {"fp32": 0.2, "int8": 0.19}, "header", rounds=3)
     assert "| int8 | 5.00 | 12.00 | 0.45 | 0.40..0.50 | 19.00 |" in table
+
+
+def test_bench_op_profile(trt_onnx, fast):
+    """tools/bench_ort.py --profile: onnxruntime's profiler, summed per op type of the optimized graph."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_ort", Path(__file__).resolve().parents[1] / "tools/bench_ort.py")
+    bench_ort = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ort)
+    x = trt_onnx[1][:1].numpy()
+    profiles = {"trt": bench_ort.op_profile(trt_onnx[0], 1, x, runs=3), "fast": bench_ort.op_profile(fast[0], 1, x, runs=3)}
+    assert profiles["fast"]["QLinearConv"][1] == 5 and "QLinearConv" not in profiles["trt"]
+    assert profiles["trt"]["Conv"][1] + profiles["trt"].get("FusedConv", (0, 0))[1] == 8
+    assert all(ms > 0 for p in profiles.values() for ms, _ in p.values())
+    table = bench_ort.format_profile(profiles)
+    assert table.splitlines()[0] == "| op type | trt | fast |" and "| all kernels |" in table

@@ -15,7 +15,9 @@ machine slows all variants alike), each block after 2 untimed runs (the first ru
 pays for cold caches and the previous session's spinning threads). Prints median / p90 ms and the ratio to
 FP32 (median over blocks of the per-block ratio); ``--repeat R`` repeats all that R times and adds
 the range of the ratio. ``--map N`` adds
-the COCO mAP of each variant and of the fake-quant PyTorch model on the first N val images.
+the COCO mAP of each variant and of the fake-quant PyTorch model on the first N val images;
+``--profile N`` the time per op type of each variant (onnxruntime's profiler over N runs): where the
+INT8 graphs spend what FP32 does not.
 ``--random-weights``: random init, PTQ-calibrated (max) in memory on ``--calib-images`` train images —
 for latency only (its mAP is meaningless).
 """
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,8 @@ def parse_args(argv=None):
                    help="convs whose output is not self-gated (SE input, residual add): keep float (exact, "
                         "default) or give them a min/max-calibrated Q/DQ")
     p.add_argument("--map", type=int, metavar="N", help="also COCO mAP on the first N val images")
+    p.add_argument("--profile", type=int, metavar="N",
+                   help="also profile N runs of each variant (onnxruntime profiler) and print ms per op type")
     p.add_argument("--out", help="folder for the ONNX files (default /tmp/bench_ort/<model>)")
     p.add_argument("--workers", type=int, default=0)
     return p.parse_args(argv)
@@ -134,6 +139,37 @@ def evaluate_all(paths: dict, qmodel, cfg, data_cfg, img_size: int, n: int, thre
     return maps
 
 
+def op_profile(path: Path, threads: int, x: np.ndarray, runs: int) -> dict:
+    """op type -> (ms per run, nodes) of the graph onnxruntime runs (after its fusions), from its profiler."""
+    import json
+    import tempfile
+    from yoloq.eval.predictors import ort_session, wants_integer_kernels
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = ort_session(path, threads, quantize_bias=wants_integer_kernels(path), profile_prefix=f"{tmp}/prof")
+        feed = {sess.get_inputs()[0].name: x}
+        for _ in range(runs):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    total, nodes = defaultdict(float), defaultdict(set)
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            total[op] += e["dur"] / 1e3 / runs
+            nodes[op].add(e["name"])
+    return {op: (total[op], len(nodes[op])) for op in sorted(total, key=total.get, reverse=True)}
+
+
+def format_profile(profiles: dict, top: int = 12) -> str:
+    """One column per variant: ms per run (node count) of the ``top`` op types, and the kernel total."""
+    ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, (0, 0))[0] for p in profiles.values()))
+    lines = ["| op type | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+    for op in ops[:top]:
+        cells = [f"{p[op][0]:.2f} ({p[op][1]})" if op in p else "–" for p in profiles.values()]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines.append("| all kernels | " + " | ".join(f"{sum(v[0] for v in p.values()):.2f}" for p in profiles.values()) + " |")
+    return "\n".join(lines)
+
+
 def ratio_to_fp32(times: dict, key: str, rounds: int) -> float:
     """Median over round-robin blocks of (variant median / FP32 median in the same block): each ratio
     compares runs taken moments apart, so the machine's slow and fast phases cancel."""
@@ -183,6 +219,11 @@ def main(argv=None) -> int:
     header = (f"{cfg.model.name} @ {img_size}, batch {args.batch}, {args.threads} threads, onnxruntime "
               f"{__import__('onnxruntime').__version__} CPU; {where}" + (f"; mAP on {args.map} val images" if maps else ""))
     print(format_table(repeats, maps, header, args.rounds))
+    if args.profile:
+        x = np.random.default_rng(0).random((args.batch, 3, img_size, img_size), dtype=np.float32)
+        profiles = {k: op_profile(p, args.threads, x, args.profile) for k, p in paths.items()}
+        print(f"\nms per run by op type (node count), onnxruntime profiler, {args.profile} runs:\n")
+        print(format_profile(profiles))
     return 0
 
 

@@ -34,10 +34,11 @@ def wants_integer_kernels(path: str | Path) -> bool:
 
 
 def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quantize_bias: bool = False,
-                level: str = "all", optimized_path: Optional[str] = None):
+                level: str = "all", optimized_path: Optional[str] = None, profile_prefix: Optional[str] = None):
     """An onnxruntime CPU session. ``quantize_bias=False`` disables onnxruntime's int32 bias rounding
     (``BIAS_QUANTIZATION_OPTIMIZER``) so the session computes what the Q/DQ graph says; set it for
-    graphs meant to run integer kernels (``make_ort_fast`` output). ``level``: graph optimizations."""
+    graphs meant to run integer kernels (``make_ort_fast`` output). ``level``: graph optimizations.
+    ``profile_prefix``: turn on onnxruntime's profiler (``session.end_profiling()`` returns the JSON)."""
     import onnxruntime as ort
 
     if level not in GRAPH_LEVELS:
@@ -52,6 +53,9 @@ def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quanti
         options.inter_op_num_threads = 1
     if optimized_path:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     options.log_severity_level = 3
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_OPTIMIZER]
     source = model if isinstance(model, bytes) else str(model)
