@@ -315,13 +315,18 @@ def test_lite_s_checkpoint_end_to_end(tmp_path):
     assert np.abs(out[..., 4:] - ref[..., 4:]).mean() < 5e-3      # measured 1.4e-3 (scores 0..1)
 
 
+def _load_bench_ort():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_ort", Path(__file__).resolve().parents[1] / "tools/bench_ort.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_ratio_pairs_runs_of_the_same_block():
     """tools/bench_ort.py: the ratio to FP32 is the median of per-block ratios, so a machine that slows
     down 3x between two variants' runs (shared hosts do) moves one block, not the result."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_ort", Path(__file__).resolve().parents[1] / "tools/bench_ort.py")
-    bench_ort = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_ort)
+    bench_ort = _load_bench_ort()
     # 3 blocks of 4 runs; the slow phase starts during block 2, after its int8 runs
     times = {"fp32": [10.0] * 4 + [30.0] * 4 + [30.0] * 4, "int8": [4.0] * 4 + [4.0] * 4 + [12.0] * 4}
     assert bench_ort.ratio_to_fp32(times, "int8", rounds=3) == pytest.approx(0.4)
@@ -334,10 +339,7 @@ def test_bench_ratio_pairs_runs_of_the_same_block():
 
 def test_bench_op_profile(trt_onnx, fast):
     """tools/bench_ort.py --profile: onnxruntime's profiler, summed per op type of the optimized graph."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_ort", Path(__file__).resolve().parents[1] / "tools/bench_ort.py")
-    bench_ort = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_ort)
+    bench_ort = _load_bench_ort()
     x = trt_onnx[1][:1].numpy()
     profiles = {"trt": bench_ort.op_profile(trt_onnx[0], 1, x, runs=3), "fast": bench_ort.op_profile(fast[0], 1, x, runs=3)}
     assert profiles["fast"]["QLinearConv"][1] == 5 and "QLinearConv" not in profiles["trt"]
