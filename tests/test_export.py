@@ -509,6 +509,14 @@ def test_export_cli_variants_and_bad_checkpoint(ptq_model, tmp_path, capsys):
     assert np.abs(out - ref).max() <= 0.01 * (ref.max() - ref.min())
     from yoloq.export.ort_fast import optimized_op_counts
     assert optimized_op_counts(exact).get("QLinearConv", 0) > optimized_op_counts(trt, quantize_bias=False).get("QLinearConv", 0)
+    assert cli.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "f.onnx"), "--variant", "ort"]) == 2
+    assert "--variant ort needs --cfg" in capsys.readouterr().err
+    if (SHARED / "coco").is_dir():                   # train images set the pre-activation zero points
+        fast = tmp_path / "fast.onnx"
+        assert cli.main(["--ckpt", str(ckpt), "--out", str(fast), "--img-size", str(SIZE), "--variant", "ort",
+                         "--cfg", str(REPO / "configs/yolov6n_repvgg.yaml"), "--calib-images", "2"]) == 0
+        assert "NOT numerically identical" in capsys.readouterr().out       # the SiLU head stems
+        assert optimized_op_counts(fast).get("QLinearConv", 0) > optimized_op_counts(exact).get("QLinearConv", 0)
     bad = tmp_path / "bad.pt"
     torch.save({"weights": {}}, bad)
     assert cli.main(["--ckpt", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2

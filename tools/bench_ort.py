@@ -12,12 +12,11 @@ with onnxruntime (CPUExecutionProvider, ORT_ENABLE_ALL, ``--threads`` intra-op t
 int32 bias rounding only for the fast-path files, which need it for integer kernels): warm-up,
 then ``--iters`` runs taken round-robin over the variants in ``--rounds`` blocks (so a noisy, shared
 machine slows all variants alike), each block after 2 untimed runs (the first run after a switch
-pays for cold caches and the previous session's spinning threads). Prints median / p90 ms and the ratio to
-FP32 (median over blocks of the per-block ratio); ``--repeat R`` repeats all that R times and adds
-the range of the ratio. ``--map N`` adds
-the COCO mAP of each variant and of the fake-quant PyTorch model on the first N val images;
-``--profile N`` the time per op type of each variant (onnxruntime's profiler over N runs): where the
-INT8 graphs spend what FP32 does not.
+pays for cold caches and the previous session's spinning threads). Prints median / p90 ms and the
+ratio to FP32 (median over blocks of the per-block ratio); ``--repeat R`` repeats all that R times
+and adds the range of the ratio. ``--map N`` adds the COCO mAP of each variant and of the fake-quant
+PyTorch model on the first N val images; ``--profile N`` the time per op type of each variant
+(onnxruntime's profiler over N runs): where the INT8 graphs spend what FP32 does not.
 ``--random-weights``: random init, PTQ-calibrated (max) in memory on ``--calib-images`` train images —
 for latency only (its mAP is meaningless).
 """
@@ -34,6 +33,13 @@ import numpy as np
 import torch
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
@@ -44,10 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, help="input size (default: model.img_size)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--iters", type=int, default=60, help="timed runs per variant (default 60)")
+    p.add_argument("--iters", type=positive_int, default=60, help="timed runs per variant (default 60)")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=6, help="round-robin blocks over the variants")
-    p.add_argument("--repeat", type=int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=6, help="round-robin blocks over the variants")
+    p.add_argument("--repeat", type=positive_int, default=1,
                    help="repeat the whole timing N times and show the range of the ratio to FP32 (shared "
                         "machines drift between slower and faster phases that last longer than a block)")
     p.add_argument("--calib-images", type=int, default=32,
@@ -58,7 +64,7 @@ def parse_args(argv=None):
                    help="convs whose output is not self-gated (SE input, residual add): keep float (exact, "
                         "default) or give them a min/max-calibrated Q/DQ")
     p.add_argument("--map", type=int, metavar="N", help="also COCO mAP on the first N val images")
-    p.add_argument("--profile", type=int, metavar="N",
+    p.add_argument("--profile", type=positive_int, metavar="N",
                    help="also profile N runs of each variant (onnxruntime profiler) and print ms per op type")
     p.add_argument("--out", help="folder for the ONNX files (default /tmp/bench_ort/<model>)")
     p.add_argument("--workers", type=int, default=0)
@@ -161,7 +167,8 @@ def op_profile(path: Path, threads: int, x: np.ndarray, runs: int) -> dict:
 
 def format_profile(profiles: dict, top: int = 12) -> str:
     """One column per variant: ms per run (node count) of the ``top`` op types, and the kernel total."""
-    ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, (0, 0))[0] for p in profiles.values()))
+    slowest = lambda op: max(p.get(op, (0.0, 0))[0] for p in profiles.values())   # noqa: E731
+    ops = sorted({op for p in profiles.values() for op in p}, key=slowest, reverse=True)
     lines = ["| op type | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
     for op in ops[:top]:
         cells = [f"{p[op][0]:.2f} ({p[op][1]})" if op in p else "–" for p in profiles.values()]

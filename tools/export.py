@@ -79,6 +79,10 @@ def _ort_fast(info, args, img_size: int):
     fast = make_ort_fast(info.path, info.path, calib, pre_act="consumer" if args.variant == "ort" else "float")
     for note in fast.notes:
         info.notes.append(f"ort fast path: {note}")
+    if fast.pre_activation:
+        info.notes.append(f"ort fast path: NOT numerically identical to the fake-quant model ({fast.pre_activation} "
+                          "convs before HardSwish/SiLU got a new quantizer; on YOLOv6-Lite that costs 5-7 mAP): "
+                          "check it with tools/eval.py --onnx, or export --variant ort-exact")
     info.notes.append(f"ort fast path: {fast.relu_exact} conv->Relu, {fast.already_fused} conv->Q, "
                       f"{fast.pre_activation} pre-activation Q/DQ, {len(fast.left_float)} convs float "
                       f"({fast.folded_weights} with constant dequantized weights)")
