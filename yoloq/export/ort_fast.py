@@ -40,8 +40,8 @@ What :func:`make_ort_fast` changes (in this order), and what each costs in accur
    ``QLinearConv`` reads ``DQ(Q(W))`` — onnxruntime keeps weight DQs out of constant folding (for its
    QDQ fusions), so it re-dequantized every such weight on every run and used the slow unpacked conv
    path. ``DQ(Q(W))`` is computed once at export (the same float32 values: ``(round(W/s) - zp) * s``)
-   and the conv gets prepacked weights, blocked layout and its activation fused. Measured on
-   YOLOv6Lite-S: the exact variant went from 2.5x to 1.7x FP32; YOLOv6-N's fast path 0.40x to 0.38x.
+   and the conv gets prepacked weights, blocked layout and its activation fused. Measured (with
+   step 3's Clip): YOLOv6Lite-S exact variant 2.4-2.6x -> 1.7-2.0x FP32, YOLOv6-N exact 0.50x -> 0.42x.
    Those convs also keep a float bias (onnxruntime's int32 bias rounding only applies to convs with
    DQ weights).
 
