@@ -373,7 +373,8 @@ def _classify_convs(g: _Graph, info: OrtFastInfo, other: str = "float") -> list:
         if len(users) == 1 and users[0].op_type == "Relu" and users[0].output[0] not in g.outputs:
             relu = users[0]
             qs = g.consumers[relu.output[0]]
-            if _all_q_same(g, qs) is not None and len(qs[0].input) > 2 and qs[0].input[2]:
+            if (_all_q_same(g, qs) is not None and len(qs[0].input) > 2 and qs[0].input[2]
+                    and not any(q.output[0] in g.outputs for q in qs)):
                 _relu_on_codes(g, y, relu, qs)
                 info.relu_exact += 1
                 continue
