@@ -207,7 +207,7 @@ def test_fast_path_files_are_marked_for_integer_kernels(fast, tmp_path, trt_onnx
     assert optimized_op_counts(path, quantize_bias=False).get("QLinearConv", 0) == 0
 
 
-def test_exact_mode_is_bit_exact(trt_onnx, tmp_path):
+def test_exact_mode_matches_the_qdq_graph(trt_onnx, tmp_path):
     """pre_act="float" skips the only inexact rewrite (convs before HardSwish/SiLU stay float): the
     fast path then computes what the Q/DQ graph computes with the int32 biases integer kernels need
     (onnxruntime's bias rounding on both), and still forms integer convs. Only the float convs differ,
