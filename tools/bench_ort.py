@@ -104,11 +104,11 @@ def export_variants(qmodel, out: Path, img_size: int, batch: int, calib_batches,
     return paths
 
 
-def session(path: Path, threads: int):
+def session(path: Path, threads: int, profile_prefix: str | None = None):
     """Timed as evaluated: integer kernels (onnxruntime's int32 bias rounding) for the fast-path files,
     the graph as written for the others (``yoloq.eval.predictors.ort_session``)."""
     from yoloq.eval.predictors import ort_session, wants_integer_kernels
-    return ort_session(path, threads, quantize_bias=wants_integer_kernels(path))
+    return ort_session(path, threads, quantize_bias=wants_integer_kernels(path), profile_prefix=profile_prefix)
 
 
 BLOCK_WARMUP = 2      # untimed runs at the start of every round-robin block
@@ -149,9 +149,8 @@ def op_profile(path: Path, threads: int, x: np.ndarray, runs: int) -> dict:
     """op type -> (ms per run, nodes) of the graph onnxruntime runs (after its fusions), from its profiler."""
     import json
     import tempfile
-    from yoloq.eval.predictors import ort_session, wants_integer_kernels
     with tempfile.TemporaryDirectory() as tmp:
-        sess = ort_session(path, threads, quantize_bias=wants_integer_kernels(path), profile_prefix=f"{tmp}/prof")
+        sess = session(path, threads, profile_prefix=f"{tmp}/prof")
         feed = {sess.get_inputs()[0].name: x}
         for _ in range(runs):
             sess.run(None, feed)

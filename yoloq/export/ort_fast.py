@@ -161,17 +161,26 @@ class _Graph:
         targets = list(self.consumers[tensor]) if only_for is None else only_for
         q = helper.make_node("QuantizeLinear", [tensor, scale_name, zp_name], [q_out], name=self.unique("Q"))
         dq = helper.make_node("DequantizeLinear", [q_out, scale_name, zp_name], [dq_out], name=self.unique("DQ"))
-        for node in targets:
+        self.rewire(tensor, dq_out, targets)
+        self.insert_after(tensor, [q, dq])
+        return dq_out
+
+    @staticmethod
+    def rewire(tensor: str, new: str, nodes: Iterable) -> None:
+        """Make ``nodes`` read ``new`` wherever they read ``tensor`` (call ``refresh`` afterwards)."""
+        for node in nodes:
             for k, name in enumerate(node.input):
                 if name == tensor:
-                    node.input[k] = dq_out
-        # Insert right after the producer keeps the node list topologically sorted.
+                    node.input[k] = new
+
+    def insert_after(self, tensor: str, nodes: list) -> None:
+        """Insert ``nodes`` (in order) right after ``tensor``'s producer, which keeps the node list
+        topologically sorted, and refresh the maps."""
         prod = self.producer.get(tensor)
         index = 0 if prod is None else list(self.g.node).index(prod) + 1
-        self.g.node.insert(index, dq)
-        self.g.node.insert(index, q)
+        for node in reversed(nodes):
+            self.g.node.insert(index, node)
         self.refresh()
-        return dq_out
 
 
 def _is_qdq_graph(g: _Graph) -> bool:
@@ -367,7 +376,7 @@ def _classify_convs(g: _Graph, info: OrtFastInfo, other: str = "float") -> list:
         if not _quantized_conv(g, conv) or y in g.outputs:
             info.left_float.append(conv.name)
             continue
-        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+        if _becomes_qlinear_conv(g, conv):
             info.already_fused += 1
             continue
         if len(users) == 1 and users[0].op_type == "Relu" and users[0].output[0] not in g.outputs:
@@ -396,16 +405,10 @@ def _relu_on_codes(g: _Graph, y: str, relu: onnx.NodeProto, qs: list) -> None:
     q = helper.make_node("QuantizeLinear", [y, scale, zp], [q_out], name=g.unique("Q"))
     clip = helper.make_node("Clip", [q_out, zp], [codes], name=g.unique("ReluOnCodes"))
     for old_q in qs:
-        for node in g.consumers[old_q.output[0]]:
-            for k, name in enumerate(node.input):
-                if name == old_q.output[0]:
-                    node.input[k] = codes
+        g.rewire(old_q.output[0], codes, g.consumers[old_q.output[0]])
     for node in [relu, *qs]:
         g.g.node.remove(node)
-    index = list(g.g.node).index(g.producer[y]) + 1
-    g.g.node.insert(index, clip)
-    g.g.node.insert(index, q)
-    g.refresh()
+    g.insert_after(y, [q, clip])
 
 
 def _scalar_init(g: _Graph, name: str) -> str:

@@ -45,7 +45,6 @@ def fake_quant(x: torch.Tensor, amax: torch.Tensor, qmin: float = -QMAX) -> torc
     return torch.clamp(torch.round(x / scale), qmin, QMAX) * scale
 
 
-
 def sqnr_db(signal_power: float, noise_power: float) -> float:
     if noise_power <= 0:
         return 200.0
