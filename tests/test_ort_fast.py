@@ -268,6 +268,25 @@ def test_float_convs_get_dequantized_weights(trt_onnx, tmp_path):
             np.testing.assert_allclose(*outs, rtol=0, atol=1e-6)
 
 
+def test_dequantized_weight_follows_onnx_semantics():
+    """A weight Q/DQ without zero point is uint8 in ONNX: negative weights saturate at 0, as onnxruntime
+    computes it (checked against onnxruntime)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from yoloq.export.ort_fast import _dequantized_weight, _Graph
+    w = np.array([[[[-0.3]], [[0.25]]], [[[0.75]], [[2.0]]]], np.float32)          # [2,2,1,1]
+    scale = np.array([0.5, 0.01], np.float32)                                      # per channel, axis 0
+    nodes = [helper.make_node("QuantizeLinear", ["w", "s"], ["wq"], axis=0),
+             helper.make_node("DequantizeLinear", ["wq", "s"], ["wdq"], axis=0)]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("wdq", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    g = _Graph(model)
+    got = _dequantized_weight(g, g.producer["wdq"])
+    np.testing.assert_array_equal(got, expected)
+    assert got[0, 0, 0, 0] == 0.0 and got[1, 1, 0, 0] == np.float32(2.0)
+
+
 def test_qparams():
     s, zp = consumer_qparams(0.1, lo=-5.0)               # -50 steps needed: shift the range up
     assert s == np.float32(0.1) and zp == -78

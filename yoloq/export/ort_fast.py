@@ -312,7 +312,7 @@ def _dequantized_weight(g: _Graph, dq: onnx.NodeProto) -> Optional[np.ndarray]:
 def _qdq_params(g: _Graph, node: onnx.NodeProto) -> tuple:
     """(scale as float32, zero point, axis) of a Q/DQ node; None for an input that is not a constant."""
     scale = g.const(node.input[1])
-    zp = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.int8)
+    zp = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)  # ONNX default
     axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
     return (None if scale is None else scale.astype(np.float32), zp, axis)
 
