@@ -579,14 +579,56 @@ def test_bench_fidelity_cli_on_a_small_checkpoint(ptq_model, tmp_path, capsys):
     save_quantized(freeze_quantizers(variant(ptq_model, "lsq_offset")), ckpt, meta={"name": "tiny"})
     out = tmp_path / "fid.json"
     assert cli.main(["--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(ckpt), "--images", "2",
-                     "--noise", "1", "--no-progress", "--out", str(out)]) == 0
+                     "--noise", "1", "--output-images", "2", "--no-progress", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
-    assert row["img_size"] == SIZE and len(row["noise"]) == 1
+    assert row["img_size"] == SIZE and len(row["noise"]) == len(row["noise_ort"]) == 1
+    for kind in ("deployed", "noise"):
+        stats = row["outputs"][kind]
+        assert set(stats) == {"score_mean_abs", "score_share_over_0.05", "box_mean_abs_px"}
+        assert 0 <= stats["score_mean_abs"] < 0.05 and 0 <= stats["score_share_over_0.05"] <= 1
     assert {"ort_subadd_float", "ort_subadd_int32", "ort_zero_point_float", "ort_zero_point_int32"} <= set(row)
     table = capsys.readouterr().out
     lines = [ln for ln in table.splitlines() if ln.startswith(f"| {ckpt}")]
     assert len(lines) == 2 and "(zero point)" in lines[1]
     cells = lines[0].strip("|").split("|")
     assert float(cells[3]) == pytest.approx(round(row["ort_subadd_float"], 2) - round(row["fake"], 2), abs=0.011)
+    pairs = [row["ort_subadd_float"] - row["fake"], row["noise_ort"][0] - row["noise"][0]]
+    deployed_cell, noise_cell = cells[6].split("(")
+    assert float(deployed_cell) == pytest.approx(row["outputs"]["deployed"]["score_mean_abs"], abs=1e-4)
+    assert float(noise_cell.strip(" )")) == pytest.approx(row["outputs"]["noise"]["score_mean_abs"], abs=1e-4)
+    assert cells[11].strip().startswith(f"{sum(pairs) / 2:+.2f} ±") and "(2 pairs)" in cells[11]
+    assert [c.strip() for c in lines[1].strip("|").split("|")[6:]] == ["–"] * 6
     with pytest.raises(SystemExit, match="not found"):
         cli.main(["--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="--noise and --output-images must be >= 0"):
+        cli.main(["--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(ckpt), "--noise", "-1"])
+
+
+def test_bench_fidelity_paired_difference_mean_and_standard_error():
+    """The fidelity estimate: mean of ORT-minus-fake over the unperturbed and the noise pairs, with
+    the sample standard error; a single pair has none."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_fidelity", REPO / "tools" / "bench_fidelity.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    row = {"fake": 20.0, "ort_subadd_float": 20.3, "noise": [19.8, 20.1, 20.0], "noise_ort": [19.8, 19.9, 20.1]}
+    mean, se = cli.paired_difference(row)           # pairs: +0.3, 0.0, -0.2, +0.1
+    assert mean == pytest.approx(0.05)
+    assert se == pytest.approx((sum((d - 0.05) ** 2 for d in (0.3, 0.0, -0.2, 0.1)) / 3 / 4) ** 0.5)
+    assert cli.paired_difference({"fake": 20.0, "ort_subadd_float": 19.9}) == (pytest.approx(-0.1), 0.0)
+    # output statistics: a known score / box change
+    reference = torch.zeros(1, 4, 4 + 2)
+    other = reference.clone()
+    other[0, 0, 4] = 0.1                                  # one anchor's best score moves by 0.1
+    other[0, :, :4] = 2.0                                 # every box coordinate by 2 px
+    stats = cli.output_difference(reference, other.numpy())
+    assert stats == {"score_mean_abs": pytest.approx(0.025), "score_share_over_0.05": 0.25, "box_mean_abs_px": 2.0}
+    # the pairing itself: a module and a plain predictor with the same seed see the same noise,
+    # batch after batch; another seed sees other noise
+    batches = [torch.zeros(2, 3, 4, 4), torch.ones(1, 3, 4, 4)]
+    module, plain, other = (cli.InputNoise(torch.nn.Identity(), 1e-4, 0), cli.InputNoise(lambda x: x.clone(), 1e-4, 0),
+                            cli.InputNoise(torch.nn.Identity(), 1e-4, 1))
+    for x in batches:
+        a, b, c = module(x), plain(x), other(x)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        assert 0 < (a - x).abs().max() < 1e-3

@@ -8,10 +8,19 @@
 For each quantized checkpoint: the fake-quant model's mAP, then the TensorRT-variant export
 (``export_onnx``; LSQ+ offset checkpoints in both offset forms, Sub/Add and zero point) run by
 onnxruntime as written (float conv biases) and, for comparison, with onnxruntime's default int32 bias
-rounding (``WeightBiasQuantization``, which a TensorRT-style graph does not need). ``--noise N`` adds
-the mAP range of the fake-quant model over N seeds of Gaussian input noise (``--noise-std``, default
-1e-4, i.e. 1/40 of one 8-bit pixel step): how much this mAP moves under perturbations far below
-anything that matters, the scale against which a deployment difference should be read.
+rounding (``WeightBiasQuantization``, which a TensorRT-style graph does not need).
+
+``--noise N`` evaluates both the fake-quant model and the (Sub/Add) ONNX file, as written, again on N
+seeds of Gaussian input noise (``--noise-std``, default 1e-4, i.e. 1/40 of one 8-bit pixel step;
+both see the same noise). The mAP range over the seeds shows how much the number moves under
+perturbations far below anything that matters; the mean of the N + 1 paired differences (the
+unperturbed one included) and its standard error is the fidelity estimate with that noise averaged
+down: a faithful export has a mean near 0, a wrong scale or placement shifts every pair alike.
+Below mAP, the raw detector outputs of both are compared on the first ``--output-images`` val images
+(default 16): mean |difference| of each anchor's best class score, the share of anchors whose score
+differs by more than 0.05, and the mean |difference| of the box coordinates in pixels; and, as the
+scale to read them against, the same three for the fake-quant model against itself on the same
+images plus ``--noise-std`` input noise (seed 0).
 The checkpoint's own model is used; ``--cfg`` gives the dataset and evaluation settings.
 """
 from __future__ import annotations
@@ -31,8 +40,11 @@ def parse_args(argv=None):
     p.add_argument("--cfg", required=True, help="experiment config: dataset and eval settings (configs/*.yaml)")
     p.add_argument("--ckpt", nargs="+", required=True, help="quantized checkpoints (tools/ptq.py / tools/qat.py quant.pt)")
     p.add_argument("--images", type=int, help="first N val images (default: all)")
-    p.add_argument("--noise", type=int, default=0, metavar="N", help="seeds of input noise on the fake-quant model")
+    p.add_argument("--noise", type=int, default=0, metavar="N",
+                   help="also evaluate fake-quant and onnxruntime on N seeds of the same input noise (paired)")
     p.add_argument("--noise-std", type=float, default=1e-4)
+    p.add_argument("--output-images", type=int, default=16, metavar="N",
+                   help="compare raw outputs (scores, boxes) on the first N val images (0: skip)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--no-progress", action="store_true")
@@ -40,9 +52,11 @@ def parse_args(argv=None):
 
 
 class InputNoise(torch.nn.Module):
-    """``model(x + std * N(0, 1))`` with a fixed generator: a reproducible tiny perturbation."""
+    """``model(x + std * N(0, 1))`` with a fixed generator: a reproducible tiny perturbation. ``model``
+    is a module or any predictor callable (an ``OnnxPredictor``): with the same seed, batch size and
+    image order, both see exactly the same noise."""
 
-    def __init__(self, model: torch.nn.Module, std: float, seed: int):
+    def __init__(self, model, std: float, seed: int):
         super().__init__()
         self.model, self.std = model, std
         self.generator = torch.Generator().manual_seed(seed)
@@ -69,23 +83,82 @@ def measure(ckpt: str, cfg, data_cfg, args, tmp: Path) -> dict:
     row = {"ckpt": ckpt, "img_size": img_size,
            "fake": 100 * evaluate_model(model, data_cfg, eval_cfg, img_size, **common).stats["AP"]}
     modes = ("subadd", "zero_point") if has_offset_quantizers(model) else ("subadd",)
+    deployed = {}
     for mode in modes:
         path = tmp / f"{Path(ckpt).parent.name}_{mode}.onnx"
         export_onnx(model, path, img_size=img_size, offset_mode=mode)
         for bias in ("float", "int32"):
             predictor = OnnxPredictor(path, threads=args.threads, quantize_bias=bias == "int32")
             row[f"ort_{mode}_{bias}"] = 100 * evaluate(predictor, data_cfg, eval_cfg, img_size, **common).stats["AP"]
+            deployed[mode, bias] = predictor
+    if args.output_images:
+        images = first_val_images(data_cfg, eval_cfg, img_size, args.output_images)
+        row["outputs"] = compare_outputs(model, deployed["subadd", "float"], images, args.noise_std)
     if args.noise:
-        noisy = [100 * evaluate_model(InputNoise(model, args.noise_std, seed), data_cfg, eval_cfg, img_size,
-                                      **common).stats["AP"] for seed in range(args.noise)]
-        row["noise"] = noisy
+        def noisy_map(predict, seed: int) -> float:
+            noisy = InputNoise(predict, args.noise_std, seed)
+            return 100 * evaluate_model(noisy, data_cfg, eval_cfg, img_size, **common).stats["AP"]
+        row["noise"] = [noisy_map(model, seed) for seed in range(args.noise)]
+        row["noise_ort"] = [noisy_map(deployed["subadd", "float"], seed) for seed in range(args.noise)]
     return row
+
+
+def first_val_images(data_cfg, eval_cfg, img_size: int, n: int) -> torch.Tensor:
+    """The first ``n`` val images (annotation order), letterboxed as in evaluation: ``[n, 3, S, S]``."""
+    from yoloq.data.coco import CocoDetectionDataset, FailedItem, read_annotation_images
+    from yoloq.eval.coco_eval import resolve_ann_file
+
+    ann_file = resolve_ann_file(data_cfg, eval_cfg.val_ann)
+    files = [e["file_name"] for e in read_annotation_images(ann_file)[:n]]
+    dataset = CocoDetectionDataset(data_cfg.val_images, ann_file, img_size, files=files)
+    images = [item[0] for item in (dataset[i] for i in range(len(dataset))) if not isinstance(item, FailedItem)]
+    if not images:
+        raise ValueError(f"no readable val image among the first {n} of {ann_file}")
+    return torch.stack(images)
+
+
+def output_difference(reference: torch.Tensor, other) -> dict:
+    """Raw-output agreement of two ``[B, N, 4+nc]`` detector outputs: best-class score per anchor
+    (mean |difference|, share of anchors > 0.05) and box coordinates (mean |difference|, pixels)."""
+    reference, other = reference.float(), torch.as_tensor(other).float()
+    score_diff = (other[..., 4:].amax(-1) - reference[..., 4:].amax(-1)).abs()
+    return {"score_mean_abs": float(score_diff.mean()), "score_share_over_0.05": float((score_diff > 0.05).float().mean()),
+            "box_mean_abs_px": float((other[..., :4] - reference[..., :4]).abs().mean())}
+
+
+def compare_outputs(model: torch.nn.Module, predict, images: torch.Tensor, noise_std: float) -> dict:
+    """``output_difference`` of ``predict`` (an ``OnnxPredictor``) against ``model``, and of ``model``
+    on noisy inputs against itself: how far the deployed outputs are, next to how far the model's own
+    outputs move under an imperceptible perturbation."""
+    with torch.no_grad():
+        reference = model.eval()(images)
+        noisy = InputNoise(model, noise_std, seed=0)(images)
+    return {"deployed": output_difference(reference, predict(images)), "noise": output_difference(reference, noisy)}
+
+
+def paired_difference(row: dict) -> tuple[float, float]:
+    """Mean and standard error of onnxruntime minus fake-quant mAP over the unperturbed pair and the
+    noise-seed pairs of ``row`` (standard error 0 for a single pair)."""
+    diffs = [row["ort_subadd_float"] - row["fake"]]
+    diffs += [o - f for f, o in zip(row.get("noise", []), row.get("noise_ort", []))]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, 0.0
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, (var / len(diffs)) ** 0.5
 
 
 def format_rows(rows: list[dict], header: str) -> str:
     noise = any("noise" in r for r in rows)
+    outputs = any("outputs" in r for r in rows)
     cols = ["checkpoint", "fake-quant PyTorch", "onnxruntime Q/DQ", "difference",
-            "onnxruntime, int32 biases", "difference"] + (["fake-quant, input noise (min..max)"] if noise else [])
+            "onnxruntime, int32 biases", "difference"]
+    if outputs:
+        cols += ["outputs: mean abs score diff (fake-quant under input noise)",
+                 "anchors with score diff > 0.05 (noise)", "mean abs box diff, px (noise)"]
+    if noise:
+        cols += ["fake-quant, input noise (min..max)", "onnxruntime, input noise (min..max)",
+                 "mean difference over all pairs (± s.e.)"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         for mode in ("subadd", "zero_point"):
@@ -94,8 +167,20 @@ def format_rows(rows: list[dict], header: str) -> str:
             name = r["ckpt"] + (" (zero point)" if mode == "zero_point" else "")
             f, b = r[f"ort_{mode}_float"], r[f"ort_{mode}_int32"]
             cells = [name, f"{r['fake']:.2f}", f"{f:.2f}", f"{f - r['fake']:+.2f}", f"{b:.2f}", f"{b - r['fake']:+.2f}"]
-            if noise:
-                cells.append(f"{min(r['noise']):.2f}..{max(r['noise']):.2f}" if "noise" in r else "–")
+            if outputs and "outputs" in r and mode == "subadd":
+                o, n = r["outputs"]["deployed"], r["outputs"]["noise"]
+                cells += [f"{o['score_mean_abs']:.4f} ({n['score_mean_abs']:.4f})",
+                          f"{o['score_share_over_0.05']:.2%} ({n['score_share_over_0.05']:.2%})",
+                          f"{o['box_mean_abs_px']:.2f} ({n['box_mean_abs_px']:.2f})"]
+            elif outputs:
+                cells += ["–"] * 3
+            if noise and "noise" in r and mode == "subadd":
+                mean, se = paired_difference(r)
+                cells += [f"{min(r['noise']):.2f}..{max(r['noise']):.2f}",
+                          f"{min(r['noise_ort']):.2f}..{max(r['noise_ort']):.2f}",
+                          f"{mean:+.2f} ± {se:.2f} ({1 + len(r['noise'])} pairs)"]
+            elif noise:
+                cells += ["–"] * 3
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -108,6 +193,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {args.cfg} has no 'data'")
     data_cfg = load_data_config(cfg.data)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, workers=0))
+    if args.noise < 0 or args.output_images < 0:
+        raise SystemExit(f"error: --noise and --output-images must be >= 0, got {args.noise} and {args.output_images}")
     for ckpt in args.ckpt:
         if not Path(ckpt).is_file():
             raise SystemExit(f"error: checkpoint not found: {ckpt}")
@@ -115,8 +202,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in args.ckpt:
             rows.append(measure(ckpt, cfg, data_cfg, args, Path(tmp)))
-            print(f"{ckpt}: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if isinstance(v, float)),
-                  file=sys.stderr, flush=True)
+            summary = ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if isinstance(v, float))
+            if args.noise:
+                summary += ", mean paired difference {:+.2f} ± {:.2f}".format(*paired_difference(rows[-1]))
+            print(f"{ckpt}: {summary}", file=sys.stderr, flush=True)
     import onnxruntime
     images = f"first {args.images}" if args.images else "all"
     print(format_rows(rows, f"mAP (%) on {images} val images; onnxruntime {onnxruntime.__version__} CPU"))
