@@ -490,13 +490,19 @@ def test_checkpoint_round_trip(ptq_model, tmp_path):
     np.testing.assert_array_equal(run_ort(a.path, x)[0], run_ort(b.path, x)[0])
 
 
+def _load_tool(name: str):
+    """tools/<name>.py as a module (the CLIs are scripts, not package modules)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_export_cli_variants_and_bad_checkpoint(ptq_model, tmp_path, capsys):
     """tools/export.py: TensorRT variant prints the trtexec command; ort-exact rewrites the graph so
     onnxruntime forms integer convs and still computes the same outputs; a non-checkpoint fails."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("export_cli", REPO / "tools" / "export.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _load_tool("export")
     ckpt = tmp_path / "quant.pt"
     save_quantized(ptq_model, ckpt, meta={"name": "tiny"})
     trt, exact = tmp_path / "trt.onnx", tmp_path / "exact.onnx"
@@ -570,11 +576,8 @@ def test_bench_fidelity_cli_on_a_small_checkpoint(ptq_model, tmp_path, capsys):
     checkpoints), differences computed from the measured values, JSON written atomically."""
     if not (SHARED / "coco").is_dir():
         pytest.skip(f"shared COCO subset not found under {SHARED}")
-    import importlib.util
     import json
-    spec = importlib.util.spec_from_file_location("bench_fidelity", REPO / "tools" / "bench_fidelity.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _load_tool("bench_fidelity")
     ckpt = tmp_path / "run" / "quant.pt"
     save_quantized(freeze_quantizers(variant(ptq_model, "lsq_offset")), ckpt, meta={"name": "tiny"})
     out = tmp_path / "fid.json"
@@ -604,13 +607,11 @@ def test_bench_fidelity_cli_on_a_small_checkpoint(ptq_model, tmp_path, capsys):
         cli.main(["--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(ckpt), "--noise", "-1"])
 
 
-def test_bench_fidelity_paired_difference_mean_and_standard_error():
+def test_bench_fidelity_statistics_and_noise_pairing():
     """The fidelity estimate: mean of ORT-minus-fake over the unperturbed and the noise pairs, with
-    the sample standard error; a single pair has none."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_fidelity", REPO / "tools" / "bench_fidelity.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    the sample standard error (a single pair has none); the raw-output statistics; identical noise
+    for the two sides of a pair."""
+    cli = _load_tool("bench_fidelity")
     row = {"fake": 20.0, "ort_subadd_float": 20.3, "noise": [19.8, 20.1, 20.0], "noise_ort": [19.8, 19.9, 20.1]}
     mean, se = cli.paired_difference(row)           # pairs: +0.3, 0.0, -0.2, +0.1
     assert mean == pytest.approx(0.05)
@@ -626,9 +627,9 @@ def test_bench_fidelity_paired_difference_mean_and_standard_error():
     # the pairing itself: a module and a plain predictor with the same seed see the same noise,
     # batch after batch; another seed sees other noise
     batches = [torch.zeros(2, 3, 4, 4), torch.ones(1, 3, 4, 4)]
-    module, plain, other = (cli.InputNoise(torch.nn.Identity(), 1e-4, 0), cli.InputNoise(lambda x: x.clone(), 1e-4, 0),
-                            cli.InputNoise(torch.nn.Identity(), 1e-4, 1))
+    module, plain, other_seed = (cli.InputNoise(torch.nn.Identity(), 1e-4, 0),
+                                 cli.InputNoise(lambda x: x.clone(), 1e-4, 0), cli.InputNoise(torch.nn.Identity(), 1e-4, 1))
     for x in batches:
-        a, b, c = module(x), plain(x), other(x)
+        a, b, c = module(x), plain(x), other_seed(x)
         assert torch.equal(a, b) and not torch.equal(a, c)
         assert 0 < (a - x).abs().max() < 1e-3
