@@ -84,34 +84,33 @@ def measure(ckpt: str, cfg, data_cfg, args, tmp: Path) -> dict:
     row = {"ckpt": ckpt, "img_size": img_size,
            "fake": 100 * evaluate_model(model, data_cfg, eval_cfg, img_size, **common).stats["AP"]}
     modes = ("subadd", "zero_point") if has_offset_quantizers(model) else ("subadd",)
-    deployed = {}
     for mode in modes:
         path = tmp / f"{Path(ckpt).parent.name}_{mode}.onnx"
         export_onnx(model, path, img_size=img_size, offset_mode=mode)
         for bias in ("float", "int32"):
             predictor = OnnxPredictor(path, threads=args.threads, quantize_bias=bias == "int32")
             row[f"ort_{mode}_{bias}"] = 100 * evaluate(predictor, data_cfg, eval_cfg, img_size, **common).stats["AP"]
-            deployed[mode, bias] = predictor
+            if (mode, bias) == ("subadd", "float"):
+                as_written = predictor           # the TensorRT graph as written: the pairs and outputs use it
     if args.output_images:
         images = first_val_images(data_cfg, eval_cfg, img_size, args.output_images)
-        row["outputs"] = compare_outputs(model, deployed["subadd", "float"], images, args.noise_std)
+        row["outputs"] = compare_outputs(model, as_written, images, args.noise_std)
     if args.noise:
         def noisy_map(predict, seed: int) -> float:
             noisy = InputNoise(predict, args.noise_std, seed)
             return 100 * evaluate_model(noisy, data_cfg, eval_cfg, img_size, **common).stats["AP"]
         row["noise"] = [noisy_map(model, seed) for seed in range(args.noise)]
-        row["noise_ort"] = [noisy_map(deployed["subadd", "float"], seed) for seed in range(args.noise)]
+        row["noise_ort"] = [noisy_map(as_written, seed) for seed in range(args.noise)]
     return row
 
 
 def first_val_images(data_cfg, eval_cfg, img_size: int, n: int) -> torch.Tensor:
-    """The first ``n`` val images (annotation order), letterboxed as in evaluation: ``[n, 3, S, S]``."""
-    from yoloq.data.coco import CocoDetectionDataset, FailedItem, read_annotation_images
-    from yoloq.eval.coco_eval import resolve_ann_file
+    """The first ``n`` val images (by id), letterboxed as in evaluation: ``[n, 3, S, S]``."""
+    from yoloq.data.coco import FailedItem
+    from yoloq.eval.coco_eval import resolve_ann_file, val_dataset
 
     ann_file = resolve_ann_file(data_cfg, eval_cfg.val_ann)
-    files = [e["file_name"] for e in read_annotation_images(ann_file)[:n]]
-    dataset = CocoDetectionDataset(data_cfg.val_images, ann_file, img_size, files=files)
+    dataset = val_dataset(data_cfg, ann_file, img_size, n)
     images = [item[0] for item in (dataset[i] for i in range(len(dataset))) if not isinstance(item, FailedItem)]
     if not images:
         raise ValueError(f"no readable val image among the first {n} of {ann_file}")

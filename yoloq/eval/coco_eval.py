@@ -122,6 +122,18 @@ def resolve_ann_file(data_cfg: DataConfig, ann_key: str) -> str:
     return ann_file
 
 
+def val_dataset(data_cfg: DataConfig, ann_file: str, img_size: int, max_images: Optional[int] = None,
+                gt: Optional[dict] = None, interpolation: str = DEFAULT_INTERPOLATION) -> CocoDetectionDataset:
+    """The val images of ``ann_file`` (only the first ``max_images`` by id, if given), letterboxed as
+    :func:`evaluate` sees them. ``gt``: the already-read annotation JSON, to avoid reading it twice."""
+    files = None
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        files = [e["file_name"] for e in read_annotation_images(ann_file, gt)[:max_images]]
+    return CocoDetectionDataset(data_cfg.val_images, ann_file, img_size, files=files, interpolation=interpolation)
+
+
 def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_size: int,
              ann_key: Optional[str] = None, max_images: Optional[int] = None,
              progress: bool = True, interpolation: str = DEFAULT_INTERPOLATION) -> EvalResult:
@@ -134,15 +146,8 @@ def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_
     ann_key = ann_key or eval_cfg.val_ann
     ann_file = resolve_ann_file(data_cfg, ann_key)
     gt = read_coco_json(ann_file)
-    gt_images = read_annotation_images(ann_file, gt)
     cat_ids = category_ids(gt.get("categories", []), ann_file)
-    files = None
-    if max_images is not None:
-        if max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {max_images}")
-        files = [e["file_name"] for e in gt_images[:max_images]]
-    dataset = CocoDetectionDataset(data_cfg.val_images, ann_file, img_size, files=files,
-                                   interpolation=interpolation)
+    dataset = val_dataset(data_cfg, ann_file, img_size, max_images, gt, interpolation)
     loader = make_loader(dataset, eval_cfg.batch_size, eval_cfg.workers)
 
     detections, evaluated_ids = [], []
