@@ -7,6 +7,7 @@ an SE block and a float head conv), so they cover every rewrite rule in a few se
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -357,12 +358,37 @@ def test_bench_ratio_pairs_runs_of_the_same_block():
 
 
 def test_bench_op_profile(trt_onnx, fast):
-    """tools/bench_ort.py --profile: onnxruntime's profiler, summed per op type of the optimized graph."""
+    """tools/bench_ort.py --profile: onnxruntime's profiler, summed per op type of the optimized graph,
+    and the convs alone by kind (read from the graph onnxruntime runs)."""
     bench_ort = _load_bench_ort()
     x = trt_onnx[1][:1].numpy()
     profiles = {"trt": bench_ort.op_profile(trt_onnx[0], 1, x, runs=3), "fast": bench_ort.op_profile(fast[0], 1, x, runs=3)}
-    assert profiles["fast"]["QLinearConv"][1] == 5 and "QLinearConv" not in profiles["trt"]
-    assert profiles["trt"]["Conv"][1] + profiles["trt"].get("FusedConv", (0, 0))[1] == 8
-    assert all(ms > 0 for p in profiles.values() for ms, _ in p.values())
-    table = bench_ort.format_profile(profiles)
+    by_op = {k: ops for k, (ops, _) in profiles.items()}
+    assert by_op["fast"]["QLinearConv"][1] == 5 and "QLinearConv" not in by_op["trt"]
+    assert by_op["trt"]["Conv"][1] + by_op["trt"].get("FusedConv", (0, 0))[1] == 8
+    assert all(ms > 0 for p in by_op.values() for ms, _ in p.values())
+    table = bench_ort.format_profile(by_op)
     assert table.splitlines()[0] == "| op type | trt | fast |" and "| all kernels |" in table
+    # Tiny has one depthwise 3x3 (b), two dense 3x3 (stem, a) and five 1x1 convs, float or integer
+    for name, (_, by_conv) in profiles.items():
+        kinds = defaultdict(int)
+        for key, (ms, nodes) in by_conv.items():
+            op, kind = key.split(", ")
+            assert op in ("Conv", "FusedConv", "QLinearConv") and ms > 0, (name, key)
+            kinds[kind] += nodes
+        assert dict(kinds) == {"depthwise 3x3": 1, "dense 3x3": 2, "dense 1x1": 5}, name
+        conv_ms = sum(ms for ms, _ in by_conv.values())
+        assert conv_ms == pytest.approx(sum(by_op[name].get(op, (0, 0))[0] for op in bench_ort.CONV_OPS))
+
+
+def test_bench_hardswish_as_relu():
+    """--hardswish-as-relu: every HardSwish module becomes a ReLU (and only with random weights)."""
+    bench_ort = _load_bench_ort()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardswish(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.Hardswish()),
+                          nn.Hardsigmoid())
+    assert bench_ort.hardswish_to_relu(model) == 2
+    assert [type(m).__name__ for m in model.modules() if not isinstance(m, (nn.Conv2d, nn.Sequential))] == \
+        ["ReLU", "ReLU", "Hardsigmoid"]
+    with pytest.raises(SystemExit):
+        bench_ort.parse_args(["--cfg", "c.yaml", "--ckpt", "q.pt", "--hardswish-as-relu"])
+    assert bench_ort.parse_args(["--cfg", "c.yaml", "--random-weights", "--hardswish-as-relu"]).hardswish_as_relu

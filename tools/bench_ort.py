@@ -16,9 +16,13 @@ pays for cold caches and the previous session's spinning threads). Prints median
 ratio to FP32 (median over blocks of the per-block ratio); ``--repeat R`` repeats all that R times
 and adds the range of the ratio. ``--map N`` adds the COCO mAP of each variant and of the fake-quant
 PyTorch model on the first N val images; ``--profile N`` the time per op type of each variant
-(onnxruntime's profiler over N runs): where the INT8 graphs spend what FP32 does not.
+(onnxruntime's profiler over N runs), and of its convs by kind (depthwise or dense, kernel size;
+float or integer): where the INT8 graphs spend what FP32 does not.
 ``--random-weights``: random init, PTQ-calibrated (max) in memory on ``--calib-images`` train images —
-for latency only (its mAP is meaningless).
+for latency only (its mAP is meaningless). ``--hardswish-as-relu`` (with ``--random-weights``) swaps
+every HardSwish for ReLU first: the fast path then makes every gated conv an exact integer conv with
+its activation on the 8-bit codes and no Q/DQ between integer convs: how fast an all-integer
+YOLOv6-Lite runs on onnxruntime (a reference for the Lite latency target, not a model anyone deploys).
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ def parse_args(argv=None):
     src.add_argument("--ckpt", help="quantized checkpoint (tools/ptq.py / tools/qat.py quant.pt)")
     src.add_argument("--random-weights", action="store_true",
                      help="random weights, max-calibrated on --calib-images train images (latency only)")
+    p.add_argument("--hardswish-as-relu", action="store_true",
+                   help="with --random-weights: replace HardSwish by ReLU (latency of an all-integer graph of the architecture)")
     p.add_argument("--img-size", type=int, help="input size (default: model.img_size)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--batch", type=int, default=1)
@@ -65,10 +71,22 @@ def parse_args(argv=None):
                         "default) or give them a min/max-calibrated Q/DQ")
     p.add_argument("--map", type=int, metavar="N", help="also COCO mAP on the first N val images")
     p.add_argument("--profile", type=positive_int, metavar="N",
-                   help="also profile N runs of each variant (onnxruntime profiler) and print ms per op type")
+                   help="also profile N runs of each variant (onnxruntime profiler) and print ms per op type and per conv kind")
     p.add_argument("--out", help="folder for the ONNX files (default /tmp/bench_ort/<model>)")
     p.add_argument("--workers", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.hardswish_as_relu and not args.random_weights:
+        p.error("--hardswish-as-relu changes the architecture; it needs --random-weights (latency only)")
+    return args
+
+
+def hardswish_to_relu(model: torch.nn.Module) -> int:
+    """Replace every ``nn.Hardswish`` submodule by ``nn.ReLU`` in place; returns how many."""
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, torch.nn.Hardswish)]
+    for parent, name in swaps:
+        setattr(parent, name, torch.nn.ReLU())
+    return len(swaps)
 
 
 def build_quantized(cfg, args, calib_batches):
@@ -82,9 +100,12 @@ def build_quantized(cfg, args, calib_batches):
     from yoloq.quant.prepare import prepare
     torch.manual_seed(0)
     model = build_model(cfg.model).eval().fuse()
+    where = "random weights (max calibration)"
+    if args.hardswish_as_relu:
+        where += f", {hardswish_to_relu(model)} HardSwish replaced by ReLU"
     qmodel = prepare(model, cfg.quant)
     calibrate(qmodel, calib_batches, method="max", progress=False)
-    return qmodel.eval(), "random weights (max calibration)"
+    return qmodel.eval(), where
 
 
 def export_variants(qmodel, out: Path, img_size: int, batch: int, calib_batches, pre_act: str, other: str) -> dict:
@@ -104,11 +125,12 @@ def export_variants(qmodel, out: Path, img_size: int, batch: int, calib_batches,
     return paths
 
 
-def session(path: Path, threads: int, profile_prefix: str | None = None):
+def session(path: Path, threads: int, profile_prefix: str | None = None, optimized_path: str | None = None):
     """Timed as evaluated: integer kernels (onnxruntime's int32 bias rounding) for the fast-path files,
     the graph as written for the others (``yoloq.eval.predictors.ort_session``)."""
     from yoloq.eval.predictors import ort_session, wants_integer_kernels
-    return ort_session(path, threads, quantize_bias=wants_integer_kernels(path), profile_prefix=profile_prefix)
+    return ort_session(path, threads, quantize_bias=wants_integer_kernels(path), profile_prefix=profile_prefix,
+                       optimized_path=optimized_path)
 
 
 BLOCK_WARMUP = 2      # untimed runs at the start of every round-robin block
@@ -145,23 +167,48 @@ def evaluate_all(paths: dict, qmodel, cfg, data_cfg, img_size: int, n: int, thre
     return maps
 
 
-def op_profile(path: Path, threads: int, x: np.ndarray, runs: int) -> dict:
-    """op type -> (ms per run, nodes) of the graph onnxruntime runs (after its fusions), from its profiler."""
+CONV_OPS = {"Conv": 1, "FusedConv": 1, "QLinearConv": 3}     # op type -> index of its weight input
+
+
+def conv_kinds(graph) -> dict:
+    """node name -> "depthwise KxK" / "dense KxK" for every conv of an (onnxruntime-optimized) graph."""
+    dims = {init.name: list(init.dims) for init in graph.initializer}
+    kinds = {}
+    for node in graph.node:
+        if node.op_type not in CONV_OPS:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else \
+            dims.get(node.input[CONV_OPS[node.op_type]], [0, 0, 0, 0])[2:]
+        group = attrs["group"].i if "group" in attrs else 1
+        kinds[node.name] = ("depthwise " if group > 1 else "dense ") + "x".join(map(str, kernel))
+    return kinds
+
+
+def op_profile(path: Path, threads: int, x: np.ndarray, runs: int) -> tuple[dict, dict]:
+    """From onnxruntime's profiler over ``runs`` runs of the graph it executes (after its fusions):
+    op type -> (ms per run, nodes), and "op type, conv kind" -> (ms per run, nodes) for the convs."""
     import json
     import tempfile
+
+    import onnx
     with tempfile.TemporaryDirectory() as tmp:
-        sess = session(path, threads, profile_prefix=f"{tmp}/prof")
+        sess = session(path, threads, profile_prefix=f"{tmp}/prof", optimized_path=f"{tmp}/optimized.onnx")
         feed = {sess.get_inputs()[0].name: x}
         for _ in range(runs):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    total, nodes = defaultdict(float), defaultdict(set)
+        kinds = conv_kinds(onnx.load(f"{tmp}/optimized.onnx").graph)
+    by_op, by_conv = (defaultdict(float), defaultdict(set)), (defaultdict(float), defaultdict(set))
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e["args"]["op_name"]
-            total[op] += e["dur"] / 1e3 / runs
-            nodes[op].add(e["name"])
-    return {op: (total[op], len(nodes[op])) for op in sorted(total, key=total.get, reverse=True)}
+            op, node = e["args"]["op_name"], e["name"][: -len("_kernel_time")]
+            groups = [(by_op, op)] + ([(by_conv, f"{op}, {kinds[node]}")] if node in kinds else [])
+            for (total, nodes), key in groups:
+                total[key] += e["dur"] / 1e3 / runs
+                nodes[key].add(node)
+    summary = lambda total, nodes: {k: (total[k], len(nodes[k])) for k in sorted(total, key=total.get, reverse=True)}  # noqa: E731
+    return summary(*by_op), summary(*by_conv)
 
 
 def format_profile(profiles: dict, top: int = 12) -> str:
@@ -229,7 +276,9 @@ def main(argv=None) -> int:
         x = np.random.default_rng(0).random((args.batch, 3, img_size, img_size), dtype=np.float32)
         profiles = {k: op_profile(p, args.threads, x, args.profile) for k, p in paths.items()}
         print(f"\nms per run by op type (node count), onnxruntime profiler, {args.profile} runs:\n")
-        print(format_profile(profiles))
+        print(format_profile({k: by_op for k, (by_op, _) in profiles.items()}))
+        print("\nthe convs alone, by kind (Conv/FusedConv: float; QLinearConv: integer):\n")
+        print(format_profile({k: by_conv for k, (_, by_conv) in profiles.items()}, top=20))
     return 0
 
 
