@@ -394,6 +394,31 @@ def test_fp32_export_has_no_qdq_and_matches_float(ptq_model, tmp_path):
     np.testing.assert_allclose(run_ort(info.path, x.numpy())[0], ref, rtol=1e-4, atol=1e-3)
 
 
+def test_fp16_export_for_strongly_typed_tensorrt(ptq_model, tmp_path):
+    """fp16=True: every conv weight FP16 between FP32 input/output, no Q/DQ, the box decode in FP32;
+    onnxruntime's result stays close to the FP32 export, and TensorRT 11 would build it as FP16."""
+    from yoloq.eval.predictors import onnx_variant
+    from yoloq.export import tensorrt as yt
+    info = export_onnx(ptq_model, tmp_path / "fp16.onnx", img_size=SIZE, batch=None, fp16=True)
+    fp32 = export_onnx(ptq_model, tmp_path / "fp32.onnx", img_size=SIZE, batch=None, fp32=True)
+    assert (info.n_quantize, info.n_dequantize) == (0, 0) and onnx_variant(info.path) == "fp16"
+    assert next(ptq_model.parameters()).dtype == torch.float32          # the caller's model is untouched
+    graph = onnx.load(info.path).graph
+    inits = {i.name: i.data_type for i in graph.initializer}
+    conv_weights = [inits[n.input[1]] for n in graph.node if n.op_type == "Conv"]
+    assert conv_weights and set(conv_weights) == {onnx.TensorProto.FLOAT16}
+    assert graph.input[0].type.tensor_type.elem_type == graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    x = images(2, seed=6).numpy()
+    half, full = run_ort(info.path, x)[0], run_ort(fp32.path, x)[0]
+    assert half.dtype == np.float32 and half.shape == full.shape
+    assert np.abs(half[..., 4:] - full[..., 4:]).max() < 1e-3               # scores (measured 1.5e-5)
+    assert np.abs(half[..., :4] - full[..., :4]).max() < 0.5                 # boxes in px (measured 0.14)
+    plain = yt.inspect_onnx(fp32.path)
+    assert yt.builder_flags(11, yt.inspect_onnx(info.path), "fp16", "fp16") == ([], [])
+    with pytest.raises(ValueError, match="FP32 and TensorRT 11 builds strongly typed"):
+        yt.builder_flags(11, plain, "fp16", "fp16")
+
+
 def test_trt_nms_node(ptq_model, tmp_path):
     info = export_onnx(ptq_model, tmp_path / "trt_nms.onnx", img_size=SIZE, batch=4, nms="trt", max_det=50,
                        score_threshold=0.3, iou_threshold=0.5)
@@ -517,6 +542,15 @@ def test_export_cli_variants_and_bad_checkpoint(ptq_model, tmp_path, capsys):
     assert optimized_op_counts(exact).get("QLinearConv", 0) > optimized_op_counts(trt, quantize_bias=False).get("QLinearConv", 0)
     assert cli.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "f.onnx"), "--variant", "ort"]) == 2
     assert "--variant ort needs --cfg" in capsys.readouterr().err
+    half = tmp_path / "half.onnx"                    # FP16 file: TensorRT 11 needs no precision flag for it
+    assert cli.main(["--ckpt", str(ckpt), "--out", str(half), "--img-size", str(SIZE), "--fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1, FP16" in out and f"trtexec --onnx={half} --saveEngine=" in out
+    from yoloq.export.tensorrt import installed_trt_major
+    if installed_trt_major() is None:                # both forms printed; 11.x's without an AutoCast step
+        assert f"with TensorRT 11.x: trtexec --onnx={half} --saveEngine=" in out
+    assert cli.main(["--ckpt", str(ckpt), "--out", str(half), "--fp16", "--variant", "ort-exact"]) == 2
+    assert "does not combine with --fp32, --fp16 or --nms" in capsys.readouterr().err
     if (SHARED / "coco").is_dir():                   # train images set the pre-activation zero points
         fast = tmp_path / "fast.onnx"
         assert cli.main(["--ckpt", str(ckpt), "--out", str(fast), "--img-size", str(SIZE), "--variant", "ort",

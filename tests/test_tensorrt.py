@@ -85,11 +85,26 @@ def make_qdq_onnx(path: Path) -> Path:
     return path
 
 
+def make_fp16_onnx(path: Path) -> Path:
+    """FP32 images -> Cast(FP16) -> Conv with FP16 weights -> Cast(FP32): the form ModelOpt AutoCast
+    (keep_io_types) writes, which TensorRT 11 builds as an FP16 engine."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float16), "w")
+    nodes = [helper.make_node("Cast", ["images"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Conv", ["x16", "w"], ["y16"], pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["y16"], ["outputs"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "fp16", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("outputs", TensorProto.FLOAT, [1, 4, 16, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
     return {"dynamic": export_conv(d / "dyn.onnx", True), "fixed": export_conv(d / "fixed.onnx", False),
-            "qdq": make_qdq_onnx(d / "qdq.onnx")}
+            "qdq": make_qdq_onnx(d / "qdq.onnx"), "fp16": make_fp16_onnx(d / "fp16.onnx")}
 
 
 # --------------------------------------------------------------------------- ONNX facts, profiles
@@ -153,6 +168,64 @@ def test_trtexec_command_fp16_fp32_calib(onnx_files, tmp_path):
     assert f"'--calib={spaced}'" in cmd              # shell-quoted
     with pytest.raises(ValueError, match="precision 'int4'"):
         yt.trtexec_command(fixed, "int4")
+
+
+def test_trtexec_command_tensorrt_11(onnx_files, tmp_path):
+    """TensorRT 11 has no precision flags: Q/DQ and FP32 files build as they are, an FP32 file becomes
+    FP16 through ModelOpt AutoCast first, and implicit INT8 has no trtexec form (nor, without a
+    cache, on 10: trtexec would use placeholder scales)."""
+    qdq, fixed, fp16 = onnx_files["qdq"], onnx_files["fixed"], onnx_files["fp16"]
+    cmd = yt.trtexec_command(qdq, "int8", engine_path="/e/m.engine", max_batch=8, trt_major=11)
+    assert cmd == (f"trtexec --onnx={qdq} --saveEngine=/e/m.engine --memPoolSize=workspace:4096 "
+                   "--minShapes=images:1x3x16x16 --optShapes=images:8x3x16x16 --maxShapes=images:8x3x16x16")
+    converted = fixed.with_name("fixed_fp16.onnx")
+    assert yt.trtexec_command(fixed, "fp16", trt_major=11).split() == [
+        "python", "-m", "modelopt.onnx.autocast", "--onnx_path", str(fixed), "--output_path", str(converted), "&&",
+        "trtexec", f"--onnx={converted}", f"--saveEngine={fixed.with_suffix('.engine')}", "--memPoolSize=workspace:4096"]
+    assert yt.trtexec_command(fp16, "fp16", trt_major=11) == (
+        f"trtexec --onnx={fp16} --saveEngine={fp16.with_suffix('.engine')} --memPoolSize=workspace:4096")
+    assert "--fp16" in yt.trtexec_command(fp16, "fp16", trt_major=10)
+    with pytest.raises(ValueError, match="fp16.onnx has FP16 tensors, which TensorRT 11 keeps"):
+        yt.trtexec_command(fp16, "fp32", trt_major=11)
+    with pytest.raises(ValueError, match="TensorRT 11 has no implicit INT8 calibration"):
+        yt.trtexec_command(fixed, "int8", trt_major=11)
+    with pytest.raises(ValueError, match="TensorRT 12 has no implicit INT8 calibration"):
+        yt.trtexec_command(fixed, "int8", calib_cache=tmp_path / "m.calib", trt_major=12)
+    with pytest.raises(ValueError, match="no Q/DQ nodes: trtexec --int8 needs --calib"):
+        yt.trtexec_command(fixed, "int8")
+    assert yt.trtexec_or_reason(fixed, "int8").startswith("none (") and "placeholder scales" in \
+        yt.trtexec_or_reason(fixed, "int8")
+
+
+def test_builder_flags_per_tensorrt_version(onnx_files):
+    plain, qdq, fp16 = (yt.inspect_onnx(onnx_files[k]) for k in ("fixed", "qdq", "fp16"))
+    assert (plain.n_float16, qdq.n_float16, fp16.n_float16) == (0, 0, 1)
+    for major in (8, 10):                               # weakly typed: flags allow the precisions
+        assert yt.builder_flags(major, qdq, "int8", "explicit-qdq") == (["FP16", "INT8"], [])
+        assert yt.builder_flags(major, plain, "best", "implicit-entropy") == (["FP16", "INT8"], [])
+        assert yt.builder_flags(major, plain, "fp16", "fp16") == (["FP16"], [])
+        assert yt.builder_flags(major, plain, "fp32", "fp32") == ([], [])
+    flags, notes = yt.builder_flags(11, qdq, "int8", "explicit-qdq")    # strongly typed: no flags
+    assert flags == [] and "outside Q/DQ run in FP32" in notes[0] and "modelopt.onnx.autocast" in notes[0]
+    assert yt.builder_flags(11, fp16, "fp16", "fp16") == ([], [])
+    assert yt.builder_flags(11, plain, "fp32", "fp32") == ([], [])
+    with pytest.raises(ValueError, match=r"fixed.onnx is FP32 and TensorRT 11 builds strongly typed.*autocast"):
+        yt.builder_flags(11, plain, "fp16", "fp16")
+    with pytest.raises(ValueError, match="1 FP16 initializers"):
+        yt.builder_flags(11, fp16, "fp32", "fp32")
+    with pytest.raises(ValueError, match="TensorRT 11 has no implicit INT8 calibration"):
+        yt.builder_flags(11, plain, "int8", "implicit-minmax")
+
+
+def test_calibrators_absent_from_tensorrt_11(monkeypatch):
+    """TensorRT 11's module has no IInt8*Calibrator: a clear TrtUnavailable, not an AttributeError."""
+    stand_in = types.ModuleType("tensorrt")
+    stand_in.__version__ = "11.4.0.106"                    # the bindings' version on PyPI, calibrators removed
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
+    monkeypatch.setattr(yt, "_CALIBRATOR_CLASSES", {})
+    assert yt.installed_trt_major() == 11
+    with pytest.raises(yt.TrtUnavailable, match=r"TensorRT 11.4.0.106 has no implicit INT8 calibration.*IInt8\*Calibrator"):
+        yt.EntropyCalibrator
 
 
 def test_trtexec_bench_command():
@@ -278,9 +351,10 @@ def test_cli_without_tensorrt_exits_2_with_trtexec(onnx_files, tmp_path, monkeyp
     assert trt_cli.main(["build", "--onnx", str(onnx_files["qdq"]), "--engine", str(engine), "--max-batch", "4"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "'tensorrt' is not installed" in line and "building an engine" in line
+    shapes = "--minShapes=images:1x3x16x16 --optShapes=images:4x3x16x16 --maxShapes=images:4x3x16x16"
     assert line.endswith(f"Run instead: trtexec --onnx={onnx_files['qdq']} --saveEngine={engine} --int8 --fp16 "
-                         "--memPoolSize=workspace:4096 --minShapes=images:1x3x16x16 --optShapes=images:4x3x16x16 "
-                         "--maxShapes=images:4x3x16x16")
+                         f"--memPoolSize=workspace:4096 {shapes} (TensorRT 8.6/10.x); with TensorRT 11.x: trtexec "
+                         f"--onnx={onnx_files['qdq']} --saveEngine={engine} --memPoolSize=workspace:4096 {shapes}")
     assert not engine.exists()
     engine.write_bytes(b"not really an engine")
     assert trt_cli.main(["bench", "--engine", str(engine), "--batch", "1", "32", "--img-size", "320"]) == 2
@@ -357,8 +431,13 @@ def lite_s(trt_gpu, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp16_engine(lite_s):
-    engine = lite_s["dir"] / "lite_s_fp16.engine"
-    info = yt.build_engine(lite_s["onnx"], engine, precision="fp16", min_batch=1, opt_batch=4, max_batch=8)
+    engine, source = lite_s["dir"] / "lite_s_fp16.engine", lite_s["onnx"]
+    if yt.trt_major(trt_module()) >= yt.STRONGLY_TYPED_MAJOR:     # no FP16 flag: FP16 comes from the ONNX
+        import copy
+        from yoloq.export.onnx import HalfPrecision
+        source = lite_s["dir"] / "lite_s_fp16.onnx"
+        torch_onnx_export(HalfPrecision(copy.deepcopy(lite_s["model"])), torch.rand(1, 3, 320, 320), source, True)
+    info = yt.build_engine(source, engine, precision="fp16", min_batch=1, opt_batch=4, max_batch=8)
     assert info.mode == "fp16" and engine.stat().st_size == info.engine_bytes
     return engine
 
@@ -396,6 +475,8 @@ def test_fp16_engine_close_to_pytorch(lite_s, fp16_engine):
 def test_implicit_calibration_engine(lite_s, kind):
     from yoloq.config import load_data_config
 
+    if yt.trt_major(trt_module()) >= yt.STRONGLY_TYPED_MAJOR:
+        pytest.skip(f"TensorRT {trt_module().__version__} has no implicit INT8 calibration (removed in 11)")
     data_cfg = load_data_config(DATA_YAML)
     engine, cache = lite_s["dir"] / f"lite_s_{kind}.engine", lite_s["dir"] / f"lite_s_{kind}.calib"
     batches = yt.calibration_batches(data_cfg, 8, 320, 4, workers=0)
@@ -458,8 +539,8 @@ def test_eval_engine_matches_pytorch_map(lite_s, fp16_engine):
 
 @pytest.mark.gpu
 def test_cli_build_and_bench(lite_s, tmp_path, capsys):
-    engine, out = tmp_path / "cli_fp16.engine", tmp_path / "bench.json"
-    assert trt_cli.main(["build", "--onnx", str(lite_s["onnx"]), "--engine", str(engine), "--precision", "fp16",
+    engine, out = tmp_path / "cli_fp32.engine", tmp_path / "bench.json"
+    assert trt_cli.main(["build", "--onnx", str(lite_s["onnx"]), "--engine", str(engine), "--precision", "fp32",
                          "--max-batch", "2", "--opt-batch", "2"]) == 0
     assert "equivalent trtexec command: trtexec" in capsys.readouterr().out and engine.is_file()
     assert trt_cli.main(["bench", "--engine", str(engine), "--batch", "1", "2", "--warmup", "2", "--iters", "5",

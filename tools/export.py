@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from yoloq.config import ExportConfig, load_config  # noqa: E402
 from yoloq.export.onnx import NMS_KINDS, OFFSET_MODES, ExportError, count_qdq, export_onnx  # noqa: E402
-from yoloq.export.tensorrt import trtexec_command  # noqa: E402
+from yoloq.export.tensorrt import trtexec_hint  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-det", type=int, default=100, help="NMS max detections (with --nms)")
     p.add_argument("--offset-mode", choices=OFFSET_MODES, default="subadd",
                    help="LSQ+ offset quantizers: subadd (TensorRT) | zero_point (onnxruntime; always for --variant ort*)")
-    p.add_argument("--fp32", action="store_true", help="plain FP32 graph of the same fused model (no Q/DQ)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp32", action="store_true", help="plain FP32 graph of the same fused model (no Q/DQ)")
+    precision.add_argument("--fp16", action="store_true",
+                           help="that graph in FP16 with FP32 input/output and box decode (TensorRT 11 builds "
+                                "FP16 engines only from such files; onnxruntime runs it too)")
     p.add_argument("--variant", choices=("trt", "ort", "ort-exact"), default="trt",
                    help="trt: Q/DQ on conv inputs and weights (TensorRT); ort: onnxruntime CPU fast path "
                         "(Q/DQ also on conv outputs, see yoloq/export/ort_fast.py; pre-activation zero points "
@@ -107,25 +111,27 @@ def main(argv=None) -> int:
             info = export_onnx(model, args.out, img_size=img_size, batch=batch, opset=args.opset or defaults.opset,
                                simplify=defaults.simplify and not args.no_simplify,
                                nms=args.nms or defaults.nms, offset_mode=args.offset_mode if args.variant == "trt" else "zero_point", fp32=args.fp32,
+                               fp16=args.fp16,
                                score_threshold=args.score_thres, iou_threshold=args.iou_thres,
                                max_det=args.max_det)
         if args.variant != "trt":
-            if args.fp32 or args.nms:
+            if args.fp32 or args.fp16 or args.nms:
                 raise ExportError(f"--variant {args.variant} rewrites the INT8 Q/DQ graph; it does not combine "
-                                  f"with --fp32 or --nms")
+                                  f"with --fp32, --fp16 or --nms")
             info = _ort_fast(info, args, img_size)
     except (ExportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     size = Path(info.path).stat().st_size / 2 ** 20
     print(f"wrote {info.path} ({size:.2f} MiB): {meta.get('name', model.cfg.name)} {img_size}x{img_size}, "
-          f"batch {'dynamic' if batch is None else batch}, {'FP32' if args.fp32 else 'INT8 Q/DQ'}")
+          f"batch {'dynamic' if batch is None else batch}, {'FP32' if args.fp32 else 'FP16' if args.fp16 else 'INT8 Q/DQ'}")
     print(f"  QuantizeLinear {info.n_quantize}, DequantizeLinear {info.n_dequantize}; {scale_summary(info.path)}")
     print(f"  input {info.input_name}, outputs {', '.join(info.output_names)}")
     for note in info.notes:
         print(f"  note: {note}")
     if args.variant == "trt":
-        print(f"  TensorRT: {trtexec_command(info.path, 'fp16' if args.fp32 else 'int8', img_size=img_size)}")
+        precision = "fp16" if args.fp32 or args.fp16 else "int8"
+        print(f"  TensorRT: {trtexec_hint(info.path, precision, img_size=img_size)}")
     if not args.nms:
         print(f"  onnxruntime mAP: python tools/eval.py --cfg <config> --onnx {info.path}")
     return 0

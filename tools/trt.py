@@ -15,6 +15,10 @@ Each build also prints the equivalent trtexec command. Without the 'tensorrt' pa
 every subcommand exits with code 2 and a one-line message naming what is missing and the trtexec
 command to run instead. A dynamic-batch ONNX gets one optimization profile (--min/--opt/--max-batch,
 default 1/16/32); calibration uses train images only (data.train_images of the config).
+
+TensorRT 11 builds strongly typed (no --int8/--fp16, no implicit calibration): the Q/DQ ONNX builds
+as is (its float layers in FP32), an FP16 engine needs an FP16 ONNX (ModelOpt AutoCast; the printed
+trtexec line includes that step), and --calib needs TensorRT 8.6-10.x.
 """
 from __future__ import annotations
 
@@ -114,8 +118,8 @@ def cmd_build(args) -> int:
     cache = Path(args.calib_cache) if args.calib_cache else engine.with_suffix(".calib")
     shapes = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                   img_size=args.img_size)
-    command = yt.trtexec_command(onnx, precision, engine_path=engine, workspace_gb=args.workspace,
-                                 calib_cache=cache if args.calib and cache.is_file() else None, **shapes)
+    command = yt.trtexec_hint(onnx, precision, engine_path=engine, workspace_gb=args.workspace,
+                           calib_cache=cache if args.calib and cache.is_file() else None, **shapes)
     code = _missing("building an engine", command)
     if code:
         return code

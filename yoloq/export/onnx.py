@@ -177,6 +177,33 @@ def to_export_model(model: nn.Module, offset_mode: str = "subadd", fp32: bool = 
     return model
 
 
+class HalfPrecision(nn.Module):
+    """The network in FP16 between an FP32 input and output (the form ModelOpt AutoCast writes with
+    ``keep_io_types``): the graph TensorRT 11, which builds strongly typed and has no FP16 flag,
+    turns into an FP16 engine. The box decode stays FP32 (pixel coordinates up to 640 would keep
+    only 0.25-0.5 px steps in FP16). Callers feed and read FP32 as with the FP32 export."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from ..models.decode import Decode
+        self.model = model.half()
+        for module in self.model.modules():
+            if isinstance(module, Decode):
+                module.register_forward_pre_hook(lambda _, args: _cast_floats(args, torch.float32))
+
+    def forward(self, x):
+        return self.model(x.half()).float()
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """``value`` with every floating-point tensor in it (nested lists / tuples) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
 # --------------------------------------------------------------------------- input checks
 
 
@@ -359,10 +386,12 @@ def _trace_to_onnx(model: nn.Module, img_size: int, batch: Optional[int], opset:
 
 def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1, opset: int = 13,
                 simplify: bool = True, nms: Optional[str] = None, offset_mode: str = "subadd",
-                fp32: bool = False, score_threshold: float = 0.25, iou_threshold: float = 0.45,
-                max_det: int = 100) -> ExportInfo:
+                fp32: bool = False, fp16: bool = False, score_threshold: float = 0.25,
+                iou_threshold: float = 0.45, max_det: int = 100) -> ExportInfo:
     """Export a prepared/calibrated model (or a quantized checkpoint path) to ONNX at ``path``.
 
+    ``fp32``: the plain float graph of the same fused model (no Q/DQ); ``fp16``: that graph in FP16
+    with FP32 input/output (:class:`HalfPrecision`; for TensorRT 11's FP16 engines).
     ``batch=None`` makes the batch dimension dynamic. Without ``nms`` the graph maps ``images``
     [B,3,S,S] to ``outputs`` [B,N,4+nc] (what ``OnnxPredictor`` / ``evaluate`` consume).
     ``score_threshold`` / ``iou_threshold`` / ``max_det`` only matter with ``nms``.
@@ -377,11 +406,13 @@ def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1,
         raise ExportError(f"offset_mode must be one of {OFFSET_MODES}, got '{offset_mode}'")
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be >= 1 or None (dynamic), got {batch}")
+    plain = fp32 or fp16
     model, where = _resolve_model(model_or_ckpt)
-    _check_quantized(model, where, fp32, offset_mode)
+    _check_quantized(model, where, plain, offset_mode)
 
     notes: list[str] = []
-    graph = _trace_to_onnx(to_export_model(model, offset_mode, fp32), img_size, batch, opset)
+    export_model = to_export_model(model, offset_mode, plain)
+    graph = _trace_to_onnx(HalfPrecision(export_model) if fp16 else export_model, img_size, batch, opset)
     if simplify:
         graph = _simplify(graph, notes)
     if nms == "trt":
@@ -390,7 +421,7 @@ def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1,
     elif nms == "onnx":
         graph = append_onnx_nms(graph, score_threshold, iou_threshold, max_det)
     graph.producer_name = "yoloq"
-    set_variant(graph, "fp32" if fp32 else "tensorrt")
+    set_variant(graph, "fp16" if fp16 else "fp32" if fp32 else "tensorrt")
     try:
         onnx.checker.check_model(graph)
     except onnx.checker.ValidationError as err:

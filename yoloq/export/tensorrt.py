@@ -9,11 +9,18 @@ Three ways to get an INT8 engine out of yoloq, side by side:
   ``IInt8MinMaxCalibrator``) fed with yoloq's calibration images (train split), with a cache file.
 * **FP16 / FP32** engines of the plain ONNX for comparison.
 
-TensorRT 8.6 and 10.x are supported: the network is created with the explicit-batch flag only before
-10 (10 has no implicit batch), the workspace is a memory-pool limit, engines are built with
+TensorRT 8.6, 10.x and 11.x are supported: the network is created with the explicit-batch flag only
+before 10 (10 has no implicit batch), the workspace is a memory-pool limit, engines are built with
 ``build_serialized_network``; inference uses the tensor-name API (``num_io_tensors``,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``, TensorRT >= 8.5) and falls back to
 bindings (``execute_async_v2``) on older 8.x. Device memory is torch CUDA tensors (no pycuda).
+
+TensorRT 11 builds every network strongly typed: it removed the precision flags (``BuilderFlag.INT8``,
+``FP16``; trtexec ``--int8 --fp16 --best``) and implicit INT8 calibration (the ``IInt8*Calibrator``
+classes, ``--calib``). :func:`builder_flags` decides per major version: on 11 a Q/DQ ONNX builds as
+is (INT8 where the Q/DQ say, the rest in the ONNX's own float type, FP32 for yoloq's export), an FP16
+engine needs an ONNX whose float tensors are already FP16 (NVIDIA's ``python -m
+modelopt.onnx.autocast``), and the implicit-calibration baseline needs TensorRT 8.6-10.x.
 
 ``tensorrt`` is imported only when a function needs it, so this module (and everything that only
 needs :func:`trtexec_command`, :func:`inspect_onnx` or the calibration batching) works without it.
@@ -83,6 +90,30 @@ def trt_major(trt) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
+STRONGLY_TYPED_MAJOR = 11         # TensorRT 11 removed weak typing: precision flags and implicit INT8
+
+
+def autocast_command(onnx_path: str | os.PathLike) -> tuple[str, Path]:
+    """NVIDIA ModelOpt's FP32 -> FP16 ONNX conversion for TensorRT 11, and the file it writes."""
+    source = Path(onnx_path)
+    target = source.with_name(source.stem + "_fp16.onnx")
+    return f"python -m modelopt.onnx.autocast --onnx_path {source} --output_path {target}", target
+
+
+def implicit_calibration_removed(version) -> str:
+    return (f"TensorRT {version} has no implicit INT8 calibration (removed in 11 with the IInt8*Calibrator "
+            "classes, BuilderFlag.INT8 and trtexec --int8/--calib): the calibrated baseline needs TensorRT "
+            "8.6-10.x (pip install 'tensorrt<11'); yoloq's Q/DQ export builds on any version")
+
+
+def installed_trt_major() -> Optional[int]:
+    """Major version of the importable ``tensorrt`` package (no GPU needed), or None."""
+    try:
+        return trt_major(import_tensorrt())
+    except (TrtUnavailable, ValueError, AttributeError):
+        return None
+
+
 # --------------------------------------------------------------------------- ONNX facts (no TensorRT)
 @dataclass
 class OnnxInfo:
@@ -92,6 +123,7 @@ class OnnxInfo:
     output_names: list
     n_quantize: int
     n_dequantize: int
+    n_float16: int = 0             # FP16 initializers: float layers already converted (e.g. ModelOpt AutoCast)
 
     @property
     def has_qdq(self) -> bool:
@@ -128,8 +160,9 @@ def inspect_onnx(path: str | os.PathLike) -> OnnxInfo:
     if len(shape) != 4:
         raise ValueError(f"{path}: input '{inputs[0].name}' has rank {len(shape)}; expected [B,3,H,W]")
     ops = [n.op_type for n in graph.node]
+    n_float16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
     return OnnxInfo(str(path), inputs[0].name, shape, [o.name for o in graph.output],
-                    ops.count("QuantizeLinear"), ops.count("DequantizeLinear"))
+                    ops.count("QuantizeLinear"), ops.count("DequantizeLinear"), n_float16)
 
 
 def normalize_precision(precision: str) -> str:
@@ -194,32 +227,69 @@ def trtexec_command(onnx_path: str | os.PathLike, precision: str = "int8", *,
                     engine_path: Optional[str | os.PathLike] = None, workspace_gb: float = 4.0,
                     min_batch: Optional[int] = None, opt_batch: Optional[int] = None,
                     max_batch: Optional[int] = None, img_size: Optional[int] = None,
-                    calib_cache: Optional[str | os.PathLike] = None) -> str:
-    """The ``trtexec`` command line that builds the same engine as :func:`build_engine`.
+                    calib_cache: Optional[str | os.PathLike] = None, trt_major: int = 10) -> str:
+    """The ``trtexec`` command line that builds the same engine as :func:`build_engine` with TensorRT
+    ``trt_major``.
 
     Reads the ONNX (when it exists) for the input name and whether the batch is dynamic.
-    trtexec cannot run our calibration images: for implicit INT8 it takes ``--calib=<cache>``
-    written by a Python build (:func:`build_engine` with a calibrator).
+    trtexec cannot run our calibration images: for implicit INT8 (TensorRT < 11) it takes
+    ``--calib=<cache>`` written by a Python build (:func:`build_engine` with a calibrator).
+    TensorRT 11 has no precision flags: an FP32 ONNX is first converted to FP16 with ModelOpt AutoCast
+    for an FP16 engine (the command starts with that step), and implicit INT8 is a ValueError.
     """
     onnx_path = Path(onnx_path)
     precision = normalize_precision(precision)
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
-    parts = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    if precision == "int8":
-        parts += ["--int8", "--fp16"]       # FP16 for the layers left in float (e.g. the decode)
-    elif precision == "fp16":
-        parts.append("--fp16")
-    if calib_cache:
-        parts.append(f"--calib={calib_cache}")
-    parts.append(f"--memPoolSize=workspace:{int(round(workspace_gb * 1024))}")   # MiB, every 8.x/10.x
-    if onnx_path.is_file():
-        info = inspect_onnx(onnx_path)
+    info = inspect_onnx(onnx_path) if onnx_path.is_file() else None
+    prefix, source = [], onnx_path
+    if trt_major >= STRONGLY_TYPED_MAJOR:
+        if calib_cache or (precision == "int8" and info is not None and not info.has_qdq):
+            raise ValueError(implicit_calibration_removed(trt_major))
+        if precision == "fp16" and (info is None or info.n_float16 == 0):
+            convert, source = autocast_command(onnx_path)
+            prefix = shlex.split(convert) + ["&&"]
+        if precision == "fp32" and info is not None and info.n_float16:
+            raise ValueError(f"{onnx_path} has FP16 tensors, which TensorRT {trt_major} keeps (strongly typed): "
+                             "no FP32 engine from it")
+    elif precision == "int8" and info is not None and not info.has_qdq and not calib_cache:
+        raise ValueError(f"{onnx_path} has no Q/DQ nodes: trtexec --int8 needs --calib=<cache>, which only a "
+                         "Python build with a calibrator writes (tools/trt.py build --calib entropy); without "
+                         "it TensorRT uses placeholder scales")
+    parts = ["trtexec", f"--onnx={source}", f"--saveEngine={engine_path}"]
+    if trt_major < STRONGLY_TYPED_MAJOR:
+        if precision == "int8":
+            parts += ["--int8", "--fp16"]       # FP16 for the layers left in float (e.g. the decode)
+        elif precision == "fp16":
+            parts.append("--fp16")
+        if calib_cache:
+            parts.append(f"--calib={calib_cache}")
+    parts.append(f"--memPoolSize=workspace:{int(round(workspace_gb * 1024))}")   # MiB, 8.x to 11.x
+    if info is not None:
         profile = resolve_profile(info, min_batch, opt_batch, max_batch, img_size)
         if None in info.input_shape:        # any dynamic dimension needs explicit shapes
             name = profile.input_name
             parts += [f"--minShapes={name}:{_dims(profile.min)}", f"--optShapes={name}:{_dims(profile.opt)}",
                       f"--maxShapes={name}:{_dims(profile.max)}"]
-    return " ".join(shlex.quote(p) for p in parts)
+    return " ".join(p if p == "&&" else shlex.quote(p) for p in prefix + parts)
+
+
+def trtexec_or_reason(*args, **kwargs) -> str:
+    """:func:`trtexec_command`, or "none (why)" where trtexec cannot build that engine."""
+    try:
+        return trtexec_command(*args, **kwargs)
+    except ValueError as err:
+        return f"none ({err})"
+
+
+def trtexec_hint(onnx_path: str | os.PathLike, precision: str = "int8", **kwargs) -> str:
+    """The equivalent trtexec command for the installed TensorRT; both forms (8.6/10.x and 11.x) when
+    none is importable, as the precision flags differ (:func:`builder_flags`)."""
+    major = installed_trt_major()
+    if major is not None:
+        return trtexec_or_reason(onnx_path, precision, trt_major=major, **kwargs)
+    before = trtexec_or_reason(onnx_path, precision, trt_major=10, **kwargs)
+    after = trtexec_or_reason(onnx_path, precision, trt_major=STRONGLY_TYPED_MAJOR, **kwargs)
+    return f"{before} (TensorRT 8.6/10.x); with TensorRT 11.x: {after}"
 
 
 def trtexec_bench_command(engine_path: str | os.PathLike, batch: Optional[int] = None,
@@ -360,7 +430,9 @@ def _make_calibrator_class(kind: str):
     if kind not in _CALIBRATOR_BASES:
         raise ValueError(f"calibrator '{kind}': expected one of {CALIBRATORS}")
     trt = import_tensorrt()
-    base = getattr(trt, _CALIBRATOR_BASES[kind])
+    base = getattr(trt, _CALIBRATOR_BASES[kind], None)
+    if base is None:
+        raise TrtUnavailable(implicit_calibration_removed(trt.__version__))
 
     class Calibrator(base):
         __doc__ = (f"``tensorrt.{_CALIBRATOR_BASES[kind]}`` fed by yoloq calibration batches.\n\n"
@@ -458,6 +530,34 @@ def _network_has_qdq(trt, network) -> bool:
     return any(network.get_layer(i).type in kinds for i in range(network.num_layers))
 
 
+def builder_flags(major: int, info: OnnxInfo, precision: str, mode: str) -> tuple[list[str], list[str]]:
+    """(names of the ``trt.BuilderFlag`` members to set, notes) for an engine of ``info`` built in
+    ``mode`` (:func:`build_mode`) by TensorRT ``major``; ValueError for what that version cannot build.
+    Needs no TensorRT.
+
+    Before 11 the flags allow the precisions (INT8 + FP16 for the Q/DQ graph, as trtexec --int8
+    --fp16). TensorRT 11 builds strongly typed with no precision flags: the ONNX's types decide, so
+    an FP16 engine needs FP16 tensors in the ONNX and an FP32 one must not have them.
+    """
+    precision = normalize_precision(precision)
+    if major < STRONGLY_TYPED_MAJOR:
+        return (["FP16"] if precision in ("int8", "fp16") else []) + (["INT8"] if precision == "int8" else []), []
+    autocast, _ = autocast_command(info.path)
+    if mode.startswith("implicit"):
+        raise ValueError(f"{info.path}: {implicit_calibration_removed(major)}")
+    if precision == "fp16" and info.n_float16 == 0:
+        raise ValueError(f"{info.path} is FP32 and TensorRT {major} builds strongly typed (no FP16 flag): "
+                         f"convert it first with `{autocast}` and build that file")
+    if precision == "fp32" and info.n_float16:
+        raise ValueError(f"{info.path} has {info.n_float16} FP16 initializers, which TensorRT {major} keeps in "
+                         "FP16 (strongly typed): build it as fp16, or use the FP32 export for an FP32 engine")
+    notes = []
+    if mode == "explicit-qdq" and info.n_float16 == 0:
+        notes.append(f"TensorRT {major} builds strongly typed: the layers outside Q/DQ run in FP32 as the ONNX "
+                     f"says (TensorRT 8.6/10 ran them in FP16); for FP16 there build from `{autocast}`")
+    return [], notes
+
+
 def build_mode(info: OnnxInfo, precision: str, calibrating: bool) -> str:
     """How an engine of ``info`` at ``precision`` gets built ("explicit-qdq", "implicit", "fp16",
     "fp32"), or ValueError for a combination TensorRT cannot build. Needs no TensorRT."""
@@ -486,7 +586,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
       :class:`MinMaxCalibrator`): TensorRT's implicit calibration, the baseline.
     * ``precision="fp16"`` / ``"fp32"`` on a plain ONNX: the float engines to compare against.
 
-    A dynamic-batch input gets one optimization profile (min/opt/max batch, default 1/16/32).
+    TensorRT 11 sets no precision flags (:func:`builder_flags`): its FP16 engine needs an FP16 ONNX
+    and it has no implicit calibration. A dynamic-batch input gets one optimization profile
+    (min/opt/max batch, default 1/16/32).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     precision = normalize_precision(precision)
@@ -503,6 +605,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
     _require_gpu()
     trt = import_tensorrt()
+    flags, version_notes = builder_flags(trt_major(trt), info, precision, mode)   # 11: strongly typed
+    notes += version_notes
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
@@ -512,15 +616,13 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
     config = builder.create_builder_config()
     _set_workspace(trt, config, workspace_gb)
-    if precision in ("int8", "fp16"):
-        if not getattr(builder, "platform_has_fast_fp16", True):   # deprecated in 10.x
-            notes.append("this GPU has no fast FP16")
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        if calibrator is not None and _network_has_qdq(trt, network):   # Q/DQ the node scan missed
-            notes.append("calibrator ignored: the parsed network has Q/DQ layers")
-            calibrator = None
+    if "FP16" in flags and not getattr(builder, "platform_has_fast_fp16", True):   # deprecated in 10, gone in 11
+        notes.append("this GPU has no fast FP16")
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if calibrator is not None and _network_has_qdq(trt, network):   # Q/DQ the node scan missed
+        notes.append("calibrator ignored: the parsed network has Q/DQ layers")
+        calibrator = None
     input_tensor = network.get_input(0)
     if input_tensor.name != profile.input_name:
         raise TrtBuildError(f"{onnx_path}: TensorRT sees input '{input_tensor.name}', ONNX says '{profile.input_name}'")
@@ -557,9 +659,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
                      {"input": profile.input_name, "min": list(profile.min), "opt": list(profile.opt),
                       "max": list(profile.max)},
                      seconds, data.nbytes, str(trt.__version__),
-                     trtexec_command(onnx_path, precision, engine_path=engine_path, workspace_gb=workspace_gb,
-                                     min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                                     img_size=img_size, calib_cache=cache if cache and Path(cache).is_file() else None),
+                     trtexec_or_reason(onnx_path, precision, engine_path=engine_path, workspace_gb=workspace_gb,
+                                       min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                                       img_size=img_size, calib_cache=cache if cache and Path(cache).is_file() else None,
+                                       trt_major=trt_major(trt)),
                      notes)
 
 
