@@ -119,7 +119,7 @@ def cmd_build(args) -> int:
     shapes = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                   img_size=args.img_size)
     command = yt.trtexec_hint(onnx, precision, engine_path=engine, workspace_gb=args.workspace,
-                           calib_cache=cache if args.calib and cache.is_file() else None, **shapes)
+                              calib_cache=cache if args.calib and cache.is_file() else None, **shapes)
     code = _missing("building an engine", command)
     if code:
         return code
