@@ -379,6 +379,8 @@ def test_bench_op_profile(trt_onnx, fast):
         assert dict(kinds) == {"depthwise 3x3": 1, "dense 3x3": 2, "dense 1x1": 5}, name
         conv_ms = sum(ms for ms, _ in by_conv.values())
         assert conv_ms == pytest.approx(sum(by_op[name].get(op, (0, 0))[0] for op in bench_ort.CONV_OPS))
+    table = bench_ort.format_profile({k: c for k, (_, c) in profiles.items()}, label="conv op, kind", total="all convs")
+    assert table.splitlines()[0] == "| conv op, kind | trt | fast |" and table.splitlines()[-1].startswith("| all convs |")
 
 
 def test_bench_hardswish_as_relu():

@@ -211,15 +211,16 @@ def op_profile(path: Path, threads: int, x: np.ndarray, runs: int) -> tuple[dict
     return summary(*by_op), summary(*by_conv)
 
 
-def format_profile(profiles: dict, top: int = 12) -> str:
-    """One column per variant: ms per run (node count) of the ``top`` op types, and the kernel total."""
+def format_profile(profiles: dict, top: int = 12, label: str = "op type", total: str = "all kernels") -> str:
+    """One column per variant: ms per run (node count) of the ``top`` slowest rows (``label`` names
+    what a row is), then the ``total`` row summed over all rows."""
     slowest = lambda op: max(p.get(op, (0.0, 0))[0] for p in profiles.values())   # noqa: E731
     ops = sorted({op for p in profiles.values() for op in p}, key=slowest, reverse=True)
-    lines = ["| op type | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
+    lines = [f"| {label} | " + " | ".join(profiles) + " |", "|---|" + "---|" * len(profiles)]
     for op in ops[:top]:
         cells = [f"{p[op][0]:.2f} ({p[op][1]})" if op in p else "–" for p in profiles.values()]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
-    lines.append("| all kernels | " + " | ".join(f"{sum(v[0] for v in p.values()):.2f}" for p in profiles.values()) + " |")
+    lines.append(f"| {total} | " + " | ".join(f"{sum(v[0] for v in p.values()):.2f}" for p in profiles.values()) + " |")
     return "\n".join(lines)
 
 
@@ -278,7 +279,8 @@ def main(argv=None) -> int:
         print(f"\nms per run by op type (node count), onnxruntime profiler, {args.profile} runs:\n")
         print(format_profile({k: by_op for k, (by_op, _) in profiles.items()}))
         print("\nthe convs alone, by kind (Conv/FusedConv: float; QLinearConv: integer):\n")
-        print(format_profile({k: by_conv for k, (_, by_conv) in profiles.items()}, top=20))
+        print(format_profile({k: by_conv for k, (_, by_conv) in profiles.items()}, top=20,
+                             label="conv op, kind", total="all convs"))
     return 0
 
 
