@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -141,11 +142,9 @@ def paired_difference(row: dict) -> tuple[float, float]:
     noise-seed pairs of ``row`` (standard error 0 for a single pair)."""
     diffs = [row["ort_subadd_float"] - row["fake"]]
     diffs += [o - f for f, o in zip(row.get("noise", []), row.get("noise_ort", []))]
-    mean = sum(diffs) / len(diffs)
     if len(diffs) < 2:
-        return mean, 0.0
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, (var / len(diffs)) ** 0.5
+        return diffs[0], 0.0
+    return statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
 
 
 def format_rows(rows: list[dict], header: str) -> str:
