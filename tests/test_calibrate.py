@@ -1,4 +1,4 @@
-"""Calibration (yoloq.quant.calibrate) and quantized checkpoints (yoloq.quant.qcheckpoint).
+"""Calibration (yoloq.quant.calibrate) and quantized checkpoints (yoloq.quant.checkpoint).
 
 Amax rules are checked against known distributions and against pytorch-quantization's own
 reference searches; the end-to-end check uses the shared Lite-S weights and train images.
@@ -16,15 +16,15 @@ from pytorch_quantization.tensor_quant import fake_tensor_quant
 from scipy.stats import norm
 from torch import nn
 
+from yoloq.quant.state import quant_state  # noqa: E402
 from yoloq.config import QuantConfig, load_config
 from yoloq.models import build_model
 from yoloq.quant.calibrate import (AUTO_METHODS, CalibrationError, RangeHistogram, amax_entropy, amax_mse,
                                    amax_percentile, apply_calibration, calibrate, calibrate_auto, output_error)
 from yoloq.quant.prepare import input_quantizers, prepare, quant_layers, set_layers_quantized, weight_quantizers
-from yoloq.quant.qcheckpoint import QuantCheckpointError, load_quantized, save_quantized
+from yoloq.quant.checkpoint import QuantCheckpointError, load_quantized, save_quantized
+from conftest import REPO, SHARED  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def one_conv():
@@ -149,7 +149,7 @@ def test_statistics_collected_once_and_deterministic():
     apply_calibration(q2, "entropy")                      # same statistics, no data pass
     for (n, a), (_, b) in zip(input_quantizers(q1).items(), input_quantizers(q2).items()):
         assert float(a.amax) == float(b.amax), n
-    assert q2.quant_calib_method == "entropy"
+    assert quant_state(q2).calib.method == "entropy"
     assert apply_calibration(q2, "percentile-99.9") != apply_calibration(q2, "max")
 
 
@@ -157,7 +157,7 @@ def test_skipped_layers_are_still_calibrated():
     model = NaNMiddle().eval()
     q = prepare(model, skip_layers=["b"])
     calibrate(q, [torch.rand(2, 3, 8, 8)], progress=False)
-    assert q.b._input_quantizer._disabled and q.quant_skip_layers == ["b"]
+    assert q.b._input_quantizer._disabled and quant_state(q).skip_layers == ["b"]
     set_layers_quantized(q, ["b"], True)                  # e.g. sensitivity turning it back on
     assert float(q.b._input_quantizer.amax) > 0
 
@@ -170,7 +170,7 @@ def test_calibrate_auto_reports_every_method():
     result = calibrate_auto(q, batches, model, score_batches=1, progress=False)
     assert set(result["errors"]) == set(AUTO_METHODS) and result["images"] == 1
     best = max(result["errors"].values(), key=lambda e: e["sqnr_db"])
-    assert result["errors"][result["method"]] == best and q.quant_calib_method == result["method"]
+    assert result["errors"][result["method"]] == best and quant_state(q).calib.method == result["method"]
     assert all(math.isfinite(e["sqnr_db"]) for e in result["errors"].values())
 
 
@@ -203,13 +203,13 @@ def test_save_load_round_trip(calibrated_n, tmp_path):
     assert raw["calib_method"] == "percentile-99.99" and raw["skip_layers"] == ["detect.cls_preds.0"]
     model, meta = load_quantized(path)
     assert meta == {"calib": "percentile", "images": 2}
-    assert model.quant_skip_layers == ["detect.cls_preds.0"]
+    assert quant_state(model).skip_layers == ["detect.cls_preds.0"]
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), calibrated_n(x), rtol=0, atol=0)
-    for site in model.quant_placement.sites:              # sharing restored as objects
+    for site in quant_state(model).placement.sites:              # sharing restored as objects
         held = {id(model.get_submodule(c)._input_quantizer) for c in site.consumers
-                if c not in model.quant_skip_layers}
+                if c not in quant_state(model).skip_layers}
         assert held <= {id(input_quantizers(model)[site.name])}
     for name, wq in weight_quantizers(model).items():
         torch.testing.assert_close(wq.amax, quant_layers(calibrated_n)[name]._weight_quantizer.amax)

@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from yoloq.checkpoint import (CheckpointError, load_weights, read_checkpoint, remap_legacy_keys,
+from yoloq.weights import (CheckpointError, load_weights, read_checkpoint, remap_legacy_keys,
                               save_checkpoint)
 from yoloq.config import ModelConfig
 from yoloq.models import build_model
 from yoloq.models.lite import build_lite
+from conftest import SHARED  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights"
 WIDTHS = {"s": 0.7, "m": 1.1, "l": 1.5}
 

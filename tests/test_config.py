@@ -7,8 +7,8 @@ import pytest
 
 from yoloq.config import (Config, ConfigError, DataConfig, ModelConfig, load_config, load_data_config,
                           resolve_path)
+from conftest import REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write(path: Path, text: str) -> Path:

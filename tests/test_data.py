@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from yoloq.errors import InputError
 from yoloq.config import DataConfig, load_data_config
 from yoloq.data import CocoDetectionDataset, FailedItem, calibration_images, calibration_loader, letterbox, make_loader
 from yoloq.data.coco import INTERPOLATIONS
 from yoloq.eval.coco_eval import scale_boxes
+from conftest import REPO, SHARED  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 COCO = SHARED / "coco"
 needs_coco = pytest.mark.skipif(not (COCO / "annotations").is_dir(), reason=f"shared COCO data not found at {COCO}")
 
@@ -190,7 +190,7 @@ def test_calibration_refuses_val_folder_and_unreadable_folder(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.jpg").write_bytes(b"garbage")
-    with pytest.raises(FileNotFoundError, match=str(broken)), pytest.warns(UserWarning, match="x.jpg"):
+    with pytest.raises(InputError, match=str(broken)), pytest.warns(UserWarning, match="x.jpg"):
         calibration_images(DataConfig(train_images=str(broken), path="d.yaml"), 2)
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from yoloq.config import EvalConfig, load_data_config
-from yoloq.eval import (COCO80_TO_91, STAT_NAMES, OnnxPredictor, category_ids, coco_stats, evaluate,
+from yoloq.runtime.ort import OnnxPredictor
+from yoloq.eval import (COCO80_TO_91, STAT_NAMES, category_ids, coco_stats, evaluate,
                         evaluate_model, non_max_suppression, save_result)
 from yoloq.data.coco import letterbox, read_annotation_images
+from conftest import REPO, SHARED  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 COCO = SHARED / "coco"
 OFFICIAL = COCO / "annotations" / "instances_val2017_official.json"
 needs_coco = pytest.mark.skipif(not OFFICIAL.is_file(), reason=f"shared COCO data not found at {COCO}")
@@ -262,7 +262,7 @@ def test_onnx_predictor_falls_back_to_one_image_at_a_time(tmp_path):
 # --------------------------------------------------------------------------- CLI end to end
 def _real_models_available():
     try:
-        import yoloq.checkpoint  # noqa: F401
+        import yoloq.weights  # noqa: F401
         from yoloq.config import load_config
         from yoloq.models import build_model
         build_model(load_config(REPO / "configs" / "yolov6lite_s.yaml").model)
@@ -274,7 +274,7 @@ def _real_models_available():
 @pytest.mark.slow
 @needs_coco
 @pytest.mark.skipif(not (SHARED / "weights" / "yolov6lite_s.pt").is_file(), reason="Lite-S weights not found")
-@pytest.mark.skipif(not _real_models_available(), reason="yoloq.models Lite / yoloq.checkpoint not available")
+@pytest.mark.skipif(not _real_models_available(), reason="yoloq.models Lite / yoloq.weights not available")
 def test_tools_eval_end_to_end_lite_s(tmp_path):
     out = tmp_path / "lite_s.json"
     cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"),

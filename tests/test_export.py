@@ -1,4 +1,4 @@
-"""ONNX Q/DQ export (yoloq.export.onnx): graph structure, TensorRT rules and onnxruntime fidelity.
+"""ONNX Q/DQ export (yoloq.runtime.onnx_export): graph structure, TensorRT rules and onnxruntime fidelity.
 
 A small random-weight YOLOv6-N (DFL head, 64 px) is prepared, one layer skipped, and calibrated on
 random images; its PTQ (TensorQuantizer), PACT, LSQ+ symmetric and LSQ+ offset variants are exported
@@ -24,26 +24,29 @@ import onnx                                                              # noqa:
 import onnxruntime as ort                                                # noqa: E402
 from onnx import helper, numpy_helper, TensorProto                       # noqa: E402
 
+from yoloq.quant.state import quant_state  # noqa: E402
 from yoloq.config import ModelConfig                                     # noqa: E402
-from yoloq.export import ExportError, count_qdq, export_onnx             # noqa: E402
-from yoloq.export.onnx import append_onnx_nms, to_export_model           # noqa: E402
+from yoloq.runtime import ExportError, count_qdq, export_onnx             # noqa: E402
+from yoloq.runtime.onnx_export import append_onnx_nms, to_export_model           # noqa: E402
 from yoloq.models import build_model                                     # noqa: E402
 from yoloq.quant.calibrate import calibrate                              # noqa: E402
-from yoloq.quant.learnable import (LSQActQuantizer, LSQWeightQuantizer, PACTQuantizer,  # noqa: E402
-                                   freeze_quantizers, named_quantizers, swap_quantizers)
+from yoloq.quant.learnable import LSQActQuantizer, LSQWeightQuantizer, PACTQuantizer  # noqa: E402
+from yoloq.quant.state import named_quantizers                       # noqa: E402
+from yoloq.quant.swap import freeze_quantizers, swap_quantizers      # noqa: E402
 from yoloq.quant.prepare import (TensorQuantizer, activation_descriptor, prepare, quant_layers,  # noqa: E402
                                  set_amax)
-from yoloq.quant.qcheckpoint import save_quantized                       # noqa: E402
+from yoloq.quant.checkpoint import save_quantized                       # noqa: E402
+from yoloq.bench import fidelity as bench_fidelity  # noqa: E402
+from yoloq.cli import main as yoloq_main  # noqa: E402
+from conftest import REPO, SHARED  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 SIZE = 64
 SKIP = "neck.Rep_p4.conv1.rbr_reparam"
 
 
 def run_ort(path, x: np.ndarray) -> list[np.ndarray]:
-    """onnxruntime running the graph as written (no int32 bias rounding; yoloq.eval.predictors)."""
-    from yoloq.eval.predictors import ort_session
+    """onnxruntime running the graph as written (no int32 bias rounding; yoloq.runtime.ort)."""
+    from yoloq.runtime.ort import ort_session
     session = ort_session(path)
     return session.run(None, {session.get_inputs()[0].name: x})
 
@@ -136,7 +139,7 @@ def test_qdq_placement_and_counts(ptq_model, exported):
     info, model = exported
     layers = quant_layers(ptq_model)
     convs = {name: (node, xsrc, wsrc) for name, node, xsrc, wsrc in conv_layers(model.graph)}
-    quantized = [n for n in layers if n not in ptq_model.quant_skip_layers]
+    quantized = [n for n in layers if n not in quant_state(ptq_model).skip_layers]
     assert SKIP in convs and "detect.proj_conv" in convs
     for name, (node, xsrc, wsrc) in convs.items():
         if name in quantized:
@@ -170,11 +173,11 @@ def test_scales_and_zero_points_follow_tensorrt_rules(ptq_model, exported):
             assert scale.dtype == np.float32 and (scale > 0).all(), node.name
             assert zp.dtype == np.int8 and not zp.any(), f"{node.name}: zero point must be int8 0"
     # every conv reads exactly the scale of its (shared) site quantizer: amax / 127
-    sites = ptq_model.quant_placement
+    sites = quant_state(ptq_model).placement
     for name, _, xsrc, wsrc in conv_layers(model.graph):
         if xsrc is None:
             continue
-        amax = ptq_model.quant_quantizers[sites.site_of(name).name]._amax
+        amax = quant_state(ptq_model).quantizers[sites.site_of(name).name]._amax
         assert xsrc[1] == np.float32((amax / 127).item()), name
         wamax = quant_layers(ptq_model)[name]._weight_quantizer._amax.flatten()
         np.testing.assert_array_equal(wsrc[1], (wamax / 127).numpy())
@@ -336,7 +339,7 @@ def test_weights_on_rounding_ties_export_to_the_fake_quant_levels(tmp_path):
     """pytorch-quantization rounds w * (127 / amax), QuantizeLinear rounds w / scale: for a weight on a
     rounding tie (QAT leaves many weights oscillating there) the two pick different levels. The
     exporter stores the fake-quantized weight, so onnxruntime uses exactly the PyTorch levels."""
-    from yoloq.eval.predictors import ort_session
+    from yoloq.runtime.ort import ort_session
     from yoloq.quant.prepare import quant_conv_from
     gen = torch.Generator().manual_seed(3)
     qconv = quant_conv_from(nn.Conv2d(8, 16, 3, padding=1))
@@ -363,7 +366,7 @@ def test_weights_on_rounding_ties_export_to_the_fake_quant_levels(tmp_path):
 def test_onnxruntime_runs_the_graph_as_written_unless_asked(exported, tmp_path):
     """onnxruntime's WeightBiasQuantization rounds float conv biases to int32 (needed only for its
     integer kernels); yoloq's sessions switch it off for TensorRT-variant graphs."""
-    from yoloq.eval.predictors import BIAS_QUANTIZATION_OPTIMIZER, OnnxPredictor, onnx_variant, ort_session
+    from yoloq.runtime.ort import BIAS_QUANTIZATION_OPTIMIZER, OnnxPredictor, onnx_variant, ort_session
     info, _ = exported
 
     def int32_bias_dq(quantize_bias: bool) -> int:
@@ -384,7 +387,7 @@ def test_onnxruntime_runs_the_graph_as_written_unless_asked(exported, tmp_path):
 
 
 def test_fp32_export_has_no_qdq_and_matches_float(ptq_model, tmp_path):
-    from yoloq.eval.predictors import onnx_variant
+    from yoloq.runtime.ort import onnx_variant
     info = export_onnx(ptq_model, tmp_path / "fp32.onnx", img_size=SIZE, fp32=True)
     assert (info.n_quantize, info.n_dequantize) == (0, 0)
     assert onnx_variant(info.path) == "fp32"
@@ -397,8 +400,8 @@ def test_fp32_export_has_no_qdq_and_matches_float(ptq_model, tmp_path):
 def test_fp16_export_for_strongly_typed_tensorrt(ptq_model, tmp_path):
     """fp16=True: every conv weight FP16 between FP32 input/output, no Q/DQ, the box decode in FP32;
     onnxruntime's result stays close to the FP32 export, and TensorRT 11 would build it as FP16."""
-    from yoloq.eval.predictors import onnx_variant
-    from yoloq.export import tensorrt as yt
+    from yoloq.runtime.ort import onnx_variant
+    from yoloq.runtime import tensorrt as yt
     info = export_onnx(ptq_model, tmp_path / "fp16.onnx", img_size=SIZE, batch=None, fp16=True)
     fp32 = export_onnx(ptq_model, tmp_path / "fp32.onnx", img_size=SIZE, batch=None, fp32=True)
     assert (info.n_quantize, info.n_dequantize) == (0, 0) and onnx_variant(info.path) == "fp16"
@@ -515,51 +518,41 @@ def test_checkpoint_round_trip(ptq_model, tmp_path):
     np.testing.assert_array_equal(run_ort(a.path, x)[0], run_ort(b.path, x)[0])
 
 
-def _load_tool(name: str):
-    """tools/<name>.py as a module (the CLIs are scripts, not package modules)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_export_cli_variants_and_bad_checkpoint(ptq_model, tmp_path, capsys):
     """tools/export.py: TensorRT variant prints the trtexec command; ort-exact rewrites the graph so
     onnxruntime forms integer convs and still computes the same outputs; a non-checkpoint fails."""
-    cli = _load_tool("export")
     ckpt = tmp_path / "quant.pt"
     save_quantized(ptq_model, ckpt, meta={"name": "tiny"})
     trt, exact = tmp_path / "trt.onnx", tmp_path / "exact.onnx"
-    assert cli.main(["--ckpt", str(ckpt), "--out", str(trt), "--img-size", str(SIZE)]) == 0
+    assert yoloq_main(["export", "--ckpt", str(ckpt), "--out", str(trt), "--img-size", str(SIZE)]) == 0
     assert "trtexec --onnx=" in capsys.readouterr().out
-    assert cli.main(["--ckpt", str(ckpt), "--out", str(exact), "--img-size", str(SIZE), "--variant", "ort-exact"]) == 0
+    assert yoloq_main(["export", "--ckpt", str(ckpt), "--out", str(exact), "--img-size", str(SIZE), "--variant", "ort-exact"]) == 0
     assert "ort fast path" in capsys.readouterr().out
     x = images(1, seed=3).numpy()
     ref, out = run_ort(trt, x)[0], run_ort(exact, x)[0]     # integer vs float conv kernels: rounding only
     assert np.abs(out - ref).max() <= 0.01 * (ref.max() - ref.min())
-    from yoloq.export.ort_fast import optimized_op_counts
+    from yoloq.runtime.ort_fast import optimized_op_counts
     assert optimized_op_counts(exact).get("QLinearConv", 0) > optimized_op_counts(trt, quantize_bias=False).get("QLinearConv", 0)
-    assert cli.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "f.onnx"), "--variant", "ort"]) == 2
+    assert yoloq_main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "f.onnx"), "--variant", "ort"]) == 2
     assert "--variant ort needs --cfg" in capsys.readouterr().err
     half = tmp_path / "half.onnx"                    # FP16 file: TensorRT 11 needs no precision flag for it
-    assert cli.main(["--ckpt", str(ckpt), "--out", str(half), "--img-size", str(SIZE), "--fp16"]) == 0
+    assert yoloq_main(["export", "--ckpt", str(ckpt), "--out", str(half), "--img-size", str(SIZE), "--fp16"]) == 0
     out = capsys.readouterr().out
     assert "batch 1, FP16" in out and f"trtexec --onnx={half} --saveEngine=" in out
-    from yoloq.export.tensorrt import installed_trt_major
+    from yoloq.runtime.tensorrt import installed_trt_major
     if installed_trt_major() is None:                # both forms printed; 11.x's without an AutoCast step
         assert f"with TensorRT 11.x: trtexec --onnx={half} --saveEngine=" in out
-    assert cli.main(["--ckpt", str(ckpt), "--out", str(half), "--fp16", "--variant", "ort-exact"]) == 2
+    assert yoloq_main(["export", "--ckpt", str(ckpt), "--out", str(half), "--fp16", "--variant", "ort-exact"]) == 2
     assert "does not combine with --fp32, --fp16 or --nms" in capsys.readouterr().err
     if (SHARED / "coco").is_dir():                   # train images set the pre-activation zero points
         fast = tmp_path / "fast.onnx"
-        assert cli.main(["--ckpt", str(ckpt), "--out", str(fast), "--img-size", str(SIZE), "--variant", "ort",
+        assert yoloq_main(["export", "--ckpt", str(ckpt), "--out", str(fast), "--img-size", str(SIZE), "--variant", "ort",
                          "--cfg", str(REPO / "configs/yolov6n_repvgg.yaml"), "--calib-images", "2"]) == 0
         assert "NOT numerically identical" in capsys.readouterr().out       # the SiLU head stems
         assert optimized_op_counts(fast).get("QLinearConv", 0) > optimized_op_counts(exact).get("QLinearConv", 0)
     bad = tmp_path / "bad.pt"
     torch.save({"weights": {}}, bad)
-    assert cli.main(["--ckpt", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert yoloq_main(["export", "--ckpt", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
     assert str(bad) in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
 
@@ -581,12 +574,12 @@ def test_lite_s_ptq_onnxruntime_matches_fake_quant(tmp_path):
     from yoloq.config import load_config, load_data_config
     from yoloq.data.coco import calibration_loader
     from yoloq.eval.coco_eval import evaluate, evaluate_model
-    from yoloq.eval.predictors import OnnxPredictor
-    from yoloq.quant.ptq import load_fp32_model
+    from yoloq.runtime.ort import OnnxPredictor
+    from yoloq.models import load_model
 
     cfg = load_config(REPO / "configs" / "yolov6lite_s.yaml")
     data_cfg = load_data_config(REPO / "data" / "coco_shared.yaml")
-    qmodel = prepare(load_fp32_model(cfg))
+    qmodel = prepare(load_model(cfg.model))
     calib = [b for b, _ in calibration_loader(data_cfg, 16, 320, 8, 0)]
     calibrate(qmodel, calib, "entropy", progress=False)
     info = export_onnx(qmodel, tmp_path / "lite_s.onnx", img_size=320, batch=None)
@@ -611,11 +604,10 @@ def test_bench_fidelity_cli_on_a_small_checkpoint(ptq_model, tmp_path, capsys):
     if not (SHARED / "coco").is_dir():
         pytest.skip(f"shared COCO subset not found under {SHARED}")
     import json
-    cli = _load_tool("bench_fidelity")
     ckpt = tmp_path / "run" / "quant.pt"
     save_quantized(freeze_quantizers(variant(ptq_model, "lsq_offset")), ckpt, meta={"name": "tiny"})
     out = tmp_path / "fid.json"
-    assert cli.main(["--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(ckpt), "--images", "2",
+    assert yoloq_main(["bench-fidelity", "--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(ckpt), "--images", "2",
                      "--noise", "1", "--output-images", "2", "--no-progress", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["img_size"] == SIZE and len(row["noise"]) == len(row["noise_ort"]) == 1
@@ -635,17 +627,18 @@ def test_bench_fidelity_cli_on_a_small_checkpoint(ptq_model, tmp_path, capsys):
     assert float(noise_cell.strip(" )")) == pytest.approx(row["outputs"]["noise"]["score_mean_abs"], abs=1e-4)
     assert cells[11].strip().startswith(f"{sum(pairs) / 2:+.2f} ±") and "(2 pairs)" in cells[11]
     assert [c.strip() for c in lines[1].strip("|").split("|")[6:]] == ["–"] * 6
-    with pytest.raises(SystemExit, match="not found"):
-        cli.main(["--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(tmp_path / "missing.pt")])
-    with pytest.raises(SystemExit, match="--noise and --output-images must be >= 0"):
-        cli.main(["--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"), "--ckpt", str(ckpt), "--noise", "-1"])
+    cfg = str(REPO / "configs" / "yolov6lite_s.yaml")
+    assert yoloq_main(["bench-fidelity", "--cfg", cfg, "--ckpt", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert yoloq_main(["bench-fidelity", "--cfg", cfg, "--ckpt", str(ckpt), "--noise", "-1"]) == 2
+    assert "--noise and --output-images must be >= 0" in capsys.readouterr().err
 
 
 def test_bench_fidelity_statistics_and_noise_pairing():
     """The fidelity estimate: mean of ORT-minus-fake over the unperturbed and the noise pairs, with
     the sample standard error (a single pair has none); the raw-output statistics; identical noise
     for the two sides of a pair."""
-    cli = _load_tool("bench_fidelity")
+    cli = bench_fidelity
     row = {"fake": 20.0, "ort_subadd_float": 20.3, "noise": [19.8, 20.1, 20.0], "noise_ort": [19.8, 19.9, 20.1]}
     mean, se = cli.paired_difference(row)           # pairs: +0.3, 0.0, -0.2, +0.1
     assert mean == pytest.approx(0.05)

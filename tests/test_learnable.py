@@ -20,12 +20,15 @@ from pytorch_quantization import nn as quant_nn                         # noqa: 
 from pytorch_quantization.nn import TensorQuantizer                     # noqa: E402
 from pytorch_quantization.tensor_quant import QuantDescriptor           # noqa: E402
 
+from yoloq.quant.state import quant_state  # noqa: E402
 from yoloq.quant.learnable import (clamp_weight_scales, LSQActQuantizer, LSQFunction, LSQWeightQuantizer, PACTFunction,  # noqa: E402
-                                   PACTQuantizer, QuantizerDivergenceError, check_quantizers, export_spec,
-                                   freeze_quantizers, lsq_init, named_quantizers, pact_alpha_l2,
-                                   quantizer_parameters, swap_quantizers)
+                                   PACTQuantizer, QuantizerDivergenceError, check_quantizers, pact_alpha_l2,
+                                   quantizer_parameters)
+from yoloq.quant.scheme import export_spec                             # noqa: E402
+from yoloq.quant.state import named_quantizers                         # noqa: E402
+from yoloq.quant.swap import freeze_quantizers, lsq_init, swap_quantizers  # noqa: E402
 from yoloq.quant.prepare import set_amax                                 # noqa: E402
-from yoloq.quant.qdq import QDQSpec                                     # noqa: E402
+from yoloq.quant.scheme import QDQSpec                                     # noqa: E402
 
 D = torch.float64
 
@@ -505,7 +508,7 @@ def lite_calibrated():
 def test_prepared_model_swap_save_load_round_trip(lite_calibrated, kind, mode, tmp_path):
     import copy
     from yoloq.quant.prepare import input_quantizers
-    from yoloq.quant.qcheckpoint import load_quantized, save_quantized
+    from yoloq.quant.checkpoint import load_quantized, save_quantized
     qmodel, batches = lite_calibrated
     qmodel = copy.deepcopy(qmodel)
     sites_before = {name: id(q) for name, q in input_quantizers(qmodel).items()}
@@ -518,7 +521,7 @@ def test_prepared_model_swap_save_load_round_trip(lite_calibrated, kind, mode, t
     for group in groups_before.values():               # sites sharing an object still share one
         assert len({id(sites[n]) for n in group}) == 1
     # every consumer conv holds the site's new object
-    for site in qmodel.quant_placement.sites:
+    for site in quant_state(qmodel).placement.sites:
         for layer in site.consumers:
             assert qmodel.get_submodule(layer)._input_quantizer is sites[site.name]
     with torch.no_grad():   # pretend training moved the parameters

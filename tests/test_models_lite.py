@@ -16,12 +16,11 @@ from torch import nn
 
 from yoloq.config import ConfigError, ModelConfig, load_config
 from yoloq.models import build_model
-from yoloq.models.decode import Decode
+from yoloq.models.detector import Decode
 from yoloq.models.lite import (DPBlock, LiteBlockS1, SEBlock, YOLOv6Lite, build_lite, channel_shuffle,
                                lite_channels)
+from conftest import REPO, SPEC_KEYS as SPEC_DIR  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SPEC_DIR = Path(__file__).resolve().parents[2] / "shared" / "spec" / "yolov6_keys"
 SIZES = {"s": 0.7, "m": 1.1, "l": 1.5}
 TOL = 1e-4
 

@@ -19,12 +19,11 @@ from yoloq.config import ConfigError, ModelConfig, load_config
 from yoloq.models import build_model
 from yoloq.models.blocks import (BottleRep, ConvBNReLU, ConvBNSiLU, LinearAddBlock, QARepVGGBlock,
                                  QARepVGGBlockV2, RealVGGBlock, RepConv, RepVGGBlock, ScaleLayer,
-                                 fuse_blocks, repopt_grad_mask, repopt_grad_masks, repopt_reinit_kernel)
-from yoloq.models.decode import Decode
+                                 repopt_grad_mask, repopt_grad_masks, repopt_reinit_kernel)
+from yoloq.models.common import fuse_blocks
+from yoloq.models.detector import Decode
 from yoloq.models.yolov6 import YOLOv6, build_yolov6
-
-REPO = Path(__file__).resolve().parents[1]
-SPEC_DIR = REPO.parent / "shared" / "spec" / "yolov6_keys"
+from conftest import REPO, SPEC_KEYS as SPEC_DIR  # noqa: E402
 TOL = 1e-4
 
 # config file -> upstream key list stem (``<stem>_train.txt`` / ``<stem>_deploy.txt``)

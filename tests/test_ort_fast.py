@@ -1,4 +1,4 @@
-"""onnxruntime fast path (yoloq.export.ort_fast): graph rules, integer kernels, numerics, errors.
+"""onnxruntime fast path (yoloq.runtime.ort_fast): graph rules, integer kernels, numerics, errors.
 
 The fast tests use a tiny TensorRT-style Q/DQ graph exported from pytorch-quantization modules
 (conv -> ReLU, conv -> HardSwish, a shared input quantizer, concat + maxpool + nearest upsample,
@@ -21,11 +21,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from pytorch_quantization import nn as quant_nn
 
-from yoloq.export.ort_fast import (OrtFastError, consumer_qparams, make_ort_fast, optimized_op_counts,
+from yoloq.runtime.ort_fast import (OrtFastError, consumer_qparams, make_ort_fast, optimized_op_counts,
                                    qparams_for_range)
 from yoloq.quant.prepare import activation_descriptor, new_input_quantizer, set_amax, weight_descriptor
+from yoloq.bench import ort as bench_ort  # noqa: E402
+from yoloq.cli.bench_ort import parse_args as parse_bench_ort_args  # noqa: E402
+from conftest import REPO, SHARED  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 SIZE = 32
 
 
@@ -198,7 +200,7 @@ def test_output_close_to_trt_variant(trt_onnx, fast):
 
 
 def test_fast_path_files_are_marked_for_integer_kernels(fast, tmp_path, trt_onnx):
-    from yoloq.eval.predictors import OnnxPredictor, onnx_variant
+    from yoloq.runtime.ort import OnnxPredictor, onnx_variant
     path, _ = fast
     assert onnx_variant(path) == "ort-fast" and OnnxPredictor(path).quantize_bias is True
     exact = tmp_path / "exact_variant.onnx"
@@ -259,7 +261,7 @@ def test_float_convs_get_dequantized_weights(trt_onnx, tmp_path):
     assert len(weight_q) == info.n_conv - info.folded_weights == 2        # stem, se1: the QLinearConvs
     dq_run = optimized_op_counts(folded).get("DequantizeLinear", 0)
     assert dq_run < optimized_op_counts(unfolded).get("DequantizeLinear", 0) - 5
-    from yoloq.eval.predictors import ort_session
+    from yoloq.runtime.ort import ort_session
     x = images[:1].numpy()
     for level in ("disable", "all"):                 # float biases in both
         outs = [ort_session(p, quantize_bias=False, level=level).run(None, {"images": x})[0] for p in (folded, unfolded)]
@@ -273,7 +275,7 @@ def test_dequantized_weight_follows_onnx_semantics():
     """A weight Q/DQ without zero point is uint8 in ONNX: negative weights saturate at 0, as onnxruntime
     computes it (checked against onnxruntime)."""
     from onnx import TensorProto, helper, numpy_helper
-    from yoloq.export.ort_fast import _dequantized_weight, _Graph
+    from yoloq.runtime.onnx_graph import OnnxGraph, dequantized_weight
     w = np.array([[[[-0.3]], [[0.25]]], [[[0.75]], [[2.0]]]], np.float32)          # [2,2,1,1]
     scale = np.array([0.5, 0.01], np.float32)                                      # per channel, axis 0
     nodes = [helper.make_node("QuantizeLinear", ["w", "s"], ["wq"], axis=0),
@@ -282,8 +284,8 @@ def test_dequantized_weight_follows_onnx_semantics():
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
-    g = _Graph(model)
-    got = _dequantized_weight(g, g.producer["wdq"])
+    g = OnnxGraph(model)
+    got = dequantized_weight(g, g.producer["wdq"])
     np.testing.assert_array_equal(got, expected)
     assert got[0, 0, 0, 0] == 0.0 and got[1, 1, 0, 0] == np.float32(2.0)
 
@@ -321,10 +323,10 @@ def test_errors(tmp_path, trt_onnx):
 @pytest.mark.slow
 def test_lite_s_checkpoint_end_to_end(tmp_path):
     """Real exporter + real PTQ checkpoint: integer kernels formed and outputs close to the Q/DQ graph."""
-    ckpt = Path(__file__).resolve().parents[1] / "runs/ptq/yolov6lite_s_auto/quant.pt"
+    ckpt = REPO / "runs/ptq/yolov6lite_s_auto/quant.pt"
     if not ckpt.is_file() or not SHARED.is_dir():
         pytest.skip(f"needs {ckpt} and {SHARED}")
-    from yoloq.export.onnx import export_onnx
+    from yoloq.runtime.onnx_export import export_onnx
     trt = tmp_path / "trt.onnx"
     export_onnx(str(ckpt), trt, img_size=320)
     info = make_ort_fast(trt, tmp_path / "fast.onnx")
@@ -335,18 +337,9 @@ def test_lite_s_checkpoint_end_to_end(tmp_path):
     assert np.abs(out[..., 4:] - ref[..., 4:]).mean() < 5e-3      # measured 1.4e-3 (scores 0..1)
 
 
-def _load_bench_ort():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_ort", Path(__file__).resolve().parents[1] / "tools/bench_ort.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_ratio_pairs_runs_of_the_same_block():
     """tools/bench_ort.py: the ratio to FP32 is the median of per-block ratios, so a machine that slows
     down 3x between two variants' runs (shared hosts do) moves one block, not the result."""
-    bench_ort = _load_bench_ort()
     # 3 blocks of 4 runs; the slow phase starts during block 2, after its int8 runs
     times = {"fp32": [10.0] * 4 + [30.0] * 4 + [30.0] * 4, "int8": [4.0] * 4 + [4.0] * 4 + [12.0] * 4}
     assert bench_ort.ratio_to_fp32(times, "int8", rounds=3) == pytest.approx(0.4)
@@ -360,7 +353,6 @@ def test_bench_ratio_pairs_runs_of_the_same_block():
 def test_bench_op_profile(trt_onnx, fast):
     """tools/bench_ort.py --profile: onnxruntime's profiler, summed per op type of the optimized graph,
     and the convs alone by kind (read from the graph onnxruntime runs)."""
-    bench_ort = _load_bench_ort()
     x = trt_onnx[1][:1].numpy()
     profiles = {"trt": bench_ort.op_profile(trt_onnx[0], 1, x, runs=3), "fast": bench_ort.op_profile(fast[0], 1, x, runs=3)}
     by_op = {k: ops for k, (ops, _) in profiles.items()}
@@ -385,12 +377,11 @@ def test_bench_op_profile(trt_onnx, fast):
 
 def test_bench_hardswish_as_relu():
     """--hardswish-as-relu: every HardSwish module becomes a ReLU (and only with random weights)."""
-    bench_ort = _load_bench_ort()
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardswish(), nn.Sequential(nn.Conv2d(4, 4, 1), nn.Hardswish()),
                           nn.Hardsigmoid())
     assert bench_ort.hardswish_to_relu(model) == 2
     assert [type(m).__name__ for m in model.modules() if not isinstance(m, (nn.Conv2d, nn.Sequential))] == \
         ["ReLU", "ReLU", "Hardsigmoid"]
     with pytest.raises(SystemExit):
-        bench_ort.parse_args(["--cfg", "c.yaml", "--ckpt", "q.pt", "--hardswish-as-relu"])
-    assert bench_ort.parse_args(["--cfg", "c.yaml", "--random-weights", "--hardswish-as-relu"]).hardswish_as_relu
+        parse_bench_ort_args(["--cfg", "c.yaml", "--ckpt", "q.pt", "--hardswish-as-relu"])
+    assert parse_bench_ort_args(["--cfg", "c.yaml", "--random-weights", "--hardswish-as-relu"]).hardswish_as_relu

@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from pytorch_quantization import nn as quant_nn
 from torch import nn
 
+from yoloq.quant.state import quant_state  # noqa: E402
 from yoloq.config import QuantConfig, load_config
 from yoloq.models import build_model
 from yoloq.quant.calibrate import calibrate
 from yoloq.quant.placement import DFL_REASON, analyze
 from yoloq.quant.prepare import (fix_dead_channels, input_quantizers, prepare, quant_layers,
                                  replace_input_quantizer, set_layers_quantized, weight_quantizers)
+from conftest import CONFIGS  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def conv_relu(c_in, c_out, k=1, s=1):
@@ -176,8 +177,8 @@ def test_prepare_replaces_convs_and_shares_objects(toy, toy_quant):
     assert toy_quant.left[0]._input_quantizer is toy_quant.right[0]._input_quantizer
     assert toy_quant.shuffle_in[0]._input_quantizer is toy_quant.res1[0]._input_quantizer
     assert toy_quant.left[0]._input_quantizer is not toy_quant.stem[0]._input_quantizer
-    assert len(input_quantizers(toy_quant)) == len(toy_quant.quant_placement.sites)
-    assert len({id(q) for q in input_quantizers(toy_quant).values()}) == len(toy_quant.quant_placement.sites)
+    assert len(input_quantizers(toy_quant)) == len(quant_state(toy_quant).placement.sites)
+    assert len({id(q) for q in input_quantizers(toy_quant).values()}) == len(quant_state(toy_quant).placement.sites)
     assert isinstance(toy.left[0], nn.Conv2d), "prepare must not touch the FP32 model"
 
 
@@ -194,7 +195,7 @@ def test_prepared_model_equals_fp32_with_quantizers_off(toy, toy_quant):
 def test_calibrated_concat_inputs_share_amax(toy):
     q = prepare(toy)
     calibrate(q, [torch.rand(2, 3, 32, 32)], method="max", progress=False)
-    placement = q.quant_placement
+    placement = quant_state(q).placement
     for site in placement.sites:
         amaxes = {float(q.get_submodule(c)._input_quantizer.amax) for c in site.consumers}
         assert len(amaxes) == (1 if site.consumers else 0)
@@ -204,14 +205,14 @@ def test_calibrated_concat_inputs_share_amax(toy):
 
 def test_skip_gives_private_disabled_quantizer_and_reenable_restores(toy):
     q = prepare(toy, QuantConfig(skip_layers=["left.0"]))
-    shared = input_quantizers(q)[q.quant_placement.site_of("left.0").name]
+    shared = input_quantizers(q)[quant_state(q).placement.site_of("left.0").name]
     assert q.left[0]._input_quantizer is not shared and q.left[0]._input_quantizer._disabled
     assert q.left[0]._weight_quantizer._disabled
     assert q.right[0]._input_quantizer is shared and not shared._disabled
-    assert q.quant_skip_layers == ["left.0"]
+    assert quant_state(q).skip_layers == ["left.0"]
     set_layers_quantized(q, ["left.0"], True)
     assert q.left[0]._input_quantizer is shared and not q.left[0]._weight_quantizer._disabled
-    assert q.quant_skip_layers == []
+    assert quant_state(q).skip_layers == []
     with pytest.raises(ValueError, match="proj_conv.*DFL"):
         set_layers_quantized(q, ["proj_conv"], False)
     with pytest.raises(ValueError, match="did you mean 'left.0'"):
@@ -220,7 +221,7 @@ def test_skip_gives_private_disabled_quantizer_and_reenable_restores(toy):
 
 def test_residual_quantizer_follows_its_fusing_conv(toy):
     q = prepare(toy)
-    placement = q.quant_placement
+    placement = quant_state(q).placement
     (site, slot), = [(s, r) for s in placement.sites for r in s.residuals]
     holder = q.get_submodule(slot.owner)
     assert getattr(holder, slot.attr) is input_quantizers(q)[site.name]
@@ -230,7 +231,7 @@ def test_residual_quantizer_follows_its_fusing_conv(toy):
 
 def test_replace_input_quantizer_keeps_sharing(toy):
     q = prepare(toy)
-    name = q.quant_placement.site_of("left.0").name
+    name = quant_state(q).placement.site_of("left.0").name
     new = quant_nn.TensorQuantizer(quant_nn.QuantConv2d.default_quant_desc_input)
     replace_input_quantizer(q, name, new)
     assert q.left[0]._input_quantizer is new and q.right[0]._input_quantizer is new
@@ -305,7 +306,7 @@ def test_real_model_prepare_and_calibrate(name):
     model = build_model(load_config(CONFIGS / f"{name}.yaml").model).fuse().eval()
     q = prepare(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules()), "post-BN must be folded"
-    placement = q.quant_placement
+    placement = quant_state(q).placement
     for site in placement.sites:
         objs = {id(q.get_submodule(c)._input_quantizer) for c in site.consumers}
         objs |= {id(getattr(q.get_submodule(r.owner), r.attr)) for r in site.residuals}

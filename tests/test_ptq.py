@@ -1,7 +1,6 @@
 """run_ptq end to end on the shared Lite-S weights (tiny image counts), and bad-input handling."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,20 +8,23 @@ import torch
 import yaml
 
 from yoloq.config import ConfigError, QuantConfig
-from yoloq.quant.calibrate import CalibrationError
-from yoloq.quant.ptq import PTQError, PTQOptions, run_ptq
-from yoloq.quant.qcheckpoint import load_quantized
-from yoloq.report import MAIN_STATS, load_report
+from yoloq.errors import YoloqError
+from yoloq.safe_load import CheckpointError
+from yoloq.recipes.ptq import PTQError, PTQOptions, run_ptq
+from yoloq.quant.checkpoint import load_quantized
+from yoloq.report.common import MAIN_STATS
+from yoloq.report.ptq import load_report
+from yoloq.quant.state import quant_state
+from yoloq.cli import main as yoloq_main
+from conftest import DATA_YAML as DATA, LITE_S_WEIGHTS as WEIGHTS, SHARED, needs_shared
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))      # test_sensitivity's toy model
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-WEIGHTS = SHARED / "weights" / "yolov6lite_s.pt"
-DATA = REPO / "data" / "coco_shared.yaml"
-needs_shared = pytest.mark.skipif(not (WEIGHTS.is_file() and (SHARED / "coco" / "train2017").is_dir()),
-                                  reason=f"shared weights / COCO data not found under {SHARED}")
 
-TINY = dict(calib_images=8, max_images=8, workers=0, progress=False, sensitivity_images=4)
+TINY = dict(max_images=8, progress=False, quant=dict(calib_images=8, sensitivity_images=4), eval=dict(workers=0))
+
+
+def tiny(**quant):
+    """TINY with more quant overrides."""
+    return {**TINY, "quant": {**TINY["quant"], **quant}}
 
 
 def write_cfg(tmp_path: Path, weights=WEIGHTS, data=DATA, quant: dict | None = None) -> Path:
@@ -48,8 +50,8 @@ def test_run_ptq_lite_s_end_to_end(tmp_path):
     """auto calibration + sensitivity (fast and mAP) + --max-drop search + diagnosis + report + quant.pt."""
     out = tmp_path / "runs"
     res = run_ptq(write_cfg(tmp_path, quant={"calib": "auto"}), out=str(out), name="e2e",
-                  auto_methods=("max", "percentile-99.99", "entropy"), sensitivity="map", confirm_top=2,
-                  max_drop=0.0, max_skip=2, select_images=3, **{**TINY, "sensitivity_images": 2})
+                  **tiny(auto_methods=["max", "percentile-99.99", "entropy"], sensitivity="map", confirm_top=2,
+                         max_drop=0.0, max_skip=2, select_images=3, sensitivity_images=2))
     run_dir = out / "e2e"
     assert sorted(p.name for p in out.iterdir()) == ["e2e"]                  # no staging folder left
     for name in ("report.md", "report.json", "stats.png", "sensitivity.png", "diagnosis.png", "quant.pt"):
@@ -79,15 +81,14 @@ def test_run_ptq_lite_s_end_to_end(tmp_path):
     md = (run_dir / "report.md").read_text()
     assert f"| AP | {rep['fp32']['AP'] * 100:.2f} | {rep['int8']['AP'] * 100:.2f} |" in md
     model, meta = load_quantized(run_dir / "quant.pt")
-    assert model.quant_skip_layers == rep["skipped_layers"] and meta["calib_method"] == calib["method"]
+    assert quant_state(model).skip_layers == rep["skipped_layers"] and meta["calib_method"] == calib["method"]
 
 
 @pytest.mark.slow
 @needs_shared
 def test_run_ptq_is_reproducible(tmp_path):
     cfg = write_cfg(tmp_path, quant={"calib": "percentile"})
-    common = dict(out=str(tmp_path / "runs"), diagnose=False, plots=False, sensitivity="off",
-                  **{**TINY, "max_images": 4})
+    common = dict(out=str(tmp_path / "runs"), plots=False, **{**tiny(diagnose=False, sensitivity="off"), "max_images": 4})
     a = run_ptq(cfg, name="a", **common)
     b = run_ptq(cfg, name="b", **common)
     assert a.int8 == b.int8 and a.fp32 == b.fp32
@@ -102,23 +103,23 @@ def test_partial_quantization_keeps_top_k_and_explicit_skips():
     function of the skipped set here; the real one is COCO mAP on train images, tested above)."""
     from test_sensitivity import calibrated, toy
     from yoloq.quant.prepare import set_layers_quantized
-    from yoloq.quant.ptq import _partial_quantization
+    from yoloq.recipes.partial import partial_quantization
     fp32 = toy()
     q, images = calibrated(fp32)
     set_layers_quantized(q, ["6"], False)                                   # e.g. from quant.skip_layers
     sens = {"ranking": [{"layer": name} for name in ("2", "6", "4", "0")]}   # most sensitive first
-    part = _partial_quantization(q, sens, None, QuantConfig(), PTQOptions(skip_layers=2))
-    assert part["k"] == 2 and q.quant_skip_layers == ["2", "4", "6"]        # model order; "6" not counted
+    part = partial_quantization(q, sens, None, QuantConfig(), skip_count=2, progress=False)
+    assert part["k"] == 2 and quant_state(q).skip_layers == ["2", "4", "6"]        # model order; "6" not counted
 
     class Drops:                                                            # drop falls as layers stay in float
         info, fp32_ap = {"images": 1, "disjoint_from_calibration": 1}, 0.5
 
         def drop(self, model):
-            return 3.0 - len(model.quant_skip_layers)
+            return 3.0 - len(quant_state(model).skip_layers)
 
     set_layers_quantized(q, ["2", "4"], True)                               # back to only "6" in float
-    part = _partial_quantization(q, sens, Drops(), QuantConfig(max_drop=1.0), PTQOptions())
-    assert part["k"] == 1 and q.quant_skip_layers == ["2", "6"]
+    part = partial_quantization(q, sens, Drops(), QuantConfig(max_drop=1.0), skip_count=None, progress=False)
+    assert part["k"] == 1 and quant_state(q).skip_layers == ["2", "6"]
     assert [t["k"] for t in part["search"]] == [0, 1]
 
 
@@ -153,7 +154,7 @@ def test_unreadable_calibration_images(tmp_path):
                 val_ann=str(SHARED / "coco/annotations/instances_val2017.json"), val_ann_official=None)
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "runs"
-    with pytest.warns(UserWarning, match="unreadable"), pytest.raises(PTQError, match="no readable image"):
+    with pytest.warns(UserWarning, match="unreadable"), pytest.raises(YoloqError, match="no readable image"):
         run_ptq(write_cfg(tmp_path, data=tmp_path / "data.yaml"), out=str(out), **TINY)
     assert_nothing_written(out)
 
@@ -161,34 +162,37 @@ def test_unreadable_calibration_images(tmp_path):
 @needs_shared
 def test_invalid_quant_section(tmp_path):
     out = tmp_path / "runs"
-    with pytest.raises(ConfigError, match="quant.calib: unknown method 'kl'"):
+    with pytest.raises(ConfigError, match="quant.calib: 'kl' is not one of max, percentile, entropy, mse, auto"):
         run_ptq(write_cfg(tmp_path, quant={"calib": "kl"}), out=str(out), **TINY)
     with pytest.raises(ConfigError, match="unknown key 'calib_image'"):
         run_ptq(write_cfg(tmp_path, quant={"calib_image": 8}), out=str(out), **TINY)
     with pytest.raises(ConfigError, match="quant.percentile"):
         run_ptq(write_cfg(tmp_path, quant={"calib": "percentile", "percentile": 120}), out=str(out), **TINY)
     with pytest.raises(PTQError, match="give one"):
-        run_ptq(write_cfg(tmp_path), out=str(out), skip_layers=2, max_drop=1.0, **TINY)
+        run_ptq(write_cfg(tmp_path), out=str(out), skip_count=2, **tiny(max_drop=1.0))
     with pytest.raises(PTQError, match="not a quantized layer"):
         run_ptq(write_cfg(tmp_path, quant={"skip_layers": ["backbone.nope"]}), out=str(out), **TINY)
     assert_nothing_written(out)
 
 
 @needs_shared
-def test_nan_activations_name_the_layer(tmp_path):
+def test_nan_weights_are_named_before_any_work(tmp_path):
+    """A NaN in the FP32 weights stops at load, naming the tensor (NaN activations from finite
+    weights are caught by calibration: test_calibrate)."""
     ckpt = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     key = "backbone.conv_0.block.conv.weight"
     ckpt["model_state_dict"][key][0, 0, 0, 0] = float("nan")
     torch.save(ckpt, tmp_path / "nan.pt")
     out = tmp_path / "runs"
-    with pytest.raises(CalibrationError, match=r"NaN in the input of backbone\.lite_effiblock_1"):
+    with pytest.raises(CheckpointError, match=rf"hold NaN/inf values \(first: '{key}'\)"):
         run_ptq(write_cfg(tmp_path, weights=tmp_path / "nan.pt"), out=str(out), **TINY)
     assert_nothing_written(out)
 
 
 def test_options_are_a_dataclass_with_defaults():
     opts = PTQOptions()
-    assert opts.sensitivity == "fast" and opts.out == "runs/ptq" and opts.save_model
+    assert opts.skip_count is None and opts.out == "runs/ptq" and opts.save_model
+    assert QuantConfig().sensitivity == "fast"
 
 
 
@@ -196,10 +200,8 @@ def test_options_are_a_dataclass_with_defaults():
 @needs_shared
 def test_bench_ptq_tiny(tmp_path):
     """The peer benchmark runs both sides on the same images and writes one table."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import bench_ptq
     cfg = write_cfg(tmp_path)
-    bench_ptq.main(["--cfg", str(cfg), "--calib-images", "4", "--max-images", "2", "--workers", "0",
+    yoloq_main(["bench-ptq", "--cfg", str(cfg), "--calib-images", "4", "--max-images", "2", "--workers", "0",
                     "--methods", "max", "--ort-variants", "minmax_s8s8", "--out", str(tmp_path / "b"),
                     "--name", "t", "--no-progress"])
     bench = load_report(tmp_path / "b" / "t" / "bench.json")
@@ -213,8 +215,7 @@ def test_bench_ptq_tiny(tmp_path):
 def test_bench_ptq_failed_peer_variant_is_an_error_not_a_crash(tmp_path):
     """quantize_static runs in a child process; its failure is raised as one clear error (the
     benchmark records it as a failed row and goes on)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    import bench_ptq
+    from yoloq.bench import ptq as bench_ptq
     missing = tmp_path / "no_such_model.onnx"
     with pytest.raises(RuntimeError, match=r"quantize_static minmax_s8s8_conv exited with code 1"):
         bench_ptq.ort_quantize(missing, tmp_path / "q.onnx", "minmax_s8s8_conv", [torch.zeros(1, 3, 32, 32)])

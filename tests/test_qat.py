@@ -1,4 +1,4 @@
-"""QAT trainer (yoloq.quant.qat): losses, optimizer groups, resume, divergence, DDP, end to end."""
+"""QAT (yoloq.recipes.qat): losses, optimizer groups, resume, divergence, DDP, end to end."""
 from __future__ import annotations
 
 import warnings
@@ -15,14 +15,14 @@ from pytorch_quantization.nn import TensorQuantizer                  # noqa: E40
 from pytorch_quantization.tensor_quant import QuantDescriptor        # noqa: E402
 
 from yoloq.config import QATConfig                                   # noqa: E402
-from yoloq.models.decode import Decode                               # noqa: E402
-from yoloq.quant.learnable import (QuantizerDivergenceError, learnable_quantizers, quantizer_parameters,  # noqa: E402
-                                   swap_quantizers)
-from yoloq.quant.qat import (build_optimizer, check_optimizer_covers_quantizers, cwd_loss, fit,  # noqa: E402
-                             head_loss, make_teacher, make_train_loader, parameter_groups)
+from yoloq.models.detector import Decode                               # noqa: E402
+from yoloq.quant.learnable import QuantizerDivergenceError, learnable_quantizers, quantizer_parameters  # noqa: E402
+from yoloq.quant.swap import swap_quantizers                          # noqa: E402
+from yoloq.recipes.qat.losses import cwd_loss, head_loss                       # noqa: E402
+from yoloq.recipes.qat.trainer import (build_optimizer, check_optimizer_covers_quantizers, fit,  # noqa: E402
+                                       make_teacher, make_train_loader, parameter_groups)
+from conftest import REPO, SHARED  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- a tiny detector
@@ -208,7 +208,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert [r["AP"] for r in resumed.history] == [r["AP"] for r in full.history]
     student, teacher = student_teacher("lsqplus", "offset")
     loader, sampler = loader_of(data, 4)
-    with pytest.raises(ValueError, match="differs"):
+    with pytest.raises(ValueError, match="these differ: run: 1 -> 2"):
         fit(student, teacher, loader, cfg, 2, sampler=sampler, out_dir=tmp_path / "part", resume=True,
             fingerprint={"run": 2})
 
@@ -219,12 +219,44 @@ def test_nan_and_exploding_scales_stop_with_the_quantizer_name():
     with torch.no_grad():
         q.scale.fill_(float("nan"))
     loader, sampler = loader_of(images(8), 4)
-    with pytest.raises(QuantizerDivergenceError, match=f"step 1: loss is nan.*'{name}'"):
+    with pytest.raises(QuantizerDivergenceError, match=f"epoch 1 step 1: loss part.*became NaN/inf.*'{name}'"):
         fit(student, teacher, loader, qcfg(), 1, sampler=sampler)
 
     student, teacher = student_teacher("pact")
     with pytest.raises(QuantizerDivergenceError, match=r"epoch 1 step \d+: quantizer '.+'"):
         fit(student, teacher, loader, qcfg(quantizer_lr=1e7, max_scale_growth=10.0), 1, sampler=sampler)
+
+
+def test_absurd_learning_rate_stops_with_step_and_parameter_and_saves_nothing(tmp_path):
+    """lr 1e30: the weights go non-finite in the first update; the run stops naming the step and the
+    parameter, and no checkpoint of the diverged model is written."""
+    student, teacher = student_teacher("pact")
+    loader, sampler = loader_of(images(8), 4)
+    with pytest.raises(QuantizerDivergenceError, match=r"epoch 1 step \d+: parameter '.+' became NaN/inf.*lower --lr"):
+        fit(student, teacher, loader, qcfg(lr=1e30), 1, sampler=sampler, out_dir=tmp_path)
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
+def test_exploding_loss_and_collapsed_map_stop_the_run(tmp_path):
+    from yoloq.recipes.qat.guard import DivergenceGuard
+    guard = DivergenceGuard(qcfg(max_loss_growth=10.0))
+    student, _ = student_teacher("pact")
+    terms = lambda v: {"loss": torch.tensor(v), "cwd": torch.tensor(v / 2)}            # noqa: E731
+    for _ in range(5):
+        guard.check_loss(terms(1.0), "epoch 1 step 1", student, images(1))
+    guard.check_loss(terms(9.0), "epoch 1 step 6", student, images(1))               # 9x: still allowed
+    with pytest.raises(QuantizerDivergenceError, match=r"epoch 1 step 7: the loss exploded to 20.*cwd 10"):
+        guard.check_loss(terms(20.0), "epoch 1 step 7", student, images(1))
+    guard.check_map(0.05, 0.30, 1)
+    with pytest.raises(QuantizerDivergenceError, match=r"epoch 2: val AP collapsed to 0.10 from 30.00"):
+        guard.check_map(0.001, 0.30, 2)
+    # end to end: an evaluation that collapses stops fit before best.pt / last.pt are written
+    student, teacher = student_teacher("pact")
+    loader, sampler = loader_of(images(8), 4)
+    with pytest.raises(QuantizerDivergenceError, match="val AP collapsed"):
+        fit(student, teacher, loader, qcfg(), 1, sampler=sampler, out_dir=tmp_path, evaluate=lambda m: {"AP": 0.0},
+            extra={"ptq": {"AP": 0.25}})
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- distributed
@@ -266,13 +298,13 @@ def test_run_qat_end_to_end_on_lite_s(tmp_path):
     from yoloq.config import load_config, load_data_config
     from yoloq.quant.calibrate import calibrate
     from yoloq.quant.prepare import prepare
-    from yoloq.quant.ptq import load_fp32_model
-    from yoloq.quant.qat import load_qat, run_qat
-    from yoloq.quant.qcheckpoint import save_quantized
+    from yoloq.models import load_model
+    from yoloq.recipes.qat.run import load_qat, run_qat
+    from yoloq.quant.checkpoint import save_quantized
     from yoloq.data.coco import calibration_loader
 
     cfg = load_config(REPO / "configs" / "yolov6lite_s.yaml")
-    qmodel = prepare(load_fp32_model(cfg))
+    qmodel = prepare(load_model(cfg.model))
     data_cfg = load_data_config(cfg.data)
     calibrate(qmodel, [b for b, _ in calibration_loader(data_cfg, 8, 320, 8, 0)], "max", progress=False)
     ptq_dir = tmp_path / "ptq" / "lite_max"

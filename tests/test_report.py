@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from yoloq.report import (MAIN_STATS, atomic_write_text, format_summary, load_report, render_markdown,
-                          stat_drop, to_json, write_report)
+from yoloq.io import atomic_write_text, to_json
+from yoloq.report.common import MAIN_STATS, stat_drop
+from yoloq.report.ptq import format_summary, load_report, render_markdown, write_report
 
 FP32 = {"AP": 0.231, "AP50": 0.351, "AP75": 0.247, "APs": 0.058, "APm": 0.205, "APl": 0.409, "AR100": 0.41}
 INT8 = {"AP": 0.219, "AP50": 0.340, "AP75": 0.231, "APs": 0.050, "APm": 0.190, "APl": 0.400, "AR100": 0.40}

@@ -5,25 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import toy_convnet as toy
+from yoloq.quant.state import quant_state  # noqa: E402
 from yoloq.quant.calibrate import calibrate
 from yoloq.quant.diagnose import Thresholds, channel_spread, diagnose, weight_stats
 from yoloq.quant.prepare import prepare
 from yoloq.quant.sensitivity import layer_sensitivity, search_skip_count, top_layers
-
-
-def toy(sensitive: bool = True) -> nn.Sequential:
-    """Four convs; with ``sensitive``, conv '2' gets one huge weight per output channel on an
-    input channel that is almost dead. In float that weight barely matters, but it sets every
-    per-channel scale of conv 2, so INT8 rounds all its other weights to zero."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
-    if sensitive:
-        with torch.no_grad():
-            m[0].weight[0].mul_(1e-4)
-            m[0].bias[0] = 0.0
-            m[2].weight[:, 0, 1, 1] = 50.0
-    return m
 
 
 def calibrated(model: nn.Module) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -44,7 +31,7 @@ def test_outlier_layer_ranks_first(mode):
     assert ranking[0]["layer"] == "2"
     assert ranking[0]["score"] > ranking[1]["score"] + 3.0          # clearly ahead, in dB
     assert top_layers(result, 1) == ["2"]
-    assert q.quant_skip_layers == []                                # model state restored
+    assert quant_state(q).skip_layers == []                                # model state restored
 
 
 def test_without_outlier_the_layer_is_not_special():
@@ -60,7 +47,7 @@ def test_sensitivity_restores_explicit_skips_and_checks_args():
     from yoloq.quant.prepare import set_layers_quantized
     set_layers_quantized(q, ["4"], False)
     layer_sensitivity(q, fp32, images, progress=False)
-    assert q.quant_skip_layers == ["4"]
+    assert quant_state(q).skip_layers == ["4"]
     with pytest.raises(ValueError, match="mode"):
         layer_sensitivity(q, fp32, images, mode="bogus")
     with pytest.raises(ValueError, match="not quantized"):
@@ -114,4 +101,4 @@ def test_diagnose_flags_the_broken_layer():
     assert rows["0"]["act_sqnr_db"] > 30
     clean, images = calibrated(toy(sensitive=False))
     assert all(not r["flags"] for r in diagnose(clean, images)["layers"])
-    assert q.quant_skip_layers == []
+    assert quant_state(q).skip_layers == []

@@ -1,4 +1,4 @@
-"""TensorRT deployment (yoloq.export.tensorrt, tools/trt.py).
+"""TensorRT deployment (yoloq.runtime.tensorrt.build, tools/trt.py).
 
 Without TensorRT / a GPU (this machine) the tests cover everything that does not execute an engine:
 ONNX inspection, optimization-profile rules, the trtexec command text, the build-mode checks that run
@@ -26,25 +26,16 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 import onnx                                                              # noqa: E402
 from onnx import TensorProto, helper, numpy_helper                       # noqa: E402
 
-from yoloq.export import tensorrt as yt                                  # noqa: E402
+from yoloq.runtime import tensorrt as yt                                  # noqa: E402
+from yoloq.runtime.tensorrt.calibrator import CALIBRATOR_BASES           # noqa: E402
+from yoloq.cli import main as yoloq_main  # noqa: E402
+from yoloq.cli import trt as trt_cli  # noqa: E402
+from conftest import REPO, SHARED, DATA_YAML, LITE_S_CFG  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DATA_YAML = REPO / "data" / "coco_shared.yaml"
-LITE_S_CFG = REPO / "configs" / "yolov6lite_s.yaml"
 needs_coco = pytest.mark.skipif(not (SHARED / "coco" / "train2017").is_dir(),
                                 reason=f"shared COCO data not found at {SHARED / 'coco'}")
 
 
-def _load_cli():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("yoloq_tools_trt", REPO / "tools" / "trt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-trt_cli = _load_cli()
 
 
 # --------------------------------------------------------------------------- small ONNX files
@@ -222,7 +213,7 @@ def test_calibrators_absent_from_tensorrt_11(monkeypatch):
     stand_in = types.ModuleType("tensorrt")
     stand_in.__version__ = "11.4.0.106"                    # the bindings' version on PyPI, calibrators removed
     monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
-    monkeypatch.setattr(yt, "_CALIBRATOR_CLASSES", {})
+    monkeypatch.setattr(yt.calibrator, "_CALIBRATOR_CLASSES", {})
     assert yt.installed_trt_major() == 11
     with pytest.raises(yt.TrtUnavailable, match=r"TensorRT 11.4.0.106 has no implicit INT8 calibration.*IInt8\*Calibrator"):
         yt.EntropyCalibrator
@@ -258,7 +249,7 @@ def test_build_engine_input_errors_need_no_tensorrt(onnx_files, tmp_path):
 
 
 def test_module_import_does_not_import_tensorrt():
-    code = "import sys, yoloq.export.tensorrt as t; print('tensorrt' in sys.modules)"
+    code = "import sys, yoloq.runtime.tensorrt.build as t; print('tensorrt' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -266,7 +257,7 @@ def test_module_import_does_not_import_tensorrt():
 
 def test_calibrator_classes_need_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)      # makes `import tensorrt` fail, as when absent
-    monkeypatch.setattr(yt, "_CALIBRATOR_CLASSES", {})
+    monkeypatch.setattr(yt.calibrator, "_CALIBRATOR_CLASSES", {})
     with pytest.raises(yt.TrtUnavailable, match="'tensorrt' is not installed"):
         yt.EntropyCalibrator
     with pytest.raises(ValueError, match="calibrator 'kl'"):
@@ -325,16 +316,16 @@ def test_calibration_feeder_buffer_and_cache(tmp_path):
 
 # --------------------------------------------------------------------------- CLI
 def test_parse_args():
-    a = trt_cli.parse_args(["build", "--onnx", "m.onnx"])
+    a = trt_cli.build_parser().parse_args(["build", "--onnx", "m.onnx"])
     assert (a.precision, a.calib, a.workspace, a.calib_batch, a.engine) == ("int8", None, 4.0, 8, None)
-    a = trt_cli.parse_args(["bench", "--engine", "m.engine", "--batch", "1", "8", "32"])
+    a = trt_cli.build_parser().parse_args(["bench", "--engine", "m.engine", "--batch", "1", "8", "32"])
     assert (a.batch, a.warmup, a.iters) == ([1, 8, 32], 50, 200)
-    a = trt_cli.parse_args(["eval", "--engine", "m.engine", "--cfg", "c.yaml", "--max-images", "5"])
+    a = trt_cli.build_parser().parse_args(["eval", "--engine", "m.engine", "--cfg", "c.yaml", "--max-images", "5"])
     assert (a.command, a.max_images) == ("eval", 5)
     with pytest.raises(SystemExit):
-        trt_cli.parse_args(["eval", "--engine", "m.engine"])          # --cfg is required
+        trt_cli.build_parser().parse_args(["eval", "--engine", "m.engine"])          # --cfg is required
     with pytest.raises(SystemExit):
-        trt_cli.parse_args(["build", "--onnx", "m.onnx", "--calib", "percentile"])
+        trt_cli.build_parser().parse_args(["build", "--onnx", "m.onnx", "--calib", "percentile"])
     assert trt_cli.default_engine_path(Path("r/m.onnx"), "best", "entropy") == Path("r/m_int8_entropy.engine")
     assert trt_cli.default_engine_path(Path("r/m.onnx"), "fp16", None) == Path("r/m_fp16.engine")
 
@@ -348,7 +339,7 @@ def _one_line(err: str) -> str:
 def test_cli_without_tensorrt_exits_2_with_trtexec(onnx_files, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)      # TensorRT absent, whatever is installed
     engine = tmp_path / "m.engine"
-    assert trt_cli.main(["build", "--onnx", str(onnx_files["qdq"]), "--engine", str(engine), "--max-batch", "4"]) == 2
+    assert yoloq_main(["trt", "build", "--onnx", str(onnx_files["qdq"]), "--engine", str(engine), "--max-batch", "4"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "'tensorrt' is not installed" in line and "building an engine" in line
     shapes = "--minShapes=images:1x3x16x16 --optShapes=images:4x3x16x16 --maxShapes=images:4x3x16x16"
@@ -357,10 +348,10 @@ def test_cli_without_tensorrt_exits_2_with_trtexec(onnx_files, tmp_path, monkeyp
                          f"--onnx={onnx_files['qdq']} --saveEngine={engine} --memPoolSize=workspace:4096 {shapes}")
     assert not engine.exists()
     engine.write_bytes(b"not really an engine")
-    assert trt_cli.main(["bench", "--engine", str(engine), "--batch", "1", "32", "--img-size", "320"]) == 2
+    assert yoloq_main(["trt", "bench", "--engine", str(engine), "--batch", "1", "32", "--img-size", "320"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "benchmarking an engine" in line and "--shapes=images:32x3x320x320" in line
-    assert trt_cli.main(["eval", "--engine", str(engine), "--cfg", str(LITE_S_CFG)]) == 2
+    assert yoloq_main(["trt", "eval", "--engine", str(engine), "--cfg", str(LITE_S_CFG)]) == 2
     assert f"trtexec --loadEngine={engine}" in _one_line(capsys.readouterr().err)
 
 
@@ -368,22 +359,22 @@ def test_cli_without_gpu_exits_2(onnx_files, monkeypatch, capsys):
     # TensorRT importable (a bare module stands in for it) but no CUDA device: the GPU branch.
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert trt_cli.main(["build", "--onnx", str(onnx_files["fixed"]), "--precision", "fp16"]) == 2
+    assert yoloq_main(["trt", "build", "--onnx", str(onnx_files["fixed"]), "--precision", "fp16"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "no CUDA GPU visible" in line and "trtexec --onnx=" in line and "--fp16" in line
 
 
-def test_cli_input_errors_exit_1(onnx_files, tmp_path, capsys):
-    assert trt_cli.main(["build", "--onnx", str(tmp_path / "none.onnx")]) == 1
+def test_cli_input_errors_exit_2(onnx_files, tmp_path, capsys):
+    assert yoloq_main(["trt", "build", "--onnx", str(tmp_path / "none.onnx")]) == 2
     assert "ONNX file not found" in capsys.readouterr().err
-    assert trt_cli.main(["build", "--onnx", str(onnx_files["dynamic"])]) == 1        # plain ONNX, int8, no calib
+    assert yoloq_main(["trt", "build", "--onnx", str(onnx_files["dynamic"])]) == 2        # plain ONNX, int8, no calib
     assert "no Q/DQ nodes and no calibrator" in capsys.readouterr().err
-    assert trt_cli.main(["build", "--onnx", str(onnx_files["dynamic"]), "--calib", "entropy"]) == 1
+    assert yoloq_main(["trt", "build", "--onnx", str(onnx_files["dynamic"]), "--calib", "entropy"]) == 2
     assert "--calib needs calibration images" in capsys.readouterr().err
-    assert trt_cli.main(["build", "--onnx", str(onnx_files["dynamic"]), "--precision", "fp16",
-                         "--calib", "minmax", "--cfg", str(LITE_S_CFG)]) == 1
+    assert yoloq_main(["trt", "build", "--onnx", str(onnx_files["dynamic"]), "--precision", "fp16",
+                         "--calib", "minmax", "--cfg", str(LITE_S_CFG)]) == 2
     assert "cannot go with --precision fp16" in capsys.readouterr().err
-    assert trt_cli.main(["bench", "--engine", str(tmp_path / "none.engine")]) == 1
+    assert yoloq_main(["trt", "bench", "--engine", str(tmp_path / "none.engine")]) == 2
     assert "engine not found" in capsys.readouterr().err
 
 
@@ -412,11 +403,11 @@ def _lite_s_model():
     """YOLOv6Lite-S in deploy form: real weights when the shared file exists, else random."""
     from yoloq.config import load_config
     from yoloq.models import build_model
-    from yoloq.eval.predictors import load_eval_model
+    from yoloq.models import load_model
 
     cfg = load_config(LITE_S_CFG)
     if cfg.model.weights and Path(cfg.model.weights).is_file():
-        return load_eval_model(cfg.model), cfg, True
+        return load_model(cfg.model), cfg, True
     torch.manual_seed(0)
     return build_model(cfg.model).fuse().eval(), cfg, False
 
@@ -434,7 +425,7 @@ def fp16_engine(lite_s):
     engine, source = lite_s["dir"] / "lite_s_fp16.engine", lite_s["onnx"]
     if yt.trt_major(trt_module()) >= yt.STRONGLY_TYPED_MAJOR:     # no FP16 flag: FP16 comes from the ONNX
         import copy
-        from yoloq.export.onnx import HalfPrecision
+        from yoloq.runtime.onnx_export import HalfPrecision
         source = lite_s["dir"] / "lite_s_fp16.onnx"
         torch_onnx_export(HalfPrecision(copy.deepcopy(lite_s["model"])), torch.rand(1, 3, 320, 320), source, True)
     info = yt.build_engine(source, engine, precision="fp16", min_batch=1, opt_batch=4, max_batch=8)
@@ -481,7 +472,7 @@ def test_implicit_calibration_engine(lite_s, kind):
     engine, cache = lite_s["dir"] / f"lite_s_{kind}.engine", lite_s["dir"] / f"lite_s_{kind}.calib"
     batches = yt.calibration_batches(data_cfg, 8, 320, 4, workers=0)
     calibrator = yt.make_calibrator(kind, batches, cache)
-    assert isinstance(calibrator, getattr(trt_module(), yt._CALIBRATOR_BASES[kind]))
+    assert isinstance(calibrator, getattr(trt_module(), CALIBRATOR_BASES[kind]))
     info = yt.build_engine(lite_s["onnx"], engine, precision="int8", max_batch=8, calibrator=calibrator)
     assert info.mode == f"implicit-{kind}" and calibrator.feeder.n_batches == 2 and cache.stat().st_size > 0
     assert f"--calib={cache}" in info.trtexec
@@ -531,7 +522,8 @@ def test_eval_engine_matches_pytorch_map(lite_s, fp16_engine):
 
     data_cfg, eval_cfg = load_data_config(DATA_YAML), lite_s["cfg"].eval
     eval_cfg.workers = 0
-    trt_res = yt.evaluate_engine(fp16_engine, data_cfg, eval_cfg, max_images=24, progress=False)
+    from yoloq.cli.trt import evaluate_engine
+    trt_res = evaluate_engine(fp16_engine, data_cfg, eval_cfg, max_images=24, progress=False)
     ref = evaluate_model(lite_s["model"], data_cfg, eval_cfg, 320, max_images=24, progress=False)
     assert trt_res.n_images == 24 and trt_res.extra["engine"] == str(fp16_engine)
     assert abs(trt_res.stats["AP"] - ref.stats["AP"]) < 0.01         # FP16 vs FP32: within 1 point
@@ -540,10 +532,10 @@ def test_eval_engine_matches_pytorch_map(lite_s, fp16_engine):
 @pytest.mark.gpu
 def test_cli_build_and_bench(lite_s, tmp_path, capsys):
     engine, out = tmp_path / "cli_fp32.engine", tmp_path / "bench.json"
-    assert trt_cli.main(["build", "--onnx", str(lite_s["onnx"]), "--engine", str(engine), "--precision", "fp32",
+    assert yoloq_main(["trt", "build", "--onnx", str(lite_s["onnx"]), "--engine", str(engine), "--precision", "fp32",
                          "--max-batch", "2", "--opt-batch", "2"]) == 0
     assert "equivalent trtexec command: trtexec" in capsys.readouterr().out and engine.is_file()
-    assert trt_cli.main(["bench", "--engine", str(engine), "--batch", "1", "2", "--warmup", "2", "--iters", "5",
+    assert yoloq_main(["trt", "bench", "--engine", str(engine), "--batch", "1", "2", "--warmup", "2", "--iters", "5",
                          "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["results"]] == [1, 2] and all(r["median_ms"] > 0 for r in data["results"])
@@ -553,7 +545,7 @@ def test_cli_build_and_bench(lite_s, tmp_path, capsys):
 def test_explicit_qdq_int8_engine_from_export_onnx(trt_gpu, tmp_path):
     """INT8 engine from yoloq's own Q/DQ export (small random yolov6n): TensorRT output tracks the
     onnxruntime run of the same Q/DQ graph (different INT8 kernels and FP16 in between, so a loose bound)."""
-    export = pytest.importorskip("yoloq.export.onnx", reason="yoloq.export.onnx (export_onnx) not available")
+    export = pytest.importorskip("yoloq.runtime.onnx_export", reason="yoloq.runtime.onnx_export (export_onnx) not available")
     import onnxruntime as ort
     from yoloq.config import ModelConfig
     from yoloq.models import build_model

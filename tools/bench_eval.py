@@ -1,76 +1,9 @@
 #!/usr/bin/env python
-"""Evaluation throughput on CPU (images/s through loading, letterbox, model, NMS, box mapping).
+"""Benchmark: speed of the COCO evaluation pipeline.
 
-    python tools/bench_eval.py                                   # Lite-S at 320, YOLOv6-S at 640
-    python tools/bench_eval.py --models configs/yolov6lite_s.yaml:320 --images 100
-
-Each entry is ``config[:img_size]``. A config whose weights are missing runs with random
-weights (throughput only; its mAP means nothing) and the table says so.
+The same command as `yoloq bench-eval`: see `python tools/bench_eval.py --help` for its options.
 """
-from __future__ import annotations
-
-import argparse
-import dataclasses
-from pathlib import Path
-
-import torch
-
-from yoloq.config import load_config, load_data_config
-from yoloq.eval import evaluate_model
-from yoloq.eval.predictors import load_eval_model
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = ["configs/yolov6lite_s.yaml:320", "configs/yolov6s_repvgg.yaml:640"]
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="config[:img_size] entries")
-    p.add_argument("--images", type=int, default=64, help="val images per model (first N by id)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="loader processes (0: load in the main process)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    p.add_argument("--ann", default="val_ann", choices=["val_ann", "val_ann_official"])
-    return p.parse_args(argv)
-
-
-def build_for_bench(cfg):
-    """The configured model with its weights, or fused random weights when it has none."""
-    weights = cfg.model.weights
-    if weights and Path(weights).is_file():
-        return load_eval_model(cfg.model), "yes"
-    from yoloq.models import build_model
-    torch.manual_seed(0)
-    return build_model(cfg.model).fuse().eval(), "random"
-
-
-def bench_one(entry: str, args) -> dict:
-    cfg_path, _, size = entry.partition(":")
-    cfg = load_config(REPO / cfg_path if not Path(cfg_path).is_absolute() else cfg_path)
-    img_size = int(size) if size else cfg.model.img_size
-    model, weights = build_for_bench(cfg)
-    eval_cfg = dataclasses.replace(cfg.eval, batch_size=args.batch_size, workers=args.workers)
-    result = evaluate_model(model, load_data_config(cfg.data), eval_cfg, img_size, ann_key=args.ann,
-                            max_images=args.images, progress=False)
-    return {"model": cfg.model.name, "img_size": img_size, "weights": weights, "images": result.n_images,
-            "detections": len(result.detections), "seconds": result.seconds,
-            "images_per_s": result.images_per_s, "AP": result.stats["AP"]}
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = [bench_one(entry, args) for entry in args.models]
-    print(f"CPU, torch threads {args.threads}, batch {args.batch_size}, workers {args.workers}, "
-          f"first {args.images} images of {args.ann}")
-    print("| model | size | weights | images | detections | seconds | images/s | AP (subset) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ap = f"{r['AP'] * 100:.1f}" if r["weights"] == "yes" else "(random)"
-        print(f"| {r['model']} | {r['img_size']} | {r['weights']} | {r['images']} | {r['detections']} | "
-              f"{r['seconds']:.1f} | {r['images_per_s']:.1f} | {ap} |")
-    return 0
-
+from yoloq.cli import run_tool
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_tool("bench-eval")

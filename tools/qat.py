@@ -1,94 +1,9 @@
 #!/usr/bin/env python
-"""Quantization-aware training of a PTQ result by label-free distillation from the FP32 model.
+"""Quantization-aware training of a PTQ result (PACT / LSQ+, distillation from the FP32 model).
 
-    python tools/qat.py --cfg configs/yolov6lite_s.yaml --from runs/ptq/yolov6lite_s_auto --quantizer lsqplus
-    python tools/qat.py --cfg configs/yolov6lite_s.yaml --from runs/ptq/yolov6lite_s_auto --quantizer pact \
-        --epochs 2 --images 256 --max-images 100                     # quick run
-    python tools/qat.py ... --quantizer lsqplus --lsq-mode offset     # LSQ+ with a learned offset (zero point)
-    python tools/qat.py ... --resume                                  # continue an interrupted run
-    torchrun --nproc_per_node 2 tools/qat.py ...                      # DistributedDataParallel (gloo / nccl)
-
-Output: <out>/<name>/ with report.md, report.json (FP32 / PTQ / QAT side by side), curves.png,
-curves.csv, quant.pt (same format as PTQ: tools/export.py reads it), last.pt / best.pt (training
-state for --resume). Training uses train images only (no labels); val is evaluated every epoch.
+The same command as `yoloq qat`: see `python tools/qat.py --help` for its options.
 """
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-import warnings
-
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-
-import torch.distributed as dist                                         # noqa: E402
-
-from yoloq.config import ConfigError                                     # noqa: E402
-from yoloq.quant.learnable import KINDS, LSQ_MODES, QuantizerDivergenceError  # noqa: E402
-from yoloq.quant.qat import QATOptions, run_qat                          # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
-    p.add_argument("--from", dest="from_dir", required=True, help="PTQ run folder runs/ptq/<name> (or its quant.pt)")
-    p.add_argument("--quantizer", choices=KINDS, help="activation quantizer (default: the config's qat.quantizer)")
-    p.add_argument("--lsq-mode", choices=LSQ_MODES, help="LSQ+: symmetric (TensorRT) or offset (learned zero point)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--images", type=int, help="unlabelled train images per epoch")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="learning rate of the conv weights")
-    p.add_argument("--quantizer-lr", type=float, help="learning rate of the quantizer parameters")
-    p.add_argument("--weight-scale-lr", type=float, help="learning rate of LSQ weight scales (default: --lr)")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), help="default: the config's qat.optimizer (sgd)")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--max-images", type=int, help="evaluate only the first N val images (quick runs)")
-    p.add_argument("--name", help="run name (default <ptq name>_<quantizer>)")
-    p.add_argument("--out", default="runs/qat", help="output root (default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>/last.pt")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def init_distributed(device: str) -> bool:
-    """torchrun sets WORLD_SIZE / RANK: join the process group (nccl on CUDA, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    distributed = init_distributed(a.device)
-    try:
-        result = run_qat(a.cfg, QATOptions(from_dir=a.from_dir, quantizer=a.quantizer, lsq_mode=a.lsq_mode,
-                                           epochs=a.epochs, images=a.images, batch_size=a.batch_size, lr=a.lr,
-                                           quantizer_lr=a.quantizer_lr, weight_scale_lr=a.weight_scale_lr,
-                                           optimizer=a.optimizer, workers=a.workers, max_images=a.max_images,
-                                           name=a.name, out=a.out, resume=a.resume, device=a.device,
-                                           progress=not a.no_progress, plots=not a.no_plots))
-        if result.report:
-            r = result.report
-            pct = lambda s: f"{s['AP'] * 100:.2f}" if "AP" in s else "-"      # noqa: E731
-            print(f"{r['name']}: FP32 AP {pct(r['fp32'])}  PTQ AP {pct(r['ptq'])}  QAT AP {pct(r['qat'])} "
-                  f"(best epoch {r['best_epoch']}, last {pct(r['qat_last'])})")
-            print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
-            print(f"wrote {result.out_dir}/")
-    finally:
-        if distributed:
-            dist.destroy_process_group()
-    return 0
-
+from yoloq.cli import run_tool
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, QuantizerDivergenceError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    run_tool("qat")

@@ -1,37 +1,119 @@
 """YAML configs -> validated dataclasses.
 
 One experiment config (``configs/*.yaml``) has the sections ``model``, ``data``, ``eval``,
-``quant``, ``qat`` and ``export``; every section is a small dataclass below. Unknown keys are an
-error that names the key and the closest valid one, so a typo never silently falls back to a
-default. Relative paths are resolved against the directory of the YAML file that holds them.
+``quant``, ``qat`` and ``export``; every section is a small dataclass below that checks itself
+when it is made (``__post_init__``): a ``Literal`` annotation lists the allowed values, the
+numeric rules sit next to the fields. Unknown keys are an error that names the key and the closest
+valid one, so a typo never silently falls back to a default. Relative paths are resolved against
+the directory of the YAML file that holds them. Command-line flags change a config only through
+``Config.with_overrides``, which validates again.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
+from yoloq.errors import YoloqError
 
-class ConfigError(ValueError):
+Arch = Literal["yolov6", "lite"]
+Block = Literal["repvgg", "qarepvgg", "qarepvggv2", "repopt", "hyper_search", "conv_silu"]
+Backbone = Literal["EfficientRep", "CSPBepBackbone", "Lite_EffiBackbone"]
+Neck = Literal["RepBiFPANNeck", "CSPRepBiFPANNeck", "RepPANNeck", "Lite_EffiNeck"]
+CalibMethod = Literal["max", "percentile", "entropy", "mse", "auto"]
+Sensitivity = Literal["off", "fast", "map"]
+SensitivityMode = Literal["quantize-one", "skip-one"]
+QATQuantizer = Literal["pact", "lsqplus", "fixed"]
+LSQMode = Literal["symmetric", "offset"]
+Optimizer = Literal["sgd", "adam"]
+LSQInit = Literal["amax", "mse"]
+Backend = Literal["pycocotools", "faster-coco-eval"]
+AnnKey = Literal["val_ann", "val_ann_official"]
+NMSKind = Literal["trt", "onnx"]
+
+CALIB_METHODS = ("max", "percentile", "entropy", "mse")         # one range rule each
+AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
+# img_size must be a multiple of this: the stride of the coarsest level both families concatenate
+# with an upsampled one (Lite's extra stride-64 level rounds up, so 32 suffices there too)
+IMG_SIZE_MULTIPLE = 32
+
+
+class ConfigError(YoloqError, ValueError):
     """A config file or value is invalid; the message names the file and key."""
 
 
-# --------------------------------------------------------------------------- sections
+def parse_method(method: str, percentile: float = 99.99) -> tuple[str, float]:
+    """'max' | 'percentile' | 'percentile-99.999' | 'entropy' | 'mse' -> (kind, percentile)."""
+    m = re.fullmatch(r"percentile(?:-(\d+(?:\.\d+)?))?", str(method))
+    if m:
+        return "percentile", float(m.group(1)) if m.group(1) else float(percentile)
+    if method not in CALIB_METHODS:
+        hint = " ('auto' needs the FP32 model: use calibrate_auto)" if method == "auto" else ""
+        raise ConfigError(f"unknown calibration method '{method}'{hint}; expected one of "
+                          f"{', '.join(CALIB_METHODS)} or 'percentile-<p>' (e.g. percentile-99.999)")
+    return method, float(percentile)
+
+
+def choices(alias) -> tuple:
+    """The allowed values of a ``Literal`` alias above (for argparse ``choices``)."""
+    return typing.get_args(alias)
+
+
+# --------------------------------------------------------------------------- self-checking sections
+
+
+class Section:
+    """Mixin: ``__post_init__`` checks every ``Literal`` field, then the class's own ``rules()``."""
+
+    section = "?"
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            choices = _literal_choices(hints.get(f.name))
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and _is_optional(hints.get(f.name))):
+                hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+                raise ConfigError(f"{self.section}.{f.name}: '{value}' is not one of {', '.join(map(str, choices))}"
+                                  + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        self.rules()
+
+    def rules(self) -> None:
+        """Numeric ranges and cross-field rules (subclasses)."""
+
+    def _require(self, ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.section}.{key} must be {rule}, got {getattr(self, key)!r}")
+
+
+def _literal_choices(hint) -> tuple:
+    for arg in (typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return ()
+
+
+def _is_optional(hint) -> bool:
+    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    section = "model"
     name: str = "yolov6lite_s"
-    arch: str = "lite"                  # "yolov6" (EfficientRep/CSPBep family) | "lite"
-    block: str = "repvgg"               # repvgg | qarepvgg | qarepvggv2 | repopt | hyper_search | conv_silu
-    #                                     (repopt: RepOpt target RealVGGBlock; hyper_search: LinearAddBlock)
+    arch: Arch = "lite"
+    block: Block = "repvgg"             # repopt: RepOpt target RealVGGBlock; hyper_search: LinearAddBlock
     depth_multiple: float = 1.0
     width_multiple: float = 1.0
-    backbone: str = "EfficientRep"      # EfficientRep | CSPBepBackbone | Lite_EffiBackbone
-    neck: str = "RepBiFPANNeck"         # RepBiFPANNeck | CSPRepBiFPANNeck | RepPANNeck (RepOpt) | Lite_EffiNeck
+    backbone: Backbone = "EfficientRep"
+    neck: Neck = "RepBiFPANNeck"
     csp_e: float = 0.5                  # CSPBep expansion (m: 2/3, l: 1/2)
     fuse_p2: bool = True                # backbone also returns C2 (BiFPAN necks); False for RepPANNeck
     cspsppf: bool = True                # CSPSPPF (n/s) instead of SPPF (m/l, RepOpt) after the last stage
@@ -41,21 +123,38 @@ class ModelConfig:
     img_size: int = 640
     weights: Optional[str] = None       # checkpoint path (resolved relative to the YAML file)
 
+    def rules(self) -> None:
+        for key in ("depth_multiple", "width_multiple", "csp_e"):
+            self._require(getattr(self, key) > 0, key, "> 0")
+        self._require(self.reg_max >= 0, "reg_max", ">= 0")
+        self._require(self.nc >= 1, "nc", ">= 1")
+        self._require(self.img_size > 0 and self.img_size % IMG_SIZE_MULTIPLE == 0, "img_size",
+                      f"a positive multiple of {IMG_SIZE_MULTIPLE} (the model's stride-32 level)")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
+    section = "eval"
     conf_thres: float = 0.03
     iou_thres: float = 0.65
     max_det: int = 300
     batch_size: int = 8
     workers: int = 2
-    backend: str = "pycocotools"        # pycocotools | faster-coco-eval
-    val_ann: str = "val_ann"            # which annotation key of the data YAML to evaluate on
+    backend: Backend = "pycocotools"
+    val_ann: AnnKey = "val_ann"         # which annotation key of the data YAML to evaluate on
+
+    def rules(self) -> None:
+        self._require(0.0 <= self.conf_thres <= 1.0, "conf_thres", "in [0, 1]")
+        self._require(0.0 < self.iou_thres <= 1.0, "iou_thres", "in (0, 1]")
+        for key in ("max_det", "batch_size"):
+            self._require(getattr(self, key) >= 1, key, ">= 1")
+        self._require(self.workers >= 0, "workers", ">= 0")
 
 
 @dataclass
-class QuantConfig:
-    calib: str = "max"                  # max | percentile | entropy | mse | auto
+class QuantConfig(Section):
+    section = "quant"
+    calib: CalibMethod = "max"
     percentile: float = 99.99
     calib_images: int = 256
     batch_size: int = 8
@@ -63,14 +162,40 @@ class QuantConfig:
     seed: int = 0
     num_bins: int = 2048
     skip_layers: list = field(default_factory=list)   # layer names kept in floating point
-    max_drop: Optional[float] = None    # partial quantization: smallest k whose drop <= this
+    max_drop: Optional[float] = None    # partial quantization: fewest float layers whose drop <= this
+    max_skip: Optional[int] = None      # ... but never more than this many
     fold_qarepvgg_post_bn: bool = True
+    auto_methods: list = field(default_factory=lambda: list(AUTO_METHODS))   # candidates of calib: auto
+    auto_images: int = 32               # calibration images scoring the auto candidates
+    sensitivity: Sensitivity = "fast"   # fast: output SQNR per layer; map: + confirm top layers by mAP
+    sensitivity_mode: SensitivityMode = "quantize-one"
+    sensitivity_images: int = 16        # calibration images scored per layer (Lite-S 8 vs 32: Spearman 0.99)
+    confirm_top: int = 5                # layers confirmed with mAP when sensitivity == "map"
+    select_images: int = 128            # labeled train images measured by max_drop / sensitivity map
+    diagnose: bool = True               # per-layer range / SQNR diagnosis in the report
+
+    def rules(self) -> None:
+        self._require(0.0 < self.percentile <= 100.0, "percentile", "in (0, 100]")
+        for key in ("calib_images", "batch_size", "num_bins", "auto_images", "sensitivity_images",
+                    "confirm_top", "select_images"):
+            self._require(getattr(self, key) >= 1, key, ">= 1")
+        self._require(self.workers >= 0, "workers", ">= 0")
+        self._require(self.max_drop is None or self.max_drop >= 0, "max_drop", ">= 0 (mAP points) or null")
+        self._require(self.max_skip is None or self.max_skip >= 0, "max_skip", ">= 0 or null")
+        self._require(all(isinstance(s, str) for s in self.skip_layers), "skip_layers", "a list of layer names")
+        self._require(bool(self.auto_methods), "auto_methods", "a non-empty list of methods")
+        for method in self.auto_methods:
+            try:
+                parse_method(method)
+            except ConfigError as err:
+                raise ConfigError(f"quant.auto_methods: {err}") from None
 
 
 @dataclass
-class QATConfig:
-    quantizer: str = "lsqplus"          # pact | lsqplus | fixed
-    lsq_mode: str = "symmetric"         # symmetric | offset
+class QATConfig(Section):
+    section = "qat"
+    quantizer: QATQuantizer = "lsqplus"
+    lsq_mode: LSQMode = "symmetric"
     epochs: int = 2
     images: int = 256
     batch_size: int = 8
@@ -83,22 +208,46 @@ class QATConfig:
     distill_weight: float = 1.0         # channel-wise distillation (CWD) on the neck outputs
     temperature: float = 1.0            # CWD softmax temperature
     head_weight: float = 1.0            # head term: class-score KL + confidence-weighted box L1
-    optimizer: str = "sgd"              # sgd (momentum, as LSQ) | adam
+    optimizer: Optimizer = "sgd"        # sgd (momentum, as LSQ) | adam
     momentum: float = 0.9
     init_images: int = 32               # train images for the PACT sign / LSQ+ MSE initialisation
-    lsq_init: str = "amax"              # amax: start at the PTQ ranges | mse: MSE search on init_images
+    lsq_init: LSQInit = "amax"          # amax: start at the PTQ ranges | mse: MSE search on init_images
     #                                     (Lite-S, 100 val images: amax 23.3 AP at start, mse 8.4)
     max_scale_growth: float = 1000.0    # stop when a learned scale / clip moves more than this factor
+    max_loss_growth: float = 100.0      # stop when the loss grows past this x its first steps' mean
+    collapse_ratio: float = 0.1         # stop when an epoch's val AP falls below this x the PTQ AP (0: off)
     seed: int = 0
     workers: int = 2
 
+    def rules(self) -> None:
+        for key in ("epochs", "images", "batch_size", "init_images"):
+            self._require(getattr(self, key) >= 1, key, ">= 1")
+        for key in ("lr", "quantizer_lr", "temperature"):
+            self._require(getattr(self, key) > 0, key, "> 0")
+        self._require(self.weight_scale_lr is None or self.weight_scale_lr > 0, "weight_scale_lr", "> 0 (or null = lr)")
+        for key in ("weight_decay", "alpha_decay", "distill_weight", "head_weight"):
+            self._require(getattr(self, key) >= 0, key, ">= 0")
+        self._require(0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)")
+        self._require(self.max_scale_growth > 1.0, "max_scale_growth", "> 1")
+        self._require(self.max_loss_growth > 1.0, "max_loss_growth", "> 1")
+        self._require(0.0 <= self.collapse_ratio < 1.0, "collapse_ratio", "in [0, 1)")
+        self._require(self.workers >= 0, "workers", ">= 0")
+
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Section):
+    section = "export"
     opset: int = 13
     dynamic_batch: bool = False
     simplify: bool = True
-    nms: Optional[str] = None           # None | trt | onnx
+    nms: Optional[NMSKind] = None
+
+    def rules(self) -> None:
+        self._require(self.opset >= 13, "opset", ">= 13 (per-channel QuantizeLinear)")
+
+
+_SECTIONS = {"model": ModelConfig, "eval": EvalConfig, "quant": QuantConfig, "qat": QATConfig,
+             "export": ExportConfig}
 
 
 @dataclass
@@ -110,6 +259,22 @@ class Config:
     qat: QATConfig = field(default_factory=QATConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     path: Optional[str] = None          # the YAML this came from (set by load_config)
+
+    def with_overrides(self, data: Optional[str] = None, **sections: Optional[dict]) -> "Config":
+        """A copy with ``section={key: value}`` changes applied (``None`` values are skipped, so
+        unset command-line flags change nothing), validated as if read from the file."""
+        where = f"{self.path or 'config'} (with command-line overrides)"
+        changes: dict[str, Any] = {}
+        for name, values in sections.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"unknown config section '{name}'{_closest(name, _SECTIONS)}")
+            values = {k: v for k, v in (values or {}).items() if v is not None}
+            if values:
+                merged = {**dataclasses.asdict(getattr(self, name)), **values}
+                changes[name] = from_dict(_SECTIONS[name], merged, where)
+        if data is not None:
+            changes["data"] = str(data)
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -124,14 +289,20 @@ class DataConfig:
     names: list = field(default_factory=list)
     path: Optional[str] = None
 
+    def __post_init__(self):
+        if self.nc < 1:
+            raise ConfigError(f"nc must be >= 1, got {self.nc}")
+
 
 # --------------------------------------------------------------------------- loading
+
+
 def _closest(key: str, valid) -> str:
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _check_type(cls_name: str, name: str, value: Any, default: Any, where: str) -> Any:
+def _check_type(name: str, value: Any, default: Any, where: str) -> Any:
     """Coerce ints to floats where a float is expected; refuse obviously wrong types."""
     if default is None or value is None:
         return value
@@ -155,27 +326,34 @@ def _check_type(cls_name: str, name: str, value: Any, default: Any, where: str) 
 
 
 def from_dict(cls, data: Optional[dict], where: str):
-    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming them."""
+    """Build dataclass ``cls`` from ``data``; unknown keys and invalid values raise ConfigError
+    naming ``where`` and the key."""
     if data is None:
-        return cls()
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = cls()
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in fields.values()}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, fields)}; "
                               f"valid keys: {', '.join(sorted(fields))}")
-        kwargs[key] = _check_type(cls.__name__, key, value, getattr(defaults, key), f"{where}")
-    return cls(**kwargs)
+        kwargs[key] = _check_type(key, value, defaults[key], where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file: {err.reason} at byte {err.start}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -191,10 +369,6 @@ def resolve_path(value: Optional[str], base_dir: Path) -> Optional[str]:
     return str(p if p.is_absolute() else (base_dir / p).resolve())
 
 
-_SECTIONS = {"model": ModelConfig, "eval": EvalConfig, "quant": QuantConfig,
-             "qat": QATConfig, "export": ExportConfig}
-
-
 def load_config(path: str | os.PathLike) -> Config:
     """Load an experiment config YAML (``configs/*.yaml``)."""
     path = Path(path)
@@ -204,16 +378,13 @@ def load_config(path: str | os.PathLike) -> Config:
         if key not in valid:
             raise ConfigError(f"{path}: unknown section '{key}'{_closest(key, valid)}; "
                               f"valid sections: {', '.join(sorted(valid))}")
-    cfg = Config(path=str(path))
-    for name, cls in _SECTIONS.items():
-        setattr(cfg, name, from_dict(cls, raw.get(name), f"{path}: {name}"))
+    sections = {name: from_dict(cls, raw.get(name), f"{path}: {name}") for name, cls in _SECTIONS.items()}
     base = path.parent.resolve()
-    cfg.model.weights = resolve_path(cfg.model.weights, base)
+    sections["model"].weights = resolve_path(sections["model"].weights, base)
     data = raw.get("data")
     if data is not None and not isinstance(data, str):
         raise ConfigError(f"{path}: 'data' must be the path of a dataset YAML, got {data!r}")
-    cfg.data = resolve_path(data, base)
-    return cfg
+    return Config(**sections, data=resolve_path(data, base), path=str(path))
 
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:

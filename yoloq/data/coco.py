@@ -12,6 +12,7 @@ Images that are missing or cannot be decoded are never fatal: the dataset return
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from yoloq.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PAD_VALUE = 114
@@ -59,7 +62,7 @@ def _resize(img: np.ndarray, size_wh: tuple[int, int], interpolation: str) -> np
         return cv2.resize(img, size_wh, interpolation=cv2.INTER_LINEAR)
     if interpolation == "area":
         return cv2.resize(img, size_wh, interpolation=cv2.INTER_AREA)
-    raise ValueError(f"letterbox: unknown interpolation '{interpolation}'; expected one of {INTERPOLATIONS}")
+    raise InputError(f"letterbox: unknown interpolation '{interpolation}'; expected one of {INTERPOLATIONS}")
 
 
 def letterbox(img_bgr: np.ndarray, new_size: int, pad: int = PAD_VALUE,
@@ -71,7 +74,7 @@ def letterbox(img_bgr: np.ndarray, new_size: int, pad: int = PAD_VALUE,
     split evenly with the odd pixel going right/bottom.
     """
     if img_bgr.ndim != 3 or img_bgr.shape[2] != 3:
-        raise ValueError(f"letterbox: expected an HxWx3 image, got shape {img_bgr.shape}")
+        raise InputError(f"letterbox: expected an HxWx3 image, got shape {img_bgr.shape}")
     h, w = img_bgr.shape[:2]
     ratio = new_size / max(h, w)
     new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))
@@ -88,6 +91,18 @@ def read_image(path: str | Path) -> Optional[np.ndarray]:
     EXIF orientation is ignored on purpose: COCO boxes refer to the stored pixel layout.
     """
     return cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+
+
+def jpeg_truncated(path: str | Path) -> bool:
+    """A .jpg / .jpeg file without the end-of-image marker: libjpeg would decode its first part and
+    only print a warning, leaving the rest grey."""
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return False
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 1024))
+        tail = f.read().rstrip(b"\x00")
+    return not tail.endswith(b"\xff\xd9")
 
 
 def to_tensor(img_bgr: np.ndarray) -> torch.Tensor:
@@ -118,9 +133,9 @@ def read_coco_json(ann_file: str | Path) -> dict:
     try:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{ann_file}: not valid JSON: {err}") from err
+        raise InputError(f"{ann_file}: not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -129,10 +144,10 @@ def read_annotation_images(ann_file: str | Path, data: Optional[dict] = None) ->
     data = read_coco_json(ann_file) if data is None else data
     images = data.get("images")
     if not isinstance(images, list):
-        raise ValueError(f"{ann_file}: no 'images' list; is this a COCO instances file?")
+        raise InputError(f"{ann_file}: no 'images' list; is this a COCO instances file?")
     for entry in images:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            raise ValueError(f"{ann_file}: image entry without 'id'/'file_name': {entry!r:.200}")
+            raise InputError(f"{ann_file}: image entry without 'id'/'file_name': {entry!r:.200}")
     return sorted(images, key=lambda e: e["id"])
 
 
@@ -148,7 +163,7 @@ class CocoDetectionDataset(Dataset):
     def __init__(self, img_dir: str | Path, ann_file: Optional[str | Path] = None, img_size: int = 640,
                  files: Optional[Sequence[str]] = None, interpolation: str = DEFAULT_INTERPOLATION):
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation '{interpolation}'; expected one of {INTERPOLATIONS}")
+            raise InputError(f"unknown interpolation '{interpolation}'; expected one of {INTERPOLATIONS}")
         self.img_dir = Path(img_dir)
         self.ann_file = str(ann_file) if ann_file else None
         self.img_size = int(img_size)
@@ -165,7 +180,7 @@ class CocoDetectionDataset(Dataset):
             unknown = [f for f in files if f not in by_name]
             if unknown:
                 where = self.ann_file or str(self.img_dir)
-                raise ValueError(f"{where}: {len(unknown)} requested file(s) not listed, e.g. {unknown[0]}")
+                raise InputError(f"{where}: {len(unknown)} requested file(s) not listed, e.g. {unknown[0]}")
             entries = [(by_name[f], f) for f in files]
         self.entries: list[tuple[int, str]] = entries
 
@@ -181,6 +196,8 @@ class CocoDetectionDataset(Dataset):
         path = self.img_dir / name
         if not path.is_file():
             return FailedItem(str(path), "missing")
+        if jpeg_truncated(path):
+            return FailedItem(str(path), "truncated JPEG (no end-of-image marker)")
         img = read_image(path)
         if img is None:
             return FailedItem(str(path), "cannot be decoded")
@@ -225,7 +242,7 @@ class SkippingLoader:
 def make_loader(dataset: CocoDetectionDataset, batch_size: int, workers: int,
                 shuffle: bool = False, seed: int = 0) -> SkippingLoader:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=max(0, workers),
                         collate_fn=collate_skip_failed, generator=generator)
@@ -248,12 +265,12 @@ def calibration_images(data_cfg, n: int, seed: int = 0) -> list[str]:
     Only ``data_cfg.train_images`` is ever listed: calibrating on evaluation images would leak.
     """
     if n < 1:
-        raise ValueError(f"calibration needs at least 1 image, got n={n}")
+        raise InputError(f"calibration needs at least 1 image, got n={n}")
     train_dir = Path(data_cfg.train_images or "")
     if not data_cfg.train_images:
-        raise ValueError(f"{data_cfg.path}: 'train_images' is not set; calibration uses train images only")
+        raise InputError(f"{data_cfg.path}: 'train_images' is not set; calibration uses train images only")
     if data_cfg.val_images and train_dir.resolve() == Path(data_cfg.val_images).resolve():
-        raise ValueError(f"{data_cfg.path}: train_images and val_images are the same folder ({train_dir}); "
+        raise InputError(f"{data_cfg.path}: train_images and val_images are the same folder ({train_dir}); "
                          "refusing to calibrate on evaluation images")
     names = list_images(train_dir)
     random.Random(seed).shuffle(names)
@@ -266,7 +283,7 @@ def calibration_images(data_cfg, n: int, seed: int = 0) -> list[str]:
         else:
             warnings.warn(f"calibration: skipping unreadable image {train_dir / name}", stacklevel=2)
     if not chosen:
-        raise FileNotFoundError(f"no readable image in calibration folder {train_dir}")
+        raise InputError(f"no readable image in calibration folder {train_dir}")
     if len(chosen) < n:
         warnings.warn(f"calibration: asked for {n} images, {train_dir} has only {len(chosen)} readable",
                       stacklevel=2)

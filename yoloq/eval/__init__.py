@@ -1,9 +1,8 @@
 """COCO evaluation: NMS, predictors and the COCOeval pipeline."""
-from .coco_eval import (COCO80_TO_91, STAT_NAMES, EvalResult, category_ids, coco_stats, evaluate,
+from yoloq.eval.coco_eval import (COCO80_TO_91, STAT_NAMES, EvalResult, category_ids, coco_stats, evaluate,
                         evaluate_model, format_stats_table, save_result, scale_boxes, to_coco_detections)
-from .nms import non_max_suppression
-from .predictors import OnnxPredictor, load_eval_model
+from yoloq.eval.nms import non_max_suppression
 
 __all__ = ["COCO80_TO_91", "STAT_NAMES", "EvalResult", "category_ids", "coco_stats", "evaluate",
            "evaluate_model", "format_stats_table", "save_result", "scale_boxes", "to_coco_detections",
-           "non_max_suppression", "OnnxPredictor", "load_eval_model"]
+           "non_max_suppression"]

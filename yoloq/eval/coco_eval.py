@@ -20,14 +20,16 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from ..config import DataConfig, EvalConfig
-from ..data.coco import (DEFAULT_INTERPOLATION, CocoDetectionDataset, ImageMeta, make_loader,
+from yoloq.errors import InputError
+from yoloq.config import AnnKey, Backend, DataConfig, EvalConfig, choices
+from yoloq.data.ground_truth import validate_ground_truth
+from yoloq.data.coco import (DEFAULT_INTERPOLATION, CocoDetectionDataset, ImageMeta, make_loader,
                          read_annotation_images, read_coco_json)
-from .nms import non_max_suppression
+from yoloq.eval.nms import non_max_suppression
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-BACKENDS = ("pycocotools", "faster-coco-eval")
-ANN_KEYS = ("val_ann", "val_ann_official")
+BACKENDS = choices(Backend)
+ANN_KEYS = choices(AnnKey)
 
 # The 80 COCO detection classes as their category ids (1..90 with gaps), in class-index order.
 _UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
@@ -55,7 +57,7 @@ def category_ids(categories: Sequence[dict], where: str = "annotation file") -> 
     """Class index -> COCO category id: the file's categories sorted by id (must be 80)."""
     ids = sorted(int(c["id"]) for c in categories)
     if len(ids) != 80:
-        raise ValueError(f"{where}: expected 80 categories for COCO detection, found {len(ids)}")
+        raise InputError(f"{where}: expected 80 categories for COCO detection, found {len(ids)}")
     return ids
 
 
@@ -87,7 +89,7 @@ def coco_stats(ann_file: str, detections: list, backend: str = "pycocotools",
                img_ids: Optional[Sequence[int]] = None) -> dict:
     """Run COCOeval (bbox) and return the 12 stats by name; restricted to ``img_ids`` if given."""
     if backend not in BACKENDS:
-        raise ValueError(f"eval.backend: unknown backend '{backend}'; expected one of {BACKENDS}")
+        raise InputError(f"eval.backend: unknown backend '{backend}'; expected one of {BACKENDS}")
     if not detections:
         warnings.warn(f"no detections to evaluate against {ann_file}: all COCO stats are 0", stacklevel=2)
         return {name: 0.0 for name in STAT_NAMES}
@@ -113,10 +115,10 @@ def coco_stats(ann_file: str, detections: list, backend: str = "pycocotools",
 # --------------------------------------------------------------------------- evaluation
 def resolve_ann_file(data_cfg: DataConfig, ann_key: str) -> str:
     if ann_key not in ANN_KEYS:
-        raise ValueError(f"eval.val_ann: unknown annotation key '{ann_key}'; expected one of {ANN_KEYS}")
+        raise InputError(f"eval.val_ann: unknown annotation key '{ann_key}'; expected one of {ANN_KEYS}")
     ann_file = getattr(data_cfg, ann_key)
     if not ann_file:
-        raise ValueError(f"{data_cfg.path}: '{ann_key}' is not set")
+        raise InputError(f"{data_cfg.path}: '{ann_key}' is not set")
     if not Path(ann_file).is_file():
         raise FileNotFoundError(f"{data_cfg.path}: '{ann_key}' file not found: {ann_file}")
     return ann_file
@@ -129,7 +131,7 @@ def val_dataset(data_cfg: DataConfig, ann_file: str, img_size: int, max_images: 
     files = None
     if max_images is not None:
         if max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {max_images}")
+            raise InputError(f"max_images must be >= 1, got {max_images}")
         files = [e["file_name"] for e in read_annotation_images(ann_file, gt)[:max_images]]
     return CocoDetectionDataset(data_cfg.val_images, ann_file, img_size, files=files, interpolation=interpolation)
 
@@ -146,6 +148,7 @@ def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_
     ann_key = ann_key or eval_cfg.val_ann
     ann_file = resolve_ann_file(data_cfg, ann_key)
     gt = read_coco_json(ann_file)
+    validate_ground_truth(gt, ann_file)
     cat_ids = category_ids(gt.get("categories", []), ann_file)
     dataset = val_dataset(data_cfg, ann_file, img_size, max_images, gt, interpolation)
     loader = make_loader(dataset, eval_cfg.batch_size, eval_cfg.workers)
@@ -162,7 +165,9 @@ def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_
             evaluated_ids.append(meta.image_id)
     seconds = time.perf_counter() - start
     if not evaluated_ids:
-        raise RuntimeError(f"no readable image among {len(dataset)} in {data_cfg.val_images}")
+        first = dataset.failed[0] if dataset.failed else "?"
+        raise InputError(f"none of the {len(dataset)} images listed in {ann_file} could be read from "
+                         f"{data_cfg.val_images} (first: {first}); check val_images in {data_cfg.path}")
 
     start = time.perf_counter()
     stats = coco_stats(ann_file, detections, eval_cfg.backend, evaluated_ids)
@@ -176,7 +181,7 @@ def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_
 def _check_prediction_shape(preds, batch: int, nc: int) -> None:
     shape = tuple(preds.shape) if hasattr(preds, "shape") else None
     if shape is None or len(shape) != 3 or shape[0] != batch or shape[2] != 4 + nc:
-        raise ValueError(f"predictor returned shape {shape}; expected [{batch}, N, {4 + nc}] "
+        raise InputError(f"predictor returned shape {shape}; expected [{batch}, N, {4 + nc}] "
                          f"(x1,y1,x2,y2 + {nc} class scores)")
 
 

@@ -1,2 +1,4 @@
 """YOLOv6 model family (EfficientRep / CSPBep / Lite) with swappable Rep blocks."""
-from .build import build_model  # noqa: F401
+from yoloq.models.build import build_model, load_model
+
+__all__ = ["build_model", "load_model"]

@@ -1,10 +1,10 @@
 """Building blocks of the YOLOv6 v3/v4 models, each with its fusion to the deploy form.
 
-Every block that changes between training and deployment has ``fuse() -> nn.Module``: it returns
-the module to use in the deploy form (a new module, or ``self`` changed in place). The deploy form
-keeps upstream's deploy layout exactly, so deploy checkpoints load into it:
+Every block that changes between training and deployment has ``fuse() -> nn.Module`` (the fusion
+protocol of ``yoloq.models.common``). The deploy form keeps upstream's deploy layout exactly, so
+deploy checkpoints load into it:
 
-- ``ConvBNAct`` (ConvBNReLU / ConvBNSiLU): BN folded into the conv (``block.conv.{weight,bias}``).
+- ``ConvBNReLU`` / ``ConvBNSiLU`` (``common.ConvBNAct``): BN folded into the conv (``block.conv.{weight,bias}``).
 - ``RepVGGBlock``: three branches -> one 3x3 conv (``rbr_reparam``).
 - ``QARepVGGBlock`` / ``QARepVGGBlockV2``: branches -> one 3x3 conv (``rbr_reparam``); the
   post-add BN (``bn``) stays a separate module, as upstream keeps it (for QAT).
@@ -13,7 +13,7 @@ keeps upstream's deploy layout exactly, so deploy checkpoints load into it:
 
 BatchNorms that survive ``fuse()`` (QARepVGG post-BN, RepOpt BN) can be folded as well, for
 inference and quantization, with ``fold_bn() -> nn.Module`` on those blocks or
-``fold_remaining_bn(model)``. After that every Rep block is a single conv (+ bias) and activation,
+``common.fold_remaining_bn(model)``. After that every Rep block is a single conv (+ bias) and activation,
 which is what TensorRT runs; the state dict then no longer matches upstream's deploy lists, so load
 checkpoints before folding.
 
@@ -22,7 +22,6 @@ model's scales into what the RepOpt optimizer and target model need.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from functools import partial
 from typing import Callable, Optional
 
@@ -30,20 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import fold_bn, make_bn
+from yoloq.models.common import ConvBN, ConvBNAct, conv_with, fold_bn, fold_bn_into, make_bn
 
 # --------------------------------------------------------------------------- kernel helpers
-
-
-def _conv_with(weight: torch.Tensor, bias: torch.Tensor, like: nn.Conv2d) -> nn.Conv2d:
-    """A biased conv with ``like``'s geometry, device and dtype holding ``weight`` / ``bias``."""
-    conv = nn.Conv2d(like.in_channels, like.out_channels, like.kernel_size, like.stride,
-                     like.padding, like.dilation, like.groups, bias=True,
-                     device=like.weight.device, dtype=like.weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-    return conv
 
 
 def pad_1x1_to_3x3(kernel: torch.Tensor) -> torch.Tensor:
@@ -68,46 +56,6 @@ def avg_kernel_3x3(channels: int, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- conv + BN modules
 
 
-class ConvBN(nn.Sequential):
-    """conv (no bias) -> BN, no activation: a branch of the Rep blocks (keys ``conv``, ``bn``)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
-        super().__init__(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
-            bn=make_bn(out_channels),
-        ))
-
-    def folded(self):
-        """(weight, bias) of the single conv equal to this branch in eval mode."""
-        return fold_bn(self.conv.weight, self.conv.bias, self.bn)
-
-
-class ConvBNAct(nn.Module):
-    """conv -> BN -> activation (upstream ConvModule inside a wrapper: keys ``block.conv``, ``block.bn``).
-
-    ``fuse()`` folds the BN into the conv, leaving ``block.conv.{weight,bias}`` and the activation.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                 act: Callable[[], nn.Module]):
-        super().__init__()
-        self.block = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
-            bn=make_bn(out_channels),
-            act=act(),
-        ))
-
-    def forward(self, x):
-        return self.block(x)
-
-    def fuse(self) -> nn.Module:
-        if hasattr(self.block, "bn"):
-            w, b = fold_bn(self.block.conv.weight, self.block.conv.bias, self.block.bn)
-            self.block.conv = _conv_with(w, b, self.block.conv)
-            del self.block.bn
-        return self
-
-
 class ConvBNReLU(ConvBNAct):
     """conv -> BN -> ReLU (upstream ConvBNReLU; SimConv in 0.3.0 checkpoints)."""
 
@@ -125,21 +73,15 @@ class ConvBNSiLU(ConvBNAct):
 # --------------------------------------------------------------------------- Rep blocks
 
 
-class RepConv(nn.Module):
-    """Deploy form of the RepVGG-style blocks: ``relu([bn](rbr_reparam(x)))``.
+class ConvMaybeBNReLU(nn.Module):
+    """``relu([bn](conv(x)))`` with the conv held under ``conv_attr``; ``fold_bn()`` folds the BN
+    into the conv in place (outputs unchanged in eval mode). ``fuse()`` keeps the block: upstream
+    deploys it as it is."""
 
-    ``bn`` is present only for QARepVGG (upstream keeps its post-add BN in the deploy form);
-    ``fold_bn()`` folds it into ``rbr_reparam``.
-    """
-
-    def __init__(self, conv: nn.Conv2d, post_bn: Optional[nn.BatchNorm2d] = None):
-        super().__init__()
-        self.bn = post_bn          # registered first: upstream's deploy key order is bn, rbr_reparam
-        self.rbr_reparam = conv
-        self.act = nn.ReLU()
+    conv_attr = "conv"
 
     def forward(self, x):
-        x = self.rbr_reparam(x)
+        x = getattr(self, self.conv_attr)(x)
         if self.bn is not None:
             x = self.bn(x)
         return self.act(x)
@@ -149,10 +91,24 @@ class RepConv(nn.Module):
 
     def fold_bn(self) -> nn.Module:
         if self.bn is not None:
-            w, b = fold_bn(self.rbr_reparam.weight, self.rbr_reparam.bias, self.bn)
-            self.rbr_reparam = _conv_with(w, b, self.rbr_reparam)
+            setattr(self, self.conv_attr, fold_bn_into(getattr(self, self.conv_attr), self.bn))
             self.bn = None
         return self
+
+
+class RepConv(ConvMaybeBNReLU):
+    """Deploy form of the RepVGG-style blocks: ``relu([bn](rbr_reparam(x)))``.
+
+    ``bn`` is present only for QARepVGG (upstream keeps its post-add BN in the deploy form).
+    """
+
+    conv_attr = "rbr_reparam"
+
+    def __init__(self, conv: nn.Conv2d, post_bn: Optional[nn.BatchNorm2d] = None):
+        super().__init__()
+        self.bn = post_bn          # registered first: upstream's deploy key order is bn, rbr_reparam
+        self.rbr_reparam = conv
+        self.act = nn.ReLU()
 
 
 class RepVGGBlock(nn.Module):
@@ -183,7 +139,7 @@ class RepVGGBlock(nn.Module):
         if self.rbr_identity is not None:
             wid, bid = fold_bn(identity_kernel_3x3(w.shape[0], w), None, self.rbr_identity)
             w, b = w + wid, b + bid
-        return RepConv(_conv_with(w, b, self.rbr_dense.conv))
+        return RepConv(conv_with(w, b, self.rbr_dense.conv))
 
 
 class QARepVGGBlock(nn.Module):
@@ -223,7 +179,7 @@ class QARepVGGBlock(nn.Module):
         w = w + pad_1x1_to_3x3(self.rbr_1x1.weight.float())
         if self.has_identity:
             w = w + self.shortcut_kernel(w)
-        return RepConv(_conv_with(w, b, self.rbr_dense.conv), post_bn=self.bn)
+        return RepConv(conv_with(w, b, self.rbr_dense.conv), post_bn=self.bn)
 
 
 class QARepVGGBlockV2(QARepVGGBlock):
@@ -240,7 +196,7 @@ class QARepVGGBlockV2(QARepVGGBlock):
         return identity_kernel_3x3(like.shape[0], like) + avg_kernel_3x3(like.shape[0], like)
 
 
-class RealVGGBlock(nn.Module):
+class RealVGGBlock(ConvMaybeBNReLU):
     """RepOpt target block: ``relu(BN(conv3x3(x)))``, a plain VGG layer.
 
     Upstream deploys it unchanged (``fuse()`` returns self); ``fold_bn()`` folds the BN into the conv.
@@ -252,22 +208,6 @@ class RealVGGBlock(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn = make_bn(out_channels)
         self.act = nn.ReLU()
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        return self.act(x)
-
-    def fuse(self) -> nn.Module:
-        return self
-
-    def fold_bn(self) -> nn.Module:
-        if self.bn is not None:
-            w, b = fold_bn(self.conv.weight, self.conv.bias, self.bn)
-            self.conv = _conv_with(w, b, self.conv)
-            self.bn = None
-        return self
 
 
 class ScaleLayer(nn.Module):
@@ -326,7 +266,7 @@ class LinearAddBlock(nn.Module):
         folded = RealVGGBlock(self.in_channels, self.out_channels, 3, self.stride)
         folded.to(device=self.conv.weight.device, dtype=self.conv.weight.dtype)
         w, b = fold_bn(self.equivalent_kernel(), None, self.bn)
-        folded.conv = _conv_with(w, b, self.conv)
+        folded.conv = conv_with(w, b, self.conv)
         folded.bn = None
         return folded
 
@@ -467,7 +407,7 @@ class BiFusion(nn.Module):
         return self.cv3(torch.cat((top, mid, bottom), 1))
 
 
-# --------------------------------------------------------------------------- registry + tree walkers
+# --------------------------------------------------------------------------- registry
 
 BASIC_BLOCKS: dict[str, Callable[..., nn.Module]] = {
     "repvgg": RepVGGBlock,
@@ -477,29 +417,6 @@ BASIC_BLOCKS: dict[str, Callable[..., nn.Module]] = {
     "hyper_search": LinearAddBlock,
     "conv_silu": ConvBNSiLU,
 }
-
-
-def _replace_children(module: nn.Module, method: str) -> None:
-    """Depth first, replace every child that has ``method`` with what ``child.method()`` returns."""
-    for name, child in module.named_children():
-        convert = getattr(child, method, None)
-        if callable(convert):
-            setattr(module, name, convert())
-        else:
-            _replace_children(child, method)
-
-
-def fuse_blocks(model: nn.Module) -> nn.Module:
-    """Convert every block of ``model`` to its deploy form in place (upstream's deploy layout)."""
-    _replace_children(model, "fuse")
-    return model
-
-
-def fold_remaining_bn(model: nn.Module) -> nn.Module:
-    """After ``fuse_blocks``: fold the BNs upstream keeps in deploy form (QARepVGG post-BN,
-    RepOpt blocks) into their convs, in place. Outputs are unchanged (eval mode); keys are not."""
-    _replace_children(model, "fold_bn")
-    return model
 
 
 # --------------------------------------------------------------------------- RepOpt helpers

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
-from .common import fold_bn, make_bn
-from .decode import Detector
+from yoloq.config import ConfigError, ModelConfig
+from yoloq.models.common import ConvBNAct, fold_bn_into, make_bn
+from yoloq.models.detector import Detector
 
 BASE_CHANNELS = [24, 32, 64, 128, 256]     # stem, stages 1..4 (before the width multiplier)
 STAGE_REPEATS = [1, 3, 7, 3]               # same for S, M and L (no depth multiplier)
@@ -47,57 +46,16 @@ def round_channels(value: float, divisor: int) -> int:
 # --------------------------------------------------------------------------- conv blocks
 
 
-def _biased_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    """A conv with ``conv``'s geometry (and device / dtype) holding ``weight`` and a bias."""
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True,
-                      device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        fused.bias.copy_(bias)
-    return fused
-
-
-class ConvBNAct(nn.Module):
-    """conv (no bias) -> BN [-> Hardswish]: upstream ConvBNHS (``act=True``) / ConvBN (``act=False``).
-
-    Parameters live under ``block.conv`` / ``block.bn`` (upstream's ConvModule inside a wrapper).
-    ``fuse()`` folds the BN into the conv: ``block.conv.{weight,bias}`` remain.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 groups: int = 1, act: bool = True):
-        super().__init__()
-        layers = OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2,
-                           groups=groups, bias=False),
-            bn=make_bn(out_channels),
-        )
-        if act:
-            layers["act"] = nn.Hardswish()
-        self.block = nn.Sequential(layers)
-
-    def forward(self, x):
-        return self.block(x)
-
-    def fuse(self) -> "ConvBNAct":
-        if hasattr(self.block, "bn"):
-            w, b = fold_bn(self.block.conv.weight, self.block.conv.bias, self.block.bn)
-            self.block.conv = _biased_conv_like(self.block.conv, w, b)
-            del self.block.bn
-        return self
-
-
 def ConvBNHS(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
              groups: int = 1) -> ConvBNAct:
-    """conv -> BN -> Hardswish."""
-    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, act=True)
+    """conv -> BN -> Hardswish (upstream ConvBNHS)."""
+    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, act=nn.Hardswish)
 
 
-def ConvBN(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-           groups: int = 1) -> ConvBNAct:
-    """conv -> BN, no activation."""
-    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, act=False)
+def ConvBNLinear(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
+                 groups: int = 1) -> ConvBNAct:
+    """conv -> BN, no activation (upstream Lite's ConvBN: keys ``block.conv`` / ``block.bn``)."""
+    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups, act=None)
 
 
 class DPBlock(nn.Module):
@@ -128,13 +86,9 @@ class DPBlock(nn.Module):
 
     def fuse(self) -> "DPBlock":
         if self.bn_1 is not None:
-            self.conv_dw_1 = _biased_conv_like(self.conv_dw_1, *fold_bn(self.conv_dw_1.weight,
-                                                                        self.conv_dw_1.bias, self.bn_1))
-            self.bn_1 = None
+            self.conv_dw_1, self.bn_1 = fold_bn_into(self.conv_dw_1, self.bn_1), None
         if self.bn_2 is not None:
-            self.conv_pw_1 = _biased_conv_like(self.conv_pw_1, *fold_bn(self.conv_pw_1.weight,
-                                                                        self.conv_pw_1.bias, self.bn_2))
-            self.bn_2 = None
+            self.conv_pw_1, self.bn_2 = fold_bn_into(self.conv_pw_1, self.bn_2), None
         return self
 
 
@@ -169,11 +123,11 @@ class LiteBlockS2(nn.Module):
         super().__init__()
         half_mid, half_out = mid_channels // 2, out_channels // 2
         # path A: depthwise stride-2 on the input, then 1x1
-        self.conv_dw_1 = ConvBN(in_channels, in_channels, 3, 2, groups=in_channels)
+        self.conv_dw_1 = ConvBNLinear(in_channels, in_channels, 3, 2, groups=in_channels)
         self.conv_1 = ConvBNHS(in_channels, half_out)
         # path B: 1x1, depthwise stride-2, SE, 1x1
         self.conv_pw_2 = ConvBNHS(in_channels, half_mid)
-        self.conv_dw_2 = ConvBN(half_mid, half_mid, 3, 2, groups=half_mid)
+        self.conv_dw_2 = ConvBNLinear(half_mid, half_mid, 3, 2, groups=half_mid)
         self.se = SEBlock(half_mid)
         self.conv_2 = ConvBNHS(half_mid, half_out)
         # merge
@@ -194,7 +148,7 @@ class LiteBlockS1(nn.Module):
         super().__init__()
         self.split = channels // 2
         self.conv_pw_1 = ConvBNHS(channels - self.split, mid_channels)
-        self.conv_dw_1 = ConvBN(mid_channels, mid_channels, 3, 1, groups=mid_channels)
+        self.conv_dw_1 = ConvBNLinear(mid_channels, mid_channels, 3, 1, groups=mid_channels)
         self.se = SEBlock(mid_channels)
         self.conv_1 = ConvBNHS(mid_channels, channels - self.split)
 
@@ -333,13 +287,6 @@ class YOLOv6Lite(Detector):
     def __init__(self, cfg: ModelConfig, backbone: LiteBackbone, neck: LiteNeck, detect: LiteDetect,
                  strides: Sequence[int] = STRIDES):
         super().__init__(cfg, backbone, neck, detect, strides)
-
-    def fuse(self) -> "YOLOv6Lite":
-        """Fold every BatchNorm into its conv, in place (outputs unchanged in eval mode)."""
-        for module in list(self.modules()):
-            if isinstance(module, (ConvBNAct, DPBlock)):
-                module.fuse()
-        return self
 
 
 # --------------------------------------------------------------------------- builder

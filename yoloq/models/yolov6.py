@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
-from .blocks import (BASIC_BLOCKS, BepC3, BiFusion, ConvBNReLU, ConvBNSiLU, CSPSPPF, RepBlock, SPPF,
-                     Transpose, fold_remaining_bn, fuse_blocks)
-from .common import make_divisible, scale_depth
-from .decode import Detector
+from yoloq.config import ConfigError, ModelConfig
+from yoloq.models.blocks import (BASIC_BLOCKS, BepC3, BiFusion, ConvBNReLU, ConvBNSiLU, CSPSPPF, RepBlock, SPPF,
+                     Transpose)
+from yoloq.models.common import make_divisible, scale_depth
+from yoloq.models.detector import Detector
 
 BACKBONE_CHANNELS = [64, 128, 256, 512, 1024]
 BACKBONE_REPEATS = [1, 6, 12, 18, 6]
@@ -175,16 +175,6 @@ class YOLOv6(Detector):
     def __init__(self, cfg: ModelConfig, backbone: nn.Module, neck: nn.Module, detect: Detect,
                  strides: Sequence[int] = STRIDES):
         super().__init__(cfg, backbone, neck, detect, strides)
-
-    def fuse(self) -> "YOLOv6":
-        """Convert every block to upstream's deploy form, in place (outputs unchanged in eval mode)."""
-        return fuse_blocks(self)
-
-    def fold_bn(self) -> "YOLOv6":
-        """Deploy form with every remaining BN folded too (QARepVGG post-BN, RepOpt blocks): one
-        conv + bias + activation per block, for inference and quantization. Keys then differ from
-        upstream's deploy lists; load checkpoints first."""
-        return fold_remaining_bn(self.fuse())
 
 
 # --------------------------------------------------------------------------- builder

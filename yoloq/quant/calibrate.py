@@ -4,7 +4,7 @@ One pass over the calibration images collects, for every activation quantizer (s
 running absolute max (pytorch-quantization ``MaxCalibrator``) and a fixed-width histogram of
 |x| (a ``HistogramCalibrator`` whose bins keep one width as the range grows, counted exactly with
 ``bincount``). Every method's amax is then computed from those statistics, which stay on the model
-(``model.quant_calib_stats``), so ``apply_calibration`` / ``calibrate_auto`` never re-run the data.
+(``QuantState.calib``), so ``apply_calibration`` / ``calibrate_auto`` never re-run the data.
 
 Activations are collected in FP32 (all quantizers off). Weights: per-channel max. Entropy and MSE
 are vectorised re-implementations of pytorch-quantization's histogram searches (its MSE calls
@@ -14,30 +14,30 @@ for entropy, bin centres for MSE), same objective, on CPU. Everything is determi
 from __future__ import annotations
 
 import math
-import re
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
-from absl import logging as absl_logging
 from pytorch_quantization.calib import HistogramCalibrator, MaxCalibrator
 from pytorch_quantization.calib.histogram import _compute_amax_percentile
 from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 from tqdm import tqdm
 
-from .prepare import (NUM_BITS, _require_prepared, fix_dead_channels, input_quantizers, quant_layers,
-                      set_amax, set_layers_quantized)
+from yoloq.config import AUTO_METHODS, CALIB_METHODS, parse_method
+from yoloq.errors import InputError, YoloqError
+from yoloq.quant.metrics import output_error
+from yoloq.quant.prepare import fix_dead_channels, input_quantizers, quant_layers, set_amax, set_layers_quantized
+from yoloq.quant.scheme import NUM_BITS, quiet_pytorch_quantization
+from yoloq.quant.state import CalibrationState, quant_state
 
-METHODS = ("max", "percentile", "entropy", "mse")
-AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
+METHODS = CALIB_METHODS
 START_BIN = 128            # pytorch-quantization / TensorRT: smallest candidate clip for entropy & mse
 SEARCH_MAX_BINS = 4096     # entropy / mse search on at most this many bins (merged beyond)
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(YoloqError, RuntimeError):
     """Calibration data or statistics are unusable; the message names the quantizer / layer."""
 
 
@@ -138,17 +138,6 @@ class _SiteCollector:
                          width=h.width or 0.0, count=self.count)
 
 
-@contextmanager
-def _quiet_absl():
-    """pytorch-quantization logs a line per quantizer for every enable/disable."""
-    old = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(old)
-
-
 def _images(batch) -> torch.Tensor:
     """Accept a tensor or a loader item ``(images, meta...)``."""
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
@@ -168,19 +157,20 @@ def _device(model: nn.Module) -> torch.device:
 def collect_statistics(model: nn.Module, batches: Iterable, num_bins: int = 2048, progress: bool = True,
                        keep: int = 0) -> list[torch.Tensor]:
     """Run ``batches`` through the FP32 path of a prepared model and store per-site statistics in
-    ``model.quant_calib_stats`` (site name -> SiteStats). Returns the first ``keep`` batches."""
-    placement = _require_prepared(model)
+    the model's ``QuantState.calib`` (site name -> SiteStats). Returns the first ``keep`` batches."""
+    state = quant_state(model)
+    placement = state.placement
     quantizers = input_quantizers(model)
     tensor_qs = {n: q for n, q in quantizers.items() if isinstance(q, TensorQuantizer)}
     collectors = {s.name: _SiteCollector(s.name, s.consumers, num_bins) for s in placement.sites if s.name in tensor_qs}
     weight_qs = [m._weight_quantizer for m in quant_layers(model).values()]
-    skipped = list(model.quant_skip_layers)
+    skipped = list(state.skip_layers)
     was_training = model.training
     saved = {n: (q._calibrator, q._if_calib, q._if_quant, q._disabled) for n, q in tensor_qs.items()}
     saved_w = [(q._if_quant, q._disabled) for q in weight_qs]
     device, kept, seen = _device(model), [], 0
     model.eval()
-    with _quiet_absl():
+    with quiet_pytorch_quantization():
         set_layers_quantized(model, skipped, True)      # every site sees data (all runs in FP32)
         try:
             for name, q in tensor_qs.items():
@@ -205,9 +195,7 @@ def collect_statistics(model: nn.Module, batches: Iterable, num_bins: int = 2048
             model.train(was_training)
     if seen == 0:
         raise CalibrationError("calibration got no images (empty batches iterable)")
-    model.quant_calib_stats = {name: c.stats() for name, c in collectors.items()}
-    model.quant_amax_cache = {}
-    model.quant_calib_images = seen
+    state.calib = CalibrationState(stats={name: c.stats() for name, c in collectors.items()}, images=seen)
     return kept
 
 
@@ -218,7 +206,7 @@ def amax_percentile(hist: torch.Tensor, width: float, percentile: float) -> floa
     """pytorch-quantization's percentile rule on our histogram: the lower edge of the bin where
     the CDF of |x| reaches ``percentile`` %."""
     if not 0.0 < percentile <= 100.0:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        raise InputError(f"percentile must be in (0, 100], got {percentile}")
     edges = torch.arange(hist.numel() + 1, dtype=torch.float64) * width
     return float(_compute_amax_percentile(hist.double().numpy(), edges.numpy(), percentile))
 
@@ -302,18 +290,6 @@ def amax_entropy(hist: torch.Tensor, width: float, num_bits: int = NUM_BITS, sta
     return int(i[int(ties[-1])]) * width
 
 
-def parse_method(method: str, percentile: float = 99.99) -> tuple[str, float]:
-    """'max' | 'percentile' | 'percentile-99.999' | 'entropy' | 'mse' -> (kind, percentile)."""
-    m = re.fullmatch(r"percentile(?:-(\d+(?:\.\d+)?))?", method)
-    if m:
-        return "percentile", float(m.group(1)) if m.group(1) else float(percentile)
-    if method not in METHODS:
-        hint = " ('auto' needs the FP32 model: use calibrate_auto)" if method == "auto" else ""
-        raise ValueError(f"unknown calibration method '{method}'{hint}; expected one of "
-                         f"{', '.join(METHODS)} or 'percentile-<p>' (e.g. percentile-99.999)")
-    return method, float(percentile)
-
-
 def site_amax(stats: SiteStats, method: str, percentile: float = 99.99) -> float:
     kind, p = parse_method(method, percentile)
     if kind == "max" or stats.hist is None or stats.hist.sum() == 0:
@@ -359,10 +335,11 @@ def method_key(method: str, percentile: float = 99.99) -> str:
 def compute_amaxes(model: nn.Module, method: str = "max", percentile: float = 99.99) -> dict[str, float]:
     """Activation amax per site for ``method`` from the stored statistics (cached per method)."""
     key = method_key(method, percentile)
-    stats = getattr(model, "quant_calib_stats", None)
+    calib = quant_state(model).calib
+    stats = calib.stats
     if not stats:
         raise CalibrationError("no calibration statistics on this model: run calibrate() first")
-    cache = model.__dict__.setdefault("quant_amax_cache", {})
+    cache = calib.amax_cache
     if key not in cache:
         cache[key] = {name: site_amax(st, key) for name, st in stats.items() if st is not None}
     return dict(cache[key])
@@ -373,13 +350,13 @@ def apply_calibration(model: nn.Module, method: str = "max", percentile: float =
     max; dead channels fixed. Sites that saw no data get a tiny amax. Returns site name -> amax."""
     amaxes = compute_amaxes(model, method, percentile)
     quantizers = input_quantizers(model)
-    with _quiet_absl():
+    with quiet_pytorch_quantization():
         for name, q in quantizers.items():
             if isinstance(q, TensorQuantizer):
                 set_amax(q, torch.tensor(amaxes.get(name, 0.0)))
         calibrate_weights(model)
         fix_dead_channels(model)
-    model.quant_calib_method = method_key(method, percentile)
+    quant_state(model).calib.method = method_key(method, percentile)
     return amaxes
 
 
@@ -395,30 +372,6 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "max", percenti
 
 
 # --------------------------------------------------------------------------- automatic choice
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor, weight: Optional[torch.Tensor] = None) -> float:
-    """10 log10(sum w*ref^2 / sum w*(test-ref)^2), capped at 200 dB."""
-    ref, err = reference.double(), (test.double() - reference.double())
-    w = torch.ones_like(ref) if weight is None else weight.double().expand_as(ref)
-    signal, noise = float((w * ref ** 2).sum()), float((w * err ** 2).sum())
-    if noise <= 0:
-        return 200.0
-    if signal <= 0:
-        return -200.0
-    return min(200.0, 10.0 * math.log10(signal / noise))
-
-
-def output_error(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
-    """Detector output error vs FP32. For ``[B, N, 4 + nc]`` outputs: SQNR of the class scores,
-    SQNR of the boxes weighted by the FP32 best score of each anchor (background boxes do not
-    matter), and their mean (``sqnr_db``, higher is better). Other outputs: plain SQNR."""
-    if reference.dim() == 3 and reference.shape[-1] > 4:
-        scores_ref = reference[..., 4:]
-        score = sqnr_db(scores_ref, output[..., 4:])
-        box = sqnr_db(reference[..., :4], output[..., :4], scores_ref.amax(-1, keepdim=True))
-        return {"sqnr_db": 0.5 * (score + box), "score_sqnr_db": score, "box_sqnr_db": box}
-    return {"sqnr_db": sqnr_db(reference, output)}
 
 
 @torch.no_grad()
@@ -437,7 +390,7 @@ def calibrate_auto(model: nn.Module, batches: Iterable, fp32_model: nn.Module,
     Returns ``{"method", "metric", "images", "errors": {method: {"sqnr_db", ...}}}``.
     """
     if not methods:
-        raise ValueError("calibrate_auto: no methods given")
+        raise InputError("calibrate_auto: no methods given")
     for m in methods:
         parse_method(m)
     kept = collect_statistics(model, batches, num_bins=num_bins, progress=progress, keep=score_batches)

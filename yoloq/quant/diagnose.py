@@ -17,18 +17,16 @@ Layers are flagged when a SQNR is below ``sqnr_db`` or a spread exceeds ``spread
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .calibrate import _quiet_absl
-from .prepare import ACT_RANGE, _require_prepared, quant_layers, set_layers_quantized
-
-QMAX = 127.0          # signed INT8: weights -127..127 (narrow), activations -128..127
-
+from yoloq.quant.metrics import power_ratio_db
+from yoloq.quant.prepare import quant_layers, set_layers_quantized
+from yoloq.quant.scheme import ACT_RANGE, fake_quant, quiet_pytorch_quantization
+from yoloq.quant.state import quant_state
 
 @dataclass
 class Thresholds:
@@ -36,21 +34,6 @@ class Thresholds:
     spread: float = 100.0          # per-channel amax max/min above this: per-tensor INT8 collapses
     outlier_sigma: float = 6.0     # |w - mean| beyond this many std counts as an outlier
     outlier_ratio: float = 1e-2    # flag when more than this share of weights are outliers
-
-
-def fake_quant(x: torch.Tensor, amax: torch.Tensor, qmin: float = -QMAX) -> torch.Tensor:
-    """Symmetric INT8 fake quantization (scale amax / 127, levels qmin..127); ``amax`` broadcast
-    against ``x``. Weights use -127 (narrow range), activations -128 (``prepare.ACT_RANGE``)."""
-    scale = amax.clamp(min=1e-12) / QMAX
-    return torch.clamp(torch.round(x / scale), qmin, QMAX) * scale
-
-
-def sqnr_db(signal_power: float, noise_power: float) -> float:
-    if noise_power <= 0:
-        return 200.0
-    if signal_power <= 0:
-        return -200.0
-    return min(200.0, 10.0 * math.log10(signal_power / noise_power))
 
 
 def channel_spread(channel_amax: torch.Tensor) -> float:
@@ -87,7 +70,7 @@ def channel_sqnr_db(w: torch.Tensor, wq: torch.Tensor, out_axis: int = 0) -> flo
     dims = [d for d in range(w.dim()) if d != out_axis]
     signal = (w ** 2).sum(dim=dims)
     noise = ((wq - w) ** 2).sum(dim=dims)
-    values = [sqnr_db(float(s), float(n)) for s, n in zip(signal, noise) if s > 0]
+    values = [power_ratio_db(float(s), float(n)) for s, n in zip(signal, noise) if s > 0]
     return sum(values) / len(values) if values else 200.0
 
 
@@ -126,22 +109,22 @@ def diagnose(qmodel: nn.Module, images: Sequence[torch.Tensor], thresholds: Opti
     The model's skip set is restored afterwards.
     """
     th = thresholds or Thresholds()
-    placement = _require_prepared(qmodel)
+    state = quant_state(qmodel)
     layers = quant_layers(qmodel)
-    amax = {name: _quantizer_amax(qmodel.quant_quantizers[placement.site_of(name).name]) for name in layers}
+    amax = {name: _quantizer_amax(state.quantizers[state.placement.site_of(name).name]) for name in layers}
     hooks = {name: _InputStats(amax[name]) for name in layers}
     handles = [m.register_forward_pre_hook(hooks[name]) for name, m in layers.items()]
-    saved_skips = list(qmodel.quant_skip_layers)
+    saved_skips = list(state.skip_layers)
     qmodel.eval()
     try:
-        with _quiet_absl():
+        with quiet_pytorch_quantization():
             set_layers_quantized(qmodel, list(layers), False)     # float pass: the real activations
             for x in images:
                 qmodel(x)
     finally:
         for h in handles:
             h.remove()
-        with _quiet_absl():
+        with quiet_pytorch_quantization():
             set_layers_quantized(qmodel, list(layers), True)
             if saved_skips:
                 set_layers_quantized(qmodel, saved_skips, False)
@@ -154,7 +137,7 @@ def diagnose(qmodel: nn.Module, images: Sequence[torch.Tensor], thresholds: Opti
         row["act_amax"] = None if st.amax is None else float(st.amax)
         row["act_absmax"] = None if st.channel_max is None else float(st.channel_max.max())
         row["act_channel_spread"] = None if st.channel_max is None else channel_spread(st.channel_max)
-        row["act_sqnr_db"] = sqnr_db(st.signal, st.noise) if st.amax is not None and st.signal > 0 else None
+        row["act_sqnr_db"] = power_ratio_db(st.signal, st.noise) if st.amax is not None and st.signal > 0 else None
         row["flags"] = _flags(row, th)
         rows.append(row)
     return {"thresholds": asdict(th), "images": int(sum(x.shape[0] for x in images)), "layers": rows}

@@ -30,35 +30,31 @@ Modes:
                db/ds = z (exact: z is piecewise constant), so dy/ds = n + z below, p + z above.
 Weights: LSQ symmetric per output channel (``LSQWeightQuantizer``), b = 0, levels -127..127.
 
-``swap_quantizers`` replaces the pytorch-quantization ``TensorQuantizer``s of a calibrated
-model (``yoloq.quant.prepare``) by these, keeping shared quantizer objects shared.
-``freeze_quantizers`` turns every quantizer with a symmetric deploy form back into a
-``TensorQuantizer`` with ``amax = 127 * scale`` (the same Q/DQ), which is what
-``yoloq.quant.qcheckpoint.save_quantized`` stores and the exporter reads.
+``yoloq.quant.swap`` puts these in place of a calibrated model's quantizers, and back.
 """
 from __future__ import annotations
 
-import copy
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .prepare import ACT_RANGE, TensorQuantizer, set_amax
-from .qdq import QDQSpec
+from yoloq.config import LSQMode, QATQuantizer, choices
+from yoloq.errors import YoloqError
+from yoloq.quant.scheme import ACT_RANGE, QMAX, QDQSpec, LearnableQuantizer
+from yoloq.quant.state import named_quantizers
 
-QMAX = 127                      # int8 scale = range / 127; weights use levels -127..127
-# activations (PACT, both LSQ modes) use prepare.ACT_RANGE = (-128, 127), as QuantizeLinear / TensorRT
+# activations (PACT, both LSQ modes) use scheme.ACT_RANGE = (-128, 127), as QuantizeLinear / TensorRT
 PACT_LO = -ACT_RANGE[0] / QMAX  # signed PACT clips below at -alpha * 128/127 (the -128 level)
 ZMIN, ZMAX = -127, 128          # z = beta / s such that the zero point -z fits int8
-KINDS = ("pact", "lsqplus", "fixed")
-LSQ_MODES = ("symmetric", "offset")
+KINDS = choices(QATQuantizer)
+LSQ_MODES = choices(LSQMode)
 PACT_VARIANTS = ("auto", "signed", "unsigned")
 MIN_SCALE = 1e-8                # scales / clips at or below this are "collapsed"
 
 
-class QuantizerDivergenceError(RuntimeError):
+class QuantizerDivergenceError(YoloqError, RuntimeError):
     """A learnable quantizer's parameters became non-finite, non-positive or exploded."""
 
 
@@ -174,7 +170,7 @@ class _FlagsMixin:
         self._set_flag("enabled", False)
 
 
-class PACTQuantizer(_FlagsMixin, nn.Module):
+class PACTQuantizer(_FlagsMixin, LearnableQuantizer):
     """Per-tensor PACT activation quantizer with a learnable clip ``alpha`` (module docstring)."""
 
     _flag_names = ("signed", "quant_error", "enabled")
@@ -213,7 +209,7 @@ class PACTQuantizer(_FlagsMixin, nn.Module):
         return f"alpha={float(self.alpha):.4f}, {kind}" + ("" if self.enabled else ", disabled")
 
 
-class LSQActQuantizer(_FlagsMixin, nn.Module):
+class LSQActQuantizer(_FlagsMixin, LearnableQuantizer):
     """Per-tensor LSQ+ activation quantizer: learnable scale, and offset in ``offset`` mode."""
 
     _flag_names = ("offset_mode", "enabled")
@@ -284,7 +280,7 @@ class LSQActQuantizer(_FlagsMixin, nn.Module):
         return text + ("" if self.enabled else ", disabled")
 
 
-class LSQWeightQuantizer(_FlagsMixin, nn.Module):
+class LSQWeightQuantizer(_FlagsMixin, LearnableQuantizer):
     """Symmetric per-channel LSQ weight quantizer: y = s_c * clamp(round(w / s_c), -127, 127)."""
 
     _flag_names = ("enabled",)
@@ -334,40 +330,13 @@ class LSQWeightQuantizer(_FlagsMixin, nn.Module):
 LEARNABLE = (PACTQuantizer, LSQActQuantizer, LSQWeightQuantizer)
 
 
-def tensor_quantizer_spec(q: TensorQuantizer) -> QDQSpec:
-    """QDQSpec of a calibrated pytorch-quantization TensorQuantizer: scale = amax / 127."""
-    amax = getattr(q, "_amax", None)
-    if amax is None:
-        raise ValueError("TensorQuantizer has no amax: calibrate it first")
-    axis = q.axis[0] if isinstance(q.axis, (tuple, list)) else q.axis
-    return QDQSpec(scale=(amax.detach().flatten() if axis is not None else amax.detach().reshape(())) / QMAX,
-                   axis=axis, enabled=not q._disabled)
 
 
-def export_spec(q: nn.Module) -> QDQSpec:
-    """Deploy description of any quantizer this project uses."""
-    if isinstance(q, TensorQuantizer):
-        return tensor_quantizer_spec(q)
-    if isinstance(q, LEARNABLE):
-        return q.export_spec()
-    raise TypeError(f"not a quantizer: {type(q).__name__}")
 
 
 # --------------------------------------------------------------------------- finding quantizers
 
 
-def named_quantizers(model: nn.Module, types: tuple = (TensorQuantizer,) + LEARNABLE) -> dict[str, nn.Module]:
-    """Every quantizer object once (first module path; site names of ``prepare`` win)."""
-    names: dict[int, str] = {}
-    for site, q in (getattr(model, "quant_quantizers", None) or {}).items():
-        names.setdefault(id(q), site)
-    out: dict[str, nn.Module] = {}
-    seen = set()
-    for path, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, types) and id(m) not in seen:
-            seen.add(id(m))
-            out[names.get(id(m), path)] = m
-    return out
 
 
 def learnable_quantizers(model: nn.Module) -> dict[str, nn.Module]:
@@ -430,252 +399,3 @@ def check_quantizers(model: nn.Module, max_growth: float = 1e3) -> None:
             raise QuantizerDivergenceError(
                 f"quantizer '{name}': {what} moved from {float(q.init_value.max()):.4g} to {float(v.max()):.4g} "
                 f"(more than x{max_growth:g}); scales are exploding -- lower the quantizer learning rate")
-
-
-# --------------------------------------------------------------------------- initialisation
-
-
-class _Samples:
-    """Min / max and a bounded, deterministic subsample of every tensor one quantizer sees."""
-
-    def __init__(self, per_batch: int = 16384, limit: int = 262144):
-        self.per_batch, self.limit = per_batch, limit
-        self.lo, self.hi = math.inf, -math.inf
-        self.values: list[torch.Tensor] = []
-        self.count = 0
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        flat = x.detach().float().flatten().cpu()
-        if flat.numel() == 0:
-            return
-        self.lo, self.hi = min(self.lo, float(flat.min())), max(self.hi, float(flat.max()))
-        if self.count < self.limit:
-            step = max(1, flat.numel() // self.per_batch)      # strided: deterministic, spread out
-            part = flat[::step][: self.limit - self.count]
-            self.values.append(part)
-            self.count += part.numel()
-
-    def tensor(self) -> torch.Tensor:
-        return torch.cat(self.values) if self.values else torch.zeros(0)
-
-
-@torch.no_grad()
-def collect_activation_samples(model: nn.Module, batches: Iterable, quantizers: dict[int, nn.Module]
-                               ) -> dict[int, _Samples]:
-    """FP32 inputs of the given TensorQuantizers (by id) over ``batches`` (quantizers switched off
-    meanwhile, as in calibration). Batches are tensors or ``(images, ...)`` tuples."""
-    samples = {key: _Samples() for key in quantizers}
-    all_tq = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    saved = [(m, m._disabled) for m in all_tq]
-    hooks = [q.register_forward_pre_hook(lambda mod, args, key=key: samples[key].add(args[0]))
-             for key, q in quantizers.items()]
-    was_training = model.training
-    try:
-        for m in all_tq:
-            m._disabled = True
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        for batch in batches:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(images.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, disabled in saved:
-            m._disabled = disabled
-        model.train(was_training)
-    return samples
-
-
-def _lsq_mse(x: torch.Tensor, s: float, beta: float, mode: str) -> float:
-    n, p = ACT_RANGE
-    if mode == "offset":
-        beta = s * min(max(round(beta / s), ZMIN), ZMAX)
-    xq = torch.round((x - beta) / s).clamp(n, p) * s + beta
-    return float((xq - x).square().mean())
-
-
-def lsq_init(x: torch.Tensor, lo: float, hi: float, mode: str, amax: Optional[float] = None,
-             steps: int = 100, min_fraction: float = 0.1) -> tuple[float, float]:
-    """(scale, beta) minimising the quantization MSE on samples ``x``: candidate ranges shrink the
-    observed [lo, hi] towards 0 in ``steps`` steps down to ``min_fraction`` (symmetric mode:
-    [-m, m] with m = max|x|); the calibrated ``amax`` is a candidate too, so the result is never
-    worse (in MSE) than the PTQ range."""
-    if mode not in LSQ_MODES:
-        raise ValueError(f"LSQ mode must be one of {LSQ_MODES}, got '{mode}'")
-    lo, hi = min(lo, 0.0), max(hi, 0.0)           # keep 0 representable (padding, ReLU zeros)
-    candidates = []
-    for c in torch.linspace(1.0, min_fraction, steps).tolist():
-        if mode == "symmetric":
-            m = c * max(-lo, hi)
-            if m > 0:
-                candidates.append((m / QMAX, 0.0))
-        else:
-            a, b = c * lo, c * hi
-            if b > a:
-                n, p = ACT_RANGE
-                s = (b - a) / (p - n)
-                candidates.append((s, a - n * s))
-    if amax is not None and amax > 0:
-        candidates.append((amax / QMAX, 0.0))
-    if not candidates:
-        return (amax / QMAX if amax else 1.0 / QMAX), 0.0
-    if x.numel() == 0:
-        return candidates[-1]
-    errors = [_lsq_mse(x, s, beta, mode) for s, beta in candidates]
-    return candidates[min(range(len(errors)), key=errors.__getitem__)]
-
-
-# --------------------------------------------------------------------------- swapping
-
-
-def _amax_of(q: TensorQuantizer, where: str) -> torch.Tensor:
-    amax = getattr(q, "_amax", None)
-    if amax is None:
-        raise ValueError(f"{where}: quantizer has no amax; calibrate the model before swap_quantizers")
-    amax = amax.detach().float()
-    if not torch.isfinite(amax).all() or (amax <= 0).any():
-        raise ValueError(f"{where}: amax has zero / non-finite values; run prepare.fix_dead_channels first")
-    return amax
-
-
-def _is_weight_slot(attr: str) -> bool:
-    return attr == "_weight_quantizer"
-
-
-def _slots(model: nn.Module):
-    """(holder module, attribute, path) for every TensorQuantizer child, aliases included."""
-    for path, holder in model.named_modules(remove_duplicate=False):
-        for attr, child in list(holder._modules.items()):
-            if isinstance(child, TensorQuantizer):
-                yield holder, attr, f"{path}.{attr}" if path else attr
-
-
-def swap_quantizers(model: nn.Module, kind: str, mode: str = "symmetric", calib_batches: Optional[Iterable] = None,
-                    pact_variant: str = "auto", pact_quant_error: bool = False) -> nn.Module:
-    """Replace the calibrated TensorQuantizers of ``model`` by learnable ones, in place.
-
-    kind ``pact``: activation quantizers -> PACTQuantizer (alpha = amax; unsigned for sites whose
-    calibration minimum is >= 0 when ``pact_variant='auto'`` and ``calib_batches`` are given,
-    signed otherwise); weights keep their fixed per-channel amax.
-    kind ``lsqplus``: activations -> LSQActQuantizer (``mode`` symmetric|offset; scale/offset from
-    an MSE search on ``calib_batches`` when given, else scale = amax / 127, beta = 0), weights ->
-    LSQWeightQuantizer (scale = amax / 127 per channel: training starts at the PTQ model).
-    kind ``fixed``: nothing is replaced (pytorch-quantization's fixed amax; QAT of weights only).
-    A quantizer object held in several places is replaced by one new object everywhere; disabled
-    quantizers (skipped layers) are left as they are. Returns ``model``.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"quantizer kind must be one of {KINDS}, got '{kind}'")
-    if mode not in LSQ_MODES:
-        raise ValueError(f"LSQ mode must be one of {LSQ_MODES}, got '{mode}'")
-    if pact_variant not in PACT_VARIANTS:
-        raise ValueError(f"PACT variant must be one of {PACT_VARIANTS}, got '{pact_variant}'")
-    slots = list(_slots(model))
-    if not slots:
-        raise ValueError("swap_quantizers: the model has no pytorch-quantization TensorQuantizer "
-                         "(prepare and calibrate it first)")
-    if kind == "fixed":
-        for holder, attr, path in slots:
-            if not getattr(holder, attr)._disabled:
-                _amax_of(getattr(holder, attr), path)
-        return model
-
-    act: dict[int, tuple[TensorQuantizer, str]] = {}
-    for holder, attr, path in slots:
-        q = getattr(holder, attr)
-        if not q._disabled and not _is_weight_slot(attr):
-            act.setdefault(id(q), (q, path))
-    samples = None
-    if calib_batches is not None:
-        samples = collect_activation_samples(model, calib_batches, {k: q for k, (q, _) in act.items()})
-
-    new: dict[int, nn.Module] = {}
-    for holder, attr, path in slots:
-        q = getattr(holder, attr)
-        if q._disabled:
-            continue
-        if id(q) not in new:
-            if _is_weight_slot(attr):
-                if kind != "lsqplus":
-                    continue
-                amax = _amax_of(q, path)
-                axis = q.axis[0] if isinstance(q.axis, (tuple, list)) else q.axis
-                new[id(q)] = LSQWeightQuantizer(amax.flatten() / QMAX if axis is not None else amax.max() / QMAX,
-                                                axis=axis)
-            else:
-                amax = float(_amax_of(q, path).max())
-                stats = samples.get(id(q)) if samples else None
-                new[id(q)] = _new_activation_quantizer(kind, mode, amax, stats, pact_variant, pact_quant_error)
-            new[id(q)].to(_amax_of(q, path).device)
-        setattr(holder, attr, new[id(q)])
-    sites = getattr(model, "quant_quantizers", None)
-    if isinstance(sites, dict):
-        for name, q in list(sites.items()):
-            if id(q) in new:
-                sites[name] = new[id(q)]
-    model.quant_qat_kind = kind if kind != "lsqplus" else f"lsqplus-{mode}"
-    return model
-
-
-def _new_activation_quantizer(kind: str, mode: str, amax: float, stats: Optional[_Samples],
-                              pact_variant: str, pact_quant_error: bool) -> nn.Module:
-    if kind == "pact":
-        if pact_variant == "auto":
-            signed = not (stats is not None and stats.count > 0 and stats.lo >= 0.0)
-        else:
-            signed = pact_variant == "signed"
-        return PACTQuantizer(alpha=amax, signed=signed, quant_error=pact_quant_error)
-    if stats is not None and stats.count > 0:
-        s, beta = lsq_init(stats.tensor(), stats.lo, stats.hi, mode, amax=amax)
-    else:
-        s, beta = amax / QMAX, 0.0
-    return LSQActQuantizer(scale=s, offset=beta if mode == "offset" else 0.0, mode=mode)
-
-
-# --------------------------------------------------------------------------- back to TensorQuantizers
-
-
-def _tensor_quantizer_like(q: nn.Module) -> TensorQuantizer:
-    from .prepare import activation_descriptor, weight_descriptor
-    if isinstance(q, LSQWeightQuantizer):
-        tq = TensorQuantizer(weight_descriptor(q.axis))
-        amax = q.scale.detach() * QMAX
-        if q.axis is not None:
-            shape = [1] * 4
-            shape[q.axis] = -1
-            amax = amax.reshape(shape)
-    else:
-        tq = TensorQuantizer(activation_descriptor())
-        amax = q.alpha.detach().clone() if isinstance(q, PACTQuantizer) else q.scale.detach() * QMAX
-    set_amax(tq, amax)
-    if not q.enabled:
-        tq.disable()
-    return tq
-
-
-def freezable(q: nn.Module) -> bool:
-    """True if ``q`` has a symmetric (zero point 0, no offset) deploy form."""
-    return isinstance(q, (PACTQuantizer, LSQWeightQuantizer)) or (isinstance(q, LSQActQuantizer) and not q.offset_mode)
-
-
-def freeze_quantizers(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every learnable quantizer that has a symmetric deploy form by a TensorQuantizer with
-    ``amax = 127 * scale`` (PACT: amax = alpha) -- the same Q/DQ, now in the PTQ checkpoint format.
-    LSQ+ offset-mode quantizers stay (saved by class + state). Sharing is preserved."""
-    if not inplace:
-        model = copy.deepcopy(model)
-    new: dict[int, nn.Module] = {}
-    for path, holder in list(model.named_modules(remove_duplicate=False)):
-        for attr, child in list(holder._modules.items()):
-            if isinstance(child, LEARNABLE) and freezable(child):
-                if id(child) not in new:
-                    new[id(child)] = _tensor_quantizer_like(child)
-                setattr(holder, attr, new[id(child)])
-    sites = getattr(model, "quant_quantizers", None)
-    if isinstance(sites, dict):
-        for name, q in list(sites.items()):
-            if id(q) in new:
-                sites[name] = new[id(q)]
-    return model

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.decode import Decode
+from yoloq.models.detector import Decode
 
 # --------------------------------------------------------------------------- TensorRT rules as data
 
@@ -157,7 +157,13 @@ def trace(model: nn.Module) -> fx.Graph:
 # --------------------------------------------------------------------------- node classification
 
 
-class _Graph:
+def is_add(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ADD_METHODS))
+
+
+
+class TracedGraph:
     """Helpers over one traced graph and its model."""
 
     def __init__(self, model: nn.Module, graph: fx.Graph):
@@ -185,11 +191,6 @@ class _Graph:
     @staticmethod
     def is_concat(node: fx.Node) -> bool:
         return node.op == "call_function" and node.target in CONCAT_FUNCTIONS
-
-    @staticmethod
-    def is_add(node: fx.Node) -> bool:
-        return ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
-                or (node.op == "call_method" and node.target in ADD_METHODS))
 
     def is_softmax(self, node: fx.Node) -> bool:
         return (isinstance(self.module(node), nn.Softmax)
@@ -267,7 +268,7 @@ def _flat_nodes(arg: Any) -> list[fx.Node]:
 def analyze(model: nn.Module) -> Placement:
     """Derive the TensorRT activation-quantizer placement of a deploy-form FP32 model."""
     graph = trace(model)
-    g = _Graph(model, graph)
+    g = TracedGraph(model, graph)
     module_order = {name: i for i, name in enumerate(g.modules)}
     uf = _UnionFind()
     tags: dict[fx.Node, set[str]] = defaultdict(set)
@@ -298,7 +299,7 @@ def analyze(model: nn.Module) -> Placement:
             for t in inputs:
                 uf.union(node, t)
             tags[node].add(f"concat({len(inputs)})")
-        elif g.is_add(node):
+        elif is_add(node):
             owner = _owner(node)
             index = add_counts[owner]
             add_counts[owner] += 1
@@ -316,7 +317,7 @@ def analyze(model: nn.Module) -> Placement:
     return _build_placement(graph, uf, tags, conv_inputs, residual_nodes, float_layers, notes, module_order)
 
 
-def _identity_tag(g: _Graph, node: fx.Node) -> str:
+def _identity_tag(g: TracedGraph, node: fx.Node) -> str:
     m = g.module(node)
     if isinstance(m, nn.MaxPool2d) or node.target in (F.max_pool2d, torch.max_pool2d):
         return "maxpool"
@@ -327,7 +328,7 @@ def _identity_tag(g: _Graph, node: fx.Node) -> str:
     return "reshape/transpose"
 
 
-def _residual_slot(g: _Graph, node: fx.Node, owner: str, index: int) -> Optional[ResidualSlot]:
+def _residual_slot(g: TracedGraph, node: fx.Node, owner: str, index: int) -> Optional[ResidualSlot]:
     operands = list(node.args[:2])
     if len(operands) != 2 or not all(isinstance(a, fx.Node) for a in operands):
         return None

@@ -20,54 +20,26 @@ weight quantizer disabled and the layer gets its *own disabled* input quantizer,
 float tensor while the other readers of a shared site stay quantized; in the exported graph the
 skipped conv then has no Q/DQ in front of it. A residual quantizer follows the conv it fuses with.
 
-The prepared model carries ``quant_placement`` (Placement), ``quant_quantizers`` (site name ->
-quantizer object), ``quant_skip_layers`` (model order) and ``quant_fold_bn``.
+The prepared model carries its ``QuantState`` (``yoloq.quant.state``): placement, site ->
+quantizer object, skipped layers (model order), whether BNs were folded, calibration results.
 """
 from __future__ import annotations
 
 import copy
 import difflib
-from typing import Callable, Iterable, Optional
-
-import warnings
+from typing import Iterable, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-with warnings.catch_warnings():       # pytorch-quantization 2.1.3 uses torch.jit.script at import
-    warnings.simplefilter("ignore", FutureWarning)
-    from pytorch_quantization import nn as quant_nn
-    from pytorch_quantization.nn import TensorQuantizer
-    from pytorch_quantization.tensor_quant import QuantDescriptor
-
-from ..config import QuantConfig
-from .placement import Placement, PlacementTracer, ResidualSlot, _Graph, analyze
-
-NUM_BITS = 8
-# Activation levels: the full int8 range with scale amax / 127, what ONNX QuantizeLinear and TensorRT
-# compute for a zero-point-0 Q/DQ, so the fake-quant model is the deployed one (narrow_range=True
-# would stop at -127 and differ from the engine wherever calibration clips negative values).
-# Weights keep the narrow range -127..127.
-ACT_RANGE = (-128, 127)
-# Smallest amax we hand to TensorRT: pytorch-quantization treats amax <= 2**-24 as "zero" and
-# TensorRT needs scale = amax / 127 > 0. A dead channel quantizes to exactly 0 either way.
-DEAD_AMAX = 1e-4
-
-
-def activation_descriptor() -> QuantDescriptor:
-    # narrow_range=False: levels ACT_RANGE
-    return QuantDescriptor(num_bits=NUM_BITS, axis=None, unsigned=False, narrow_range=False,
-                           calib_method="max")
-
-
-def weight_descriptor(axis: Optional[int]) -> QuantDescriptor:
-    return QuantDescriptor(num_bits=NUM_BITS, axis=None if axis is None else (axis,), unsigned=False,
-                           narrow_range=True, calib_method="max")
-
-
-def new_input_quantizer(disabled: bool = False) -> TensorQuantizer:
-    return TensorQuantizer(activation_descriptor(), disabled=disabled)
+from yoloq.config import QuantConfig
+from yoloq.errors import InputError
+from yoloq.quant.placement import Placement, PlacementTracer, ResidualSlot, analyze, is_add
+from yoloq.quant.scheme import (DEAD_AMAX, TensorQuantizer, activation_descriptor, new_input_quantizer,
+                                weight_descriptor)
+from yoloq.quant.state import QuantState, attach_state, quant_state
+from pytorch_quantization import nn as quant_nn
 
 
 # --------------------------------------------------------------------------- prepare
@@ -78,7 +50,7 @@ def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: I
     qcfg = qcfg or QuantConfig()
     qmodel = copy.deepcopy(model).eval()
     if qcfg.fold_qarepvgg_post_bn:
-        from ..models.blocks import fold_remaining_bn
+        from yoloq.models.common import fold_remaining_bn
         fold_remaining_bn(qmodel)
     placement = analyze(qmodel)
 
@@ -93,10 +65,8 @@ def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: I
             qmodel.get_submodule(layer)._input_quantizer = q
     _insert_residual_quantizers(qmodel, placement, quantizers)
 
-    qmodel.quant_placement = placement
-    qmodel.quant_quantizers = quantizers
-    qmodel.quant_skip_layers = []
-    qmodel.quant_fold_bn = bool(qcfg.fold_qarepvgg_post_bn)
+    attach_state(qmodel, QuantState(placement=placement, quantizers=quantizers, skip_layers=[],
+                                    fold_bn=bool(qcfg.fold_qarepvgg_post_bn)))
     skips = list(dict.fromkeys(list(qcfg.skip_layers) + list(skip_layers)))
     if skips:
         set_layers_quantized(qmodel, skips, False)
@@ -146,7 +116,7 @@ def _insert_residual_quantizers(model: nn.Module, placement: Placement, quantize
         module = model.get_submodule(owner)
         graph = _ChildrenLeafTracer().trace(module)
         gm = fx.GraphModule(module, graph, class_name=f"{type(module).__name__}WithResidualQuant")
-        adds = [n for n in gm.graph.nodes if _Graph.is_add(n)]
+        adds = [n for n in gm.graph.nodes if is_add(n)]
         for slot, site_name in slots:
             if slot.add_index >= len(adds):
                 raise RuntimeError(f"residual quantizer: {owner} has {len(adds)} adds when re-traced, "
@@ -164,37 +134,19 @@ def _insert_residual_quantizers(model: nn.Module, placement: Placement, quantize
 # --------------------------------------------------------------------------- helpers
 
 
-def _require_prepared(model: nn.Module) -> Placement:
-    placement = getattr(model, "quant_placement", None)
-    if not isinstance(placement, Placement):
-        raise ValueError("model has no quantizer placement: run yoloq.quant.prepare(model) first")
-    return placement
-
-
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Quantized conv modules by name (skipped layers included), in model order."""
-    placement = _require_prepared(model)
-    return {name: model.get_submodule(name) for name in placement.layers}
+    return {name: model.get_submodule(name) for name in quant_state(model).placement.layers}
 
 
 def input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """Activation quantizer objects by site name, one entry per object (shared ones once)."""
-    _require_prepared(model)
-    return dict(model.quant_quantizers)
+    return dict(quant_state(model).quantizers)
 
 
 def weight_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """Per-channel weight quantizers by layer name."""
     return {name: m._weight_quantizer for name, m in quant_layers(model).items()}
-
-
-def _slots(model: nn.Module, placement: Placement):
-    """Every place a site quantizer is held: (site, holder module, attribute, layer that decides)."""
-    for site in placement.sites:
-        for layer in site.consumers:
-            yield site, model.get_submodule(layer), "_input_quantizer", layer
-        for slot in site.residuals:
-            yield site, model.get_submodule(slot.owner), slot.attr, slot.fusing_layer
 
 
 def set_layers_quantized(model: nn.Module, names: Iterable[str], enabled: bool) -> None:
@@ -204,45 +156,40 @@ def set_layers_quantized(model: nn.Module, names: Iterable[str], enabled: bool) 
     (other readers of its site stay quantized). Enabled: it reads the shared site quantizer again.
     A residual quantizer is on iff the conv it fuses with is quantized.
     """
-    placement = _require_prepared(model)
+    state = quant_state(model)
+    placement = state.placement
     names = list(names)
     known = set(placement.layers)
     for name in names:
         if name not in known:
             hint = difflib.get_close_matches(name, placement.layers, n=1)
             why = placement.float_layers.get(name)
-            raise ValueError(f"set_layers_quantized: '{name}' is not a quantized layer"
+            raise InputError(f"set_layers_quantized: '{name}' is not a quantized layer"
                              + (f" ({why})" if why else "") + (f"; did you mean '{hint[0]}'?" if hint else ""))
     changed = set(names)
     for name in changed:
         wq = model.get_submodule(name)._weight_quantizer
         wq.enable() if enabled else wq.disable()
-    for site, holder, attr, layer in _slots(model, placement):
+    for site, holder, attr, layer in state.site_slots(model):
         if layer in changed:
-            setattr(holder, attr, model.quant_quantizers[site.name] if enabled else new_input_quantizer(disabled=True))
-    skipped = set(model.quant_skip_layers)
+            setattr(holder, attr, state.quantizers[site.name] if enabled else new_input_quantizer(disabled=True))
+    skipped = set(state.skip_layers)
     skipped = skipped - changed if enabled else skipped | changed
-    model.quant_skip_layers = [n for n in placement.layers if n in skipped]
+    state.skip_layers = [n for n in placement.layers if n in skipped]
 
 
 def replace_input_quantizer(model: nn.Module, site_name: str, new: nn.Module) -> None:
-    """Swap the quantizer object of one site everywhere it is held (e.g. for PACT / LSQ+).
-    Holders that are skipped keep their private disabled quantizer."""
-    placement = _require_prepared(model)
-    if site_name not in model.quant_quantizers:
-        hint = difflib.get_close_matches(site_name, list(model.quant_quantizers), n=1)
+    """Swap the quantizer object of one site everywhere it is held. Holders that are skipped keep
+    their private disabled quantizer."""
+    state = quant_state(model)
+    if site_name not in state.quantizers:
+        hint = difflib.get_close_matches(site_name, list(state.quantizers), n=1)
         raise KeyError(f"no quantizer site '{site_name}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
-    old = model.quant_quantizers[site_name]
-    for site, holder, attr, _ in _slots(model, placement):
+    old = state.quantizers[site_name]
+    for site, holder, attr, _ in state.site_slots(model):
         if site.name == site_name and getattr(holder, attr) is old:
             setattr(holder, attr, new)
-    model.quant_quantizers[site_name] = new
-
-
-def replace_input_quantizers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module]) -> None:
-    """``replace_input_quantizer`` for every site: ``make(site_name, old_quantizer) -> new``."""
-    for name, old in list(input_quantizers(model).items()):
-        replace_input_quantizer(model, name, make(name, old))
+    state.quantizers[site_name] = new
 
 
 def set_amax(quantizer: TensorQuantizer, amax: torch.Tensor) -> None:

@@ -25,10 +25,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .calibrate import _quiet_absl, output_error
-from .prepare import quant_layers, set_layers_quantized
+from yoloq.errors import InputError
+from yoloq.config import SensitivityMode, choices
+from yoloq.quant.metrics import output_error
+from yoloq.quant.prepare import quant_layers, set_layers_quantized
+from yoloq.quant.scheme import quiet_pytorch_quantization
+from yoloq.quant.state import quant_state
 
-MODES = ("quantize-one", "skip-one")
+MODES = choices(SensitivityMode)
 
 
 @torch.no_grad()
@@ -47,21 +51,21 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
     with ranking rows ``{"rank", "layer", "score", "sqnr_db", "score_sqnr_db", "box_sqnr_db"}``.
     """
     if mode not in MODES:
-        raise ValueError(f"sensitivity mode '{mode}' unknown; expected one of {MODES}")
+        raise InputError(f"sensitivity mode '{mode}' unknown; expected one of {MODES}")
     if not images:
-        raise ValueError("layer_sensitivity: no images to score on")
+        raise InputError("layer_sensitivity: no images to score on")
     start = time.perf_counter()
     all_layers = list(quant_layers(qmodel))
     layers = list(layers) if layers is not None else all_layers
     unknown = [l for l in layers if l not in all_layers]
     if unknown:
-        raise ValueError(f"layer_sensitivity: not quantized layers: {unknown[:5]}")
+        raise InputError(f"layer_sensitivity: not quantized layers: {unknown[:5]}")
     fp32_model.eval()
     qmodel.eval()
     refs = _outputs(fp32_model, images)
-    saved_skips = list(qmodel.quant_skip_layers)
+    saved_skips = list(quant_state(qmodel).skip_layers)
     rows = []
-    with _quiet_absl():
+    with quiet_pytorch_quantization():
         try:
             # reference point: everything quantized (skip-one) or nothing (quantize-one)
             set_layers_quantized(qmodel, all_layers, mode == "skip-one")
@@ -89,10 +93,10 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
 def top_layers(sensitivity: dict, k: int) -> list[str]:
     """The ``k`` most sensitive layers of a ``layer_sensitivity`` result."""
     if k < 0:
-        raise ValueError(f"skip count must be >= 0, got {k}")
+        raise InputError(f"skip count must be >= 0, got {k}")
     ranking = sensitivity["ranking"]
     if k > len(ranking):
-        raise ValueError(f"cannot skip {k} layers: only {len(ranking)} were ranked")
+        raise InputError(f"cannot skip {k} layers: only {len(ranking)} were ranked")
     return [r["layer"] for r in ranking[:k]]
 
 

@@ -1,4 +1,4 @@
 """Deployment: ONNX Q/DQ export (``export_onnx``), TensorRT and onnxruntime helpers."""
-from .onnx import ExportError, ExportInfo, count_qdq, export_onnx
+from yoloq.runtime.onnx_export import ExportError, ExportInfo, count_qdq, export_onnx
 
 __all__ = ["ExportError", "ExportInfo", "count_qdq", "export_onnx"]

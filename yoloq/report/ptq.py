@@ -1,100 +1,17 @@
-"""PTQ / QAT reports: Markdown, JSON and PNG plots from one plain dict.
+"""The PTQ report: Markdown, JSON and PNG plots from the dict ``yoloq.recipes.ptq`` builds.
 
-A report is a JSON-able dict (see ``yoloq.quant.ptq.PTQResult.to_dict``) with the keys
-
-    name, model, config, data, calibration, fp32, int8, drop, skipped_layers, partial,
-    sensitivity, diagnosis, timings, files, notes
-
-``fp32`` / ``int8`` hold COCO stats as fractions (0..1, pycocotools' scale); ``drop`` is
-``fp32 - int8`` per stat in mAP *points* (x100) so the Markdown and the JSON agree on units.
-Every file is written atomically (temp file in the same folder + ``os.replace``).
+Keys: name, model, config, data, calibration, fp32, int8, drop, skipped_layers, partial,
+sensitivity, diagnosis, timings, files, notes. Every file is written atomically (``yoloq.io``).
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-MAIN_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(obj):
-    if hasattr(obj, "tolist"):            # numpy / torch scalars and arrays
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"report: {type(obj).__name__} is not JSON-serialisable")
-
-
-def _finite(obj):
-    """JSON has no NaN / inf: write them as null (strict parsers refuse the bare tokens)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def to_json(report: dict) -> str:
-    return json.dumps(_finite(json.loads(json.dumps(report, default=_json_default))), indent=2) + "\n"
-
-
-# --------------------------------------------------------------------------- stats
-
-
-def stat_drop(fp32: dict, int8: dict, names: Sequence[str] = MAIN_STATS) -> dict:
-    """``fp32 - int8`` per stat, in mAP points (x100), for stats both sides have (>= 0)."""
-    out = {}
-    for k in names:
-        a, b = fp32.get(k), int8.get(k)
-        if a is not None and b is not None and a >= 0 and b >= 0:
-            out[k] = (a - b) * 100.0
-    return out
-
-
-def _pct(v) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return "n/a" if v < 0 else f"{v * 100:.2f}"
-
-
-def _num(v, fmt: str = "{:.2f}") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return fmt.format(v) if isinstance(v, (int, float)) else str(v)
-
-
-def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+from yoloq.io import atomic_write_bytes, atomic_write_text, to_json
+from yoloq.report.common import MAIN_STATS, figure_bytes, md_table, num, pct, pyplot
 
 
 # --------------------------------------------------------------------------- markdown
@@ -113,7 +30,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             f"{calib.get('images')} train images, seed {calib.get('seed')}", ""]
 
     out += ["## FP32 vs INT8 (COCO bbox, %)", ""]
-    rows = [(k, _pct(fp32.get(k)), _pct(int8.get(k)), _num(drop.get(k))) for k in MAIN_STATS]
+    rows = [(k, pct(fp32.get(k)), pct(int8.get(k)), num(drop.get(k))) for k in MAIN_STATS]
     out += [md_table(("metric", "FP32", "INT8", "drop"), rows), ""]
 
     errors = calib.get("auto_errors") or {}
@@ -121,7 +38,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
         out += ["## Calibration methods (auto)", "",
                 f"Metric: {calib.get('auto_metric', 'detector output SQNR vs FP32')}; "
                 f"chosen: **{calib.get('method')}**.", ""]
-        rows = [(m, _num(e.get("sqnr_db")), _num(e.get("score_sqnr_db")), _num(e.get("box_sqnr_db")))
+        rows = [(m, num(e.get("sqnr_db")), num(e.get("score_sqnr_db")), num(e.get("box_sqnr_db")))
                 for m, e in errors.items()]
         out += [md_table(("method", "SQNR dB", "score SQNR dB", "box SQNR dB"), rows), ""]
 
@@ -153,7 +70,7 @@ def _partial_section(report: dict) -> list[str]:
     trace = partial.get("search") or []
     if trace:
         out += ["", md_table(("k skipped", f"{partial.get('metric', 'drop')}"),
-                             [(t["k"], _num(t["drop"])) for t in trace])]
+                             [(t["k"], num(t["drop"])) for t in trace])]
     return out + [""]
 
 
@@ -163,16 +80,16 @@ def _sensitivity_section(sens: dict, top: int = 20) -> list[str]:
         return []
     out = ["## Per-layer sensitivity", "",
            f"Metric: {sens.get('metric')}; mode: {sens.get('mode')}; {sens.get('images')} calibration images; "
-           f"{_num(sens.get('seconds'), '{:.1f}')} s. Most sensitive first (top {min(top, len(rows))} of {len(rows)}).", ""]
+           f"{num(sens.get('seconds'), '{:.1f}')} s. Most sensitive first (top {min(top, len(rows))} of {len(rows)}).", ""]
     has_map = any("map_drop" in r for r in rows)
     header = ["rank", "layer", "output SQNR dB", "score SQNR", "box SQNR", "sensitivity"] + \
         (["mAP drop, layer in float"] if has_map else [])
     table = []
     for r in rows[:top]:
-        row = [r["rank"], f"`{r['layer']}`", _num(r.get("sqnr_db")), _num(r.get("score_sqnr_db")),
-               _num(r.get("box_sqnr_db")), _num(r.get("score"))]
+        row = [r["rank"], f"`{r['layer']}`", num(r.get("sqnr_db")), num(r.get("score_sqnr_db")),
+               num(r.get("box_sqnr_db")), num(r.get("score"))]
         if has_map:
-            row.append(_num(r.get("map_drop")))
+            row.append(num(r.get("map_drop")))
         table.append(row)
     return out + [md_table(header, table), ""]
 
@@ -188,10 +105,10 @@ def _diagnosis_section(diag: dict, top: int = 25) -> list[str]:
     header = ("layer", "w std", "max abs w", "w outliers", "w ch spread", "w SQNR pc", "w SQNR pt",
               "act amax", "act ch spread", "act SQNR", "flags")
     ordered = sorted(rows, key=lambda r: (not r.get("flags"), r.get("act_sqnr_db") or 1e9))
-    table = [(f"`{r['layer']}`", _num(r.get("w_std"), "{:.3g}"), _num(r.get("w_absmax"), "{:.3g}"),
-              _num(r.get("w_outlier_ratio"), "{:.2e}"), _num(r.get("w_channel_spread"), "{:.1f}"),
-              _num(r.get("w_sqnr_db")), _num(r.get("w_sqnr_per_tensor_db")), _num(r.get("act_amax"), "{:.3g}"),
-              _num(r.get("act_channel_spread"), "{:.1f}"), _num(r.get("act_sqnr_db")),
+    table = [(f"`{r['layer']}`", num(r.get("w_std"), "{:.3g}"), num(r.get("w_absmax"), "{:.3g}"),
+              num(r.get("w_outlier_ratio"), "{:.2e}"), num(r.get("w_channel_spread"), "{:.1f}"),
+              num(r.get("w_sqnr_db")), num(r.get("w_sqnr_per_tensor_db")), num(r.get("act_amax"), "{:.3g}"),
+              num(r.get("act_channel_spread"), "{:.1f}"), num(r.get("act_sqnr_db")),
               ", ".join(r.get("flags") or []) or "-") for r in ordered[:top]]
     return out + [md_table(header, table), ""]
 
@@ -199,23 +116,8 @@ def _diagnosis_section(diag: dict, top: int = 25) -> list[str]:
 # --------------------------------------------------------------------------- plots
 
 
-def _figure_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg", force=True)      # headless: never needs a display
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_stats(fp32: dict, int8: dict, title: str = "FP32 vs INT8") -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     names = [k for k in MAIN_STATS if k in fp32 or k in int8]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -227,11 +129,11 @@ def plot_stats(fp32: dict, int8: dict, title: str = "FP32 vs INT8") -> bytes:
     ax.set_ylabel("COCO %")
     ax.set_title(title)
     ax.legend()
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def plot_sensitivity(ranking: Sequence[dict], top: int = 30, mode: str = "quantize-one") -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     rows = list(ranking)[:top][::-1]                 # most sensitive at the top
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.25 * len(rows) + 1)))
     if mode == "skip-one":
@@ -242,11 +144,11 @@ def plot_sensitivity(ranking: Sequence[dict], top: int = 30, mode: str = "quanti
         ax.set_xlabel("detector output SQNR vs FP32, only this layer quantized (dB), lower = more sensitive")
     ax.set_title(f"Per-layer sensitivity (top {len(rows)})")
     ax.tick_params(axis="y", labelsize=7)
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def plot_diagnosis(layers: Sequence[dict]) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     idx = list(range(len(layers)))
     cap = lambda v: min(v or 0.0, 80.0)      # noqa: E731 - exactly representable weights report 200 dB
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
@@ -264,7 +166,7 @@ def plot_diagnosis(layers: Sequence[dict]) -> bytes:
     ax2.set_xlabel("quantized layer (model order)")
     ax2.legend(fontsize=7)
     fig.suptitle("Per-layer INT8 diagnosis")
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def render_plots(report: dict) -> dict[str, bytes]:
@@ -310,7 +212,7 @@ def load_report(path: str | os.PathLike) -> dict:
 def format_summary(report: dict) -> str:
     """Two-line console summary."""
     fp32, int8, drop = report.get("fp32", {}), report.get("int8", {}), report.get("drop", {})
-    return (f"{report.get('name')}: FP32 AP {_pct(fp32.get('AP'))}  INT8 AP {_pct(int8.get('AP'))}  "
-            f"drop {_num(drop.get('AP'))} points (AP50 {_pct(fp32.get('AP50'))} -> {_pct(int8.get('AP50'))}); "
+    return (f"{report.get('name')}: FP32 AP {pct(fp32.get('AP'))}  INT8 AP {pct(int8.get('AP'))}  "
+            f"drop {num(drop.get('AP'))} points (AP50 {pct(fp32.get('AP50'))} -> {pct(int8.get('AP50'))}); "
             f"calib {report.get('calibration', {}).get('method')}, "
             f"{len(report.get('skipped_layers') or [])} layers in FP")

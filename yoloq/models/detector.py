@@ -1,8 +1,8 @@
-"""Turn per-level head outputs into boxes and class scores (one tensor per image), and the
-detector wrapper both model families share (backbone -> neck -> head -> decode).
+"""The detector both model families share (backbone -> neck -> head -> decode) and the box decode.
 
-Kept as its own module so graph tracing (torch.fx) can treat it as a leaf: anchor generation
-depends on the input shape, and nothing inside it is ever quantized.
+``Decode`` turns per-level head outputs into boxes and class scores; it is its own module so graph
+tracing (torch.fx) can treat it as a leaf: anchor generation depends on the input shape, and
+nothing inside it is ever quantized.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from yoloq.models.common import fold_remaining_bn, fuse_blocks
 
 
 class Decode(nn.Module):
@@ -43,8 +45,8 @@ class Decode(nn.Module):
 class Detector(nn.Module):
     """Detector: ``forward(x [B,3,H,W] in 0..1) -> [B, N, 4 + nc]`` (xyxy pixels, sigmoid scores).
 
-    The model families differ only in their parts and in how they convert to deploy form
-    (``fuse``), which each subclass defines.
+    The model families differ only in their parts; ``fuse()`` converts every block to its deploy
+    form through the blocks' own ``fuse()`` (``yoloq.models.common``).
     """
 
     def __init__(self, cfg, backbone: nn.Module, neck: nn.Module, detect: nn.Module, strides: Sequence[int]):
@@ -59,3 +61,13 @@ class Detector(nn.Module):
 
     def forward(self, x):
         return self.decode(self.detect(self.neck(self.backbone(x))))
+
+    def fuse(self) -> "Detector":
+        """Convert every block to upstream's deploy form, in place (outputs unchanged in eval mode)."""
+        return fuse_blocks(self)
+
+    def fold_bn(self) -> "Detector":
+        """Deploy form with every remaining BN folded too (QARepVGG post-BN, RepOpt blocks): one
+        conv + bias + activation per block, for inference and quantization. Keys then differ from
+        upstream's deploy lists; load checkpoints first."""
+        return fold_remaining_bn(self.fuse())

@@ -1,4 +1,4 @@
-"""Predictors for :func:`yoloq.eval.evaluate` that are not PyTorch modules."""
+"""onnxruntime: session settings for yoloq's ONNX files and a predictor for ``yoloq.eval.evaluate``."""
 from __future__ import annotations
 
 import warnings
@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from yoloq.errors import InputError
 
 
 # onnxruntime graph optimizer (1.32 here; older releases lack it and ignore the name) that rounds each float Conv bias fed by Q/DQ inputs to int32 at
@@ -24,7 +26,10 @@ GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 def onnx_variant(path: str | Path) -> Optional[str]:
     """The ``yoloq.variant`` metadata of an ONNX file (None for files yoloq did not write)."""
     import onnx
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:                      # noqa: BLE001 - protobuf DecodeError and friends
+        raise InputError(f"{path}: not a readable ONNX file ({type(err).__name__}: {str(err)[:200]})") from None
     return next((p.value for p in model.metadata_props if p.key == VARIANT_KEY), None)
 
 
@@ -42,7 +47,7 @@ def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quanti
     import onnxruntime as ort
 
     if level not in GRAPH_LEVELS:
-        raise ValueError(f"level must be one of {GRAPH_LEVELS}, got {level!r}")
+        raise InputError(f"level must be one of {GRAPH_LEVELS}, got {level!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -78,14 +83,18 @@ class OnnxPredictor:
         if quantize_bias is None:
             quantize_bias = wants_integer_kernels(self.path)
         self.quantize_bias = bool(quantize_bias)
-        self.session = ort_session(self.path, threads, quantize_bias=self.quantize_bias)
+        try:
+            self.session = ort_session(self.path, threads, quantize_bias=self.quantize_bias)
+        except Exception as err:                  # noqa: BLE001 - onnxruntime raises its own Fail / InvalidGraph types
+            first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise InputError(f"{self.path}: onnxruntime cannot load this ONNX file ({first})") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ValueError(f"{self.path}: expected one image input, found {[i.name for i in inputs]}")
+            raise InputError(f"{self.path}: expected one image input, found {[i.name for i in inputs]}")
         self.input_name = inputs[0].name
         shape = inputs[0].shape
         if len(shape) != 4:
-            raise ValueError(f"{self.path}: input '{self.input_name}' has shape {shape}; expected [B,3,H,W]")
+            raise InputError(f"{self.path}: input '{self.input_name}' has shape {shape}; expected [B,3,H,W]")
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.img_size = shape[2] if isinstance(shape[2], int) and shape[2] == shape[3] else None
         self.output_name = self.session.get_outputs()[0].name
@@ -97,7 +106,7 @@ class OnnxPredictor:
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         x = images.detach().cpu().numpy().astype(np.float32, copy=False)
         if self.img_size is not None and x.shape[2:] != (self.img_size, self.img_size):
-            raise ValueError(f"{self.path}: model input is {self.img_size}x{self.img_size}, "
+            raise InputError(f"{self.path}: model input is {self.img_size}x{self.img_size}, "
                              f"got images of {x.shape[2]}x{x.shape[3]} (set --img-size {self.img_size})")
         if self.fixed_batch == x.shape[0] or (self.fixed_batch is None and not self.one_by_one):
             try:
@@ -110,20 +119,6 @@ class OnnxPredictor:
                               "running image by image", stacklevel=2)
                 self.one_by_one = True
         elif self.fixed_batch not in (None, 1):
-            raise ValueError(f"{self.path}: model has a fixed batch of {self.fixed_batch}; "
+            raise InputError(f"{self.path}: model has a fixed batch of {self.fixed_batch}; "
                              f"use batch size {self.fixed_batch} or 1")
         return np.concatenate([self._run(x[i:i + 1]) for i in range(x.shape[0])], 0)
-
-
-def load_eval_model(model_cfg, weights: Optional[str] = None) -> torch.nn.Module:
-    """Build the model of ``model_cfg``, load ``weights`` (default ``model_cfg.weights``) and fuse it
-    to deploy form for speed (fusion is exact up to float rounding). Returns it in eval mode."""
-    from ..checkpoint import load_weights
-    from ..models import build_model
-
-    weights = weights or model_cfg.weights
-    if not weights:
-        raise ValueError(f"model '{model_cfg.name}': no weights given (set model.weights or pass --weights)")
-    model = build_model(model_cfg)
-    load_weights(model, weights)
-    return model.fuse().eval()

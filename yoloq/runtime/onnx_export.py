@@ -2,7 +2,7 @@
 
 ``export_onnx(model_or_ckpt, path, img_size=...)`` deep-copies the prepared model, replaces every
 quantizer (pytorch-quantization ``TensorQuantizer``, PACT, LSQ+ activation / weight) by an
-:class:`ExportQDQ` built from its :class:`~yoloq.quant.qdq.QDQSpec`, and traces it with the
+:class:`ExportQDQ` built from its :class:`~yoloq.quant.scheme.QDQSpec`, and traces it with the
 TorchScript exporter. ``torch.fake_quantize_per_{tensor,channel}_affine`` with the int8 range
 -128..127 exports as one QuantizeLinear + DequantizeLinear pair, so the graph is TensorRT's
 explicit-quantization form:
@@ -22,7 +22,7 @@ QuantizeLinear computes round(w / scale), which picks the other level at a round
 exporter stores the fake-quantized weight (``_snap_weight``): it re-quantizes to the same levels.
 The remaining difference is float rounding of x * (127 / amax) vs x / scale on activations (one
 ulp, a level flip only on an exact tie). Runtimes may still change the numbers: onnxruntime's
-``WeightBiasQuantization`` rounds conv biases to int32 (``yoloq.eval.predictors.ort_session``).
+``WeightBiasQuantization`` rounds conv biases to int32 (``yoloq.runtime.ort.ort_session``).
 
 End-to-end NMS (optional): ``nms="trt"`` appends TensorRT's ``EfficientNMS_TRT`` plugin node
 (outputs num_dets, det_boxes, det_scores, det_classes); ``nms="onnx"`` appends ONNX
@@ -40,18 +40,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..quant.qdq import QDQSpec
-from ..report import atomic_write_bytes
+from yoloq.errors import YoloqError
+from yoloq.quant.learnable import LSQActQuantizer
+from yoloq.quant.scheme import ACT_RANGE, QDQSpec, TensorQuantizer, export_spec
+from yoloq.quant.state import Slot, has_quant_state, quant_state, quantizer_slots, replace_quantizers
+from yoloq.config import NMSKind, choices
+from yoloq.io import atomic_write_bytes
 
-INT8_MIN, INT8_MAX = -128, 127
+INT8_MIN, INT8_MAX = ACT_RANGE          # QuantizeLinear's int8 range
 OFFSET_MODES = ("subadd", "zero_point")
-NMS_KINDS = ("trt", "onnx")
+NMS_KINDS = choices(NMSKind)
 INPUT_NAME = "images"
 OUTPUT_NAME = "outputs"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
-class ExportError(ValueError):
+class ExportError(YoloqError, ValueError):
     """The model or checkpoint cannot be exported; the message names the file / quantizer."""
 
 
@@ -105,26 +109,16 @@ class ExportQDQ(nn.Module):
         return y
 
 
-def _quantizer_types() -> tuple:
-    from ..quant.learnable import LEARNABLE
-    from ..quant.prepare import TensorQuantizer
-    return (TensorQuantizer,) + LEARNABLE
-
-
-def _site_names(model: nn.Module) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for site, q in (getattr(model, "quant_quantizers", None) or {}).items():
-        names.setdefault(id(q), f"site '{site}'")
-    for path, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), f"'{path}'")
+def _quantizer_names(model: nn.Module) -> dict[int, str]:
+    """id(quantizer) -> how error messages name it: its site, else its first module path."""
+    names = {k: f"site '{v}'" for k, v in quant_state(model).site_names().items()} if has_quant_state(model) else {}
+    for slot in quantizer_slots(model):
+        names.setdefault(id(slot.quantizer), f"'{slot.path}'")
     return names
 
 
 def _spec_of(q: nn.Module, where: str, offset_mode: str) -> Optional[QDQSpec]:
     """QDQSpec of an enabled quantizer, None for a disabled one; ExportError if uncalibrated."""
-    from ..quant.learnable import LSQActQuantizer, export_spec
-    from ..quant.prepare import TensorQuantizer
-
     if isinstance(q, TensorQuantizer):
         if q._disabled:
             return None
@@ -157,23 +151,16 @@ def to_export_model(model: nn.Module, offset_mode: str = "subadd", fp32: bool = 
     Identity). Shared quantizer objects map to one shared export module."""
     if offset_mode not in OFFSET_MODES:
         raise ExportError(f"offset_mode must be one of {OFFSET_MODES}, got '{offset_mode}'")
-    types = _quantizer_types()
-    names = _site_names(model)
     model = copy.deepcopy(model).cpu().eval()
-    new: dict[int, nn.Module] = {}
-    for _, holder in list(model.named_modules(remove_duplicate=False)):
-        for attr, child in list(holder._modules.items()):
-            if not isinstance(child, types):
-                continue
-            if id(child) not in new:
-                spec = None if fp32 else _spec_of(child, names.get(id(child), f"'{attr}'"), offset_mode)
-                new[id(child)] = nn.Identity() if spec is None else ExportQDQ(spec, offset_mode)
-                if spec is not None and attr == "_weight_quantizer":
-                    _snap_weight(holder, child)
-            setattr(holder, attr, new[id(child)])
-    sites = getattr(model, "quant_quantizers", None)
-    if isinstance(sites, dict):
-        model.quant_quantizers = {k: new.get(id(q), q) for k, q in sites.items()}
+    names = _quantizer_names(model)
+
+    def make(q: nn.Module, slot: Slot) -> nn.Module:
+        spec = None if fp32 else _spec_of(q, names.get(id(q), f"'{slot.path}'"), offset_mode)
+        if spec is not None and slot.is_weight:
+            _snap_weight(slot.holder, q)
+        return nn.Identity() if spec is None else ExportQDQ(spec, offset_mode)
+
+    replace_quantizers(model, make)
     return model
 
 
@@ -185,7 +172,7 @@ class HalfPrecision(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        from ..models.decode import Decode
+        from yoloq.models.detector import Decode
         self.model = model.half()
         for module in self.model.modules():
             if isinstance(module, Decode):
@@ -210,7 +197,7 @@ def _cast_floats(value, dtype: torch.dtype):
 def _resolve_model(model_or_ckpt) -> tuple[nn.Module, str]:
     if isinstance(model_or_ckpt, nn.Module):
         return model_or_ckpt, "model"
-    from ..quant.qcheckpoint import QuantCheckpointError, load_quantized
+    from yoloq.quant.checkpoint import QuantCheckpointError, load_quantized
     path = Path(model_or_ckpt)
     try:
         model, _ = load_quantized(path)
@@ -220,15 +207,14 @@ def _resolve_model(model_or_ckpt) -> tuple[nn.Module, str]:
 
 
 def _check_quantized(model: nn.Module, where: str, fp32: bool, offset_mode: str) -> None:
-    from ..quant.placement import Placement
-    if not isinstance(getattr(model, "quant_placement", None), Placement):
+    if not has_quant_state(model):
         raise ExportError(f"{where}: not a quantized model (no quantizer placement; run yoloq.quant.prepare "
                           f"and calibrate, or pass a quantized checkpoint from tools/ptq.py / tools/qat.py)")
     if fp32:
         return
-    types, names = _quantizer_types(), _site_names(model)
-    enabled = [q for q in {id(m): m for m in model.modules() if isinstance(m, types)}.values()
-               if _spec_of(q, f"{names.get(id(q), '?')} of {where}", offset_mode) is not None]
+    names = _quantizer_names(model)
+    enabled = [q for q in {id(s.quantizer): s.quantizer for s in quantizer_slots(model)}.values()
+               if _spec_of(q, f"{names[id(q)]} of {where}", offset_mode) is not None]
     if not enabled:
         raise ExportError(f"{where}: no enabled, calibrated quantizer (nothing to export as Q/DQ; "
                           f"use fp32=True for a float graph)")
@@ -354,16 +340,12 @@ def append_onnx_nms(model, score_threshold: float, iou_threshold: float, max_det
 def set_variant(model, variant: str) -> None:
     """Record which export variant a graph is (ONNX metadata ``yoloq.variant``): onnxruntime runs the
     fast-path variants with integer kernels, every other graph exactly as written (OnnxPredictor)."""
-    from ..eval.predictors import VARIANT_KEY
+    from yoloq.runtime.ort import VARIANT_KEY
     for prop in list(model.metadata_props):
         if prop.key == VARIANT_KEY:
             model.metadata_props.remove(prop)
     entry = model.metadata_props.add()
     entry.key, entry.value = VARIANT_KEY, variant
-
-
-def _atomic_save(model, path: Path) -> None:
-    atomic_write_bytes(path, model.SerializeToString())      # temp file + rename: never half-written
 
 
 def _trace_to_onnx(model: nn.Module, img_size: int, batch: Optional[int], opset: int):
@@ -427,7 +409,7 @@ def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1,
     except onnx.checker.ValidationError as err:
         raise ExportError(f"exported graph fails onnx.checker: {str(err).splitlines()[0]}") from err
     path = Path(path)
-    _atomic_save(graph, path)
+    atomic_write_bytes(path, graph.SerializeToString())      # never half-written
     n_q, n_dq = count_qdq(graph)
     return ExportInfo(path=str(path), n_quantize=n_q, n_dequantize=n_dq, input_name=graph.graph.input[0].name,
                       output_names=[o.name for o in graph.graph.output], notes=notes)

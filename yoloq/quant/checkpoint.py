@@ -14,19 +14,21 @@ with ``cls.from_checkpoint(state)`` when it defines it, else ``cls()`` + ``load_
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, QuantConfig, from_dict
-from .placement import Placement
-from .prepare import (TensorQuantizer, _require_prepared, input_quantizers, prepare, quant_layers,
-                      replace_input_quantizer, set_amax)
+from yoloq.errors import YoloqError
+from yoloq.config import ConfigError, ModelConfig, QuantConfig, from_dict
+from yoloq.io import atomic_torch_save
+from yoloq.safe_load import CheckpointError, load_plain
+from yoloq.quant.placement import Placement
+from yoloq.quant.prepare import input_quantizers, prepare, quant_layers, replace_input_quantizer, set_amax
+from yoloq.quant.scheme import TensorQuantizer, is_quantizer
+from yoloq.quant.state import quant_state
 
 FORMAT = "yoloq-quantized"
 VERSION = 1
@@ -34,7 +36,7 @@ _REQUIRED = ("format", "version", "model_config", "fold_bn", "weights", "placeme
              "input_quantizers", "weight_amax", "calib_method", "meta")
 
 
-class QuantCheckpointError(ValueError):
+class QuantCheckpointError(YoloqError, ValueError):
     """A quantized checkpoint is missing, unreadable or inconsistent; the message names the file."""
 
 
@@ -61,9 +63,7 @@ def _check_plain(obj: Any, where: str) -> None:
 
 def _quantizer_prefixes(model: nn.Module) -> list[str]:
     """Module paths (all aliases) of every quantizer object in ``model``."""
-    quantizer_ids = {id(q) for q in input_quantizers(model).values()}
-    return [name + "." for name, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, TensorQuantizer) or id(m) in quantizer_ids]
+    return [name + "." for name, m in model.named_modules(remove_duplicate=False) if is_quantizer(m)]
 
 
 def _fp32_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def _quantizer_record(q: nn.Module) -> dict:
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Write a prepared (calibrated / trained) model to ``path`` atomically."""
-    placement = _require_prepared(model)
+    state = quant_state(model)
     cfg = getattr(model, "cfg", None)
     if not isinstance(cfg, ModelConfig):
         raise ValueError("save_quantized: the model has no ModelConfig in .cfg (build it with build_model)")
@@ -97,47 +97,32 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: dict | None 
         "format": FORMAT,
         "version": VERSION,
         "model_config": dataclasses.asdict(cfg),
-        "fold_bn": bool(getattr(model, "quant_fold_bn", True)),
+        "fold_bn": bool(state.fold_bn),
         "weights": _fp32_weights(model),
-        "placement": placement.to_dict(),
-        "skip_layers": list(model.quant_skip_layers),
+        "placement": state.placement.to_dict(),
+        "skip_layers": list(state.skip_layers),
         "input_quantizers": {name: _quantizer_record(q) for name, q in input_quantizers(model).items()},
         "weight_amax": {name: (None if getattr(m._weight_quantizer, "_amax", None) is None
                                else m._weight_quantizer._amax.detach().cpu().clone())
                         for name, m in quant_layers(model).items()},
-        "calib_method": getattr(model, "quant_calib_method", None),
+        "calib_method": state.calib.method,
         "meta": meta,
     }
     _check_plain(ckpt, "checkpoint")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(ckpt, path)
 
 
 # --------------------------------------------------------------------------- load
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise QuantCheckpointError(f"quantized checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise QuantCheckpointError(f"{path}: not a readable quantized checkpoint ({type(err).__name__}: "
-                                   f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        ckpt = load_plain(path)
+    except CheckpointError as err:
+        raise QuantCheckpointError(str(err).replace("checkpoint not found", "quantized checkpoint not found")) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise QuantCheckpointError(f"{path}: not a yoloq quantized checkpoint (no format '{FORMAT}'; "
-                                   f"a plain/release checkpoint loads with yoloq.checkpoint.load_weights)")
+        raise QuantCheckpointError(f"{path}: not a yoloq quantized checkpoint (no format '{FORMAT}'); if these are "
+                                   f"FP32 weights, quantize them first: yoloq ptq --cfg <config> --weights {path}")
     if ckpt.get("version") != VERSION:
         raise QuantCheckpointError(f"{path}: format version {ckpt.get('version')!r}, this code reads {VERSION}")
     missing = [k for k in _REQUIRED if k not in ckpt]
@@ -146,34 +131,62 @@ def _read(path: Path) -> dict:
     return ckpt
 
 
+def _learnable_classes() -> dict[str, type]:
+    from yoloq.quant.learnable import LEARNABLE
+    return {f"{cls.__module__}:{cls.__qualname__}": cls for cls in LEARNABLE}
+
+
 def _rebuild_quantizer(record: dict, where: str) -> nn.Module:
-    module_name, _, qualname = str(record.get("type", "")).partition(":")
-    if not module_name.startswith("yoloq.") or not qualname:
-        raise QuantCheckpointError(f"{where}: unsupported quantizer type {record.get('type')!r}")
+    classes = _learnable_classes()
+    cls = classes.get(str(record.get("type")))
+    if cls is None:
+        raise QuantCheckpointError(f"{where}: unsupported quantizer type {record.get('type')!r}; expected "
+                                   f"'TensorQuantizer' or one of {sorted(classes)}")
+    state = record.get("state")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise QuantCheckpointError(f"{where}: 'state' must be a dict of tensors")
     try:
-        cls = getattr(importlib.import_module(module_name), qualname)
-    except (ImportError, AttributeError) as err:
-        raise QuantCheckpointError(f"{where}: quantizer class {record['type']} not found ({err})") from err
-    state = record.get("state", {})
-    if hasattr(cls, "from_checkpoint"):
         return cls.from_checkpoint(state)
-    q = cls()
-    q.load_state_dict(state)
-    return q
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise QuantCheckpointError(f"{where}: invalid {cls.__name__} state ({type(err).__name__}: {err})") from None
+
+
+def _checked_amax(amax, where: str, numel: Optional[int]) -> Optional[torch.Tensor]:
+    """A stored amax: None (uncalibrated) or a finite, positive tensor with ``numel`` values."""
+    if amax is None:
+        return None
+    if not isinstance(amax, torch.Tensor) or not amax.is_floating_point():
+        raise QuantCheckpointError(f"{where}: amax must be a float tensor, got {type(amax).__name__}")
+    if numel is not None and amax.numel() != numel:
+        raise QuantCheckpointError(f"{where}: amax has {amax.numel()} values, the layer needs {numel}")
+    if not torch.isfinite(amax).all() or (amax <= 0).any():
+        raise QuantCheckpointError(f"{where}: amax must be finite and > 0")
+    return amax
 
 
 def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild a quantized model saved by ``save_quantized``. Returns ``(model, meta)`` (CPU, eval)."""
-    from ..models import build_model
-    from ..models.blocks import fold_remaining_bn
-
+    """Rebuild a quantized model saved by ``save_quantized``. Returns ``(model, meta)`` (CPU, eval).
+    Every stored field is checked: an edited or damaged file is a ``QuantCheckpointError`` naming
+    the file and the field, never a traceback from deep inside."""
     path = Path(path)
     ckpt = _read(path)
     try:
+        return _rebuild(ckpt, path)
+    except YoloqError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as err:
+        raise QuantCheckpointError(f"{path}: inconsistent quantized checkpoint, was it edited? "
+                                   f"({type(err).__name__}: {err})") from err
+
+
+def _rebuild(ckpt: dict, path: Path) -> tuple[nn.Module, dict]:
+    from yoloq.models import build_model
+    from yoloq.models.common import fold_remaining_bn
+    try:
         cfg = from_dict(ModelConfig, ckpt["model_config"], f"{path}: model_config")
+        model = build_model(cfg).fuse()
     except ConfigError as err:
         raise QuantCheckpointError(str(err)) from err
-    model = build_model(cfg).fuse()
     if ckpt["fold_bn"]:
         fold_remaining_bn(model)
     try:
@@ -184,11 +197,11 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     qmodel = prepare(model.eval(), QuantConfig(fold_qarepvgg_post_bn=bool(ckpt["fold_bn"])),
                      skip_layers=ckpt["skip_layers"])
     saved = Placement.from_dict(ckpt["placement"])
-    if saved.to_dict() != qmodel.quant_placement.to_dict():
+    if saved.to_dict() != quant_state(qmodel).placement.to_dict():
         raise QuantCheckpointError(f"{path}: the quantizer placement of the rebuilt model differs from the saved "
                                    f"one (model code changed since saving?)")
     _restore_quantizers(qmodel, ckpt, path)
-    qmodel.quant_calib_method = ckpt["calib_method"]
+    quant_state(qmodel).calib.method = ckpt["calib_method"]
     return qmodel, dict(ckpt["meta"])
 
 
@@ -199,10 +212,13 @@ def _restore_quantizers(model: nn.Module, ckpt: dict, path: Path) -> None:
         raise QuantCheckpointError(f"{path}: quantizer sites differ from the rebuilt model's")
     for name, record in records.items():
         where = f"{path}: input_quantizers.{name}"
+        if not isinstance(record, dict):
+            raise QuantCheckpointError(f"{where}: expected a record dict, got {type(record).__name__}")
         if record.get("type") == "TensorQuantizer":
             q = current[name]
-            if record.get("amax") is not None:
-                set_amax(q, record["amax"])
+            amax = _checked_amax(record.get("amax"), where, 1)
+            if amax is not None:
+                set_amax(q, amax)
             if not record.get("enabled", True):
                 q.disable()
         else:
@@ -211,5 +227,7 @@ def _restore_quantizers(model: nn.Module, ckpt: dict, path: Path) -> None:
     for name, amax in ckpt["weight_amax"].items():
         if name not in layers:
             raise QuantCheckpointError(f"{path}: weight_amax for unknown layer '{name}'")
+        out_channels = layers[name].weight.shape[1 if isinstance(layers[name], nn.ConvTranspose2d) else 0]
+        amax = _checked_amax(amax, f"{path}: weight_amax.{name}", out_channels)
         if amax is not None:
             set_amax(layers[name]._weight_quantizer, amax)

@@ -6,11 +6,10 @@ Formats read by ``read_checkpoint(path)``:
   ``{'model': sd}``, ``{'state_dict': sd}`` or a bare ``{key: tensor}``;
 - upstream release / training files: ``torch.save`` dicts whose ``model`` / ``ema`` hold pickled
   upstream ``nn.Module`` objects (fp16). They are read without the upstream ``yolov6`` package
-  and without running pickled code: a restricted unpickler allows only tensor-rebuild functions,
-  storages, a few containers and dtypes, and maps every ``yolov6.*`` / ``torch.nn.modules.*`` class
-  to an inert stub that just records its ``__dict__``; the state dict is then collected from the
-  stubs' ``_parameters`` / ``_buffers`` / ``_modules`` in registration order. Any other global
-  (``os.system``, ``builtins.eval``, ...) raises ``CheckpointError`` naming it.
+  and without running any code from the file (``yoloq.safe_load``: TorchScript archives and
+  unknown zip layouts are refused before loading; pickled classes become inert stubs); the state
+  dict is then collected from the stubs' ``_parameters`` / ``_buffers`` / ``_modules`` in
+  registration order.
   When both are present, ``ema`` is used unless it is None: that is what upstream evaluates and
   what its strip step keeps as the final model.
 
@@ -26,13 +25,9 @@ files (``rbr_reparam`` or fused conv biases) after ``model.fuse()``. Anything el
 """
 from __future__ import annotations
 
-import codecs
 import copy
 import functools
 import os
-import pickle
-import tempfile
-import types
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
@@ -40,136 +35,39 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from yoloq.io import atomic_torch_save
+from yoloq.safe_load import CheckpointError, ModuleStub, safe_torch_load
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+QUANTIZED_FORMAT = "yoloq-quantized"          # yoloq.quant.checkpoint.FORMAT
 MAX_LISTED = 10
 
 # Head branches that exist only for training (loaded and ignored, as upstream's deploy does).
 TRAINING_ONLY_MODULES = ("cls_preds_ab", "reg_preds_ab", "reg_preds_dist")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model; the message names the file.
-    (A ValueError like ``ConfigError``: bad input, reported without a traceback by the tools.)"""
 
 
-# --------------------------------------------------------------------------- restricted unpickling
 
 
-class RefusedGlobal(pickle.UnpicklingError):
-    """The pickle references a global outside the whitelist."""
-
-    def __init__(self, module: str, name: str):
-        super().__init__(f"{module}.{name}")
-        self.qualname = f"{module}.{name}"
 
 
-class ModuleStub:
-    """Inert stand-in for a pickled ``nn.Module`` (or any ``yolov6.*`` object).
-
-    Construction ignores its arguments; unpickling stores the object state in ``state`` and
-    nothing else runs. ``source`` is the pickled class name ("yolov6.layers.common.DPBlock").
-    """
-
-    source = "?"
-
-    def __init__(self, *args, **kwargs):
-        self.state: dict = {}
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:      # (dict, slots) form
-            state = {**(state[0] or {}), **(state[1] or {})}
-        self.state = dict(state) if isinstance(state, dict) else {"__state__": state}
-
-    def __repr__(self):
-        return f"<stub {self.source}>"
 
 
-@functools.lru_cache(maxsize=None)
-def _stub_class(module: str, name: str) -> type:
-    return type(name, (ModuleStub,), {"source": f"{module}.{name}", "__module__": __name__})
 
 
-def _safe_torch_global(name: str) -> Optional[Any]:
-    """dtypes, Size, device and storage classes from the ``torch`` namespace."""
-    obj = getattr(torch, name, None)
-    if isinstance(obj, torch.dtype) or obj is torch.Size or obj is torch.device:
-        return obj
-    if name.endswith("Storage") and isinstance(obj, type):    # legacy-format storage types
-        return obj
-    return None
 
 
-def _numpy_global(module: str, name: str) -> Optional[Any]:
-    """numpy scalars / arrays (upstream stores eval results as numpy floats); no object hooks."""
-    if (module, name) not in {("numpy", "dtype"), ("numpy", "ndarray"),
-                              ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-                              ("numpy.core.multiarray", "_reconstruct"),
-                              ("numpy._core.multiarray", "_reconstruct")}:
-        return None
-    import numpy as np
-    if module == "numpy":
-        return getattr(np, name)
-    try:
-        from numpy._core import multiarray
-    except ImportError:                                          # numpy < 2
-        from numpy.core import multiarray
-    return getattr(multiarray, name)
 
 
-_TORCH_REBUILD = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
-                  "_rebuild_parameter_with_state"}
-_BUILTINS = {"set": set, "frozenset": frozenset, "complex": complex, "slice": slice}
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` returns only whitelisted, side-effect-free globals."""
-
-    def find_class(self, module: str, name: str):
-        module = {"__builtin__": "builtins"}.get(module, module)     # protocol-2 pickles use py2 names
-        if module == "torch._utils" and name in _TORCH_REBUILD:
-            return getattr(torch._utils, name)
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "builtins" and name in _BUILTINS:
-            return _BUILTINS[name]
-        if module == "_codecs" and name == "encode":   # protocol-2 bytes (numpy scalars): str -> bytes only
-            return codecs.encode
-        if module == "torch":
-            obj = _safe_torch_global(name)
-            if obj is not None:
-                return obj
-        if module == "numpy" or module.startswith(("numpy.core.", "numpy._core.")):
-            obj = _numpy_global(module, name)
-            if obj is not None:
-                return obj
-        # Model classes: upstream's own and torch.nn's become inert stubs (their code never runs).
-        if module == "yolov6" or module.startswith(("yolov6.", "torch.nn.modules.")) or module == "torch.nn":
-            return _stub_class(module, name)
-        raise RefusedGlobal(module, name)
 
 
-def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
 
 
-# What torch.load needs of a ``pickle_module``: Unpickler, load and a __name__.
-restricted_pickle = types.ModuleType("yoloq_restricted_pickle")
-restricted_pickle.Unpickler = RestrictedUnpickler
-restricted_pickle.load = _restricted_load
-restricted_pickle.UnpicklingError = pickle.UnpicklingError
 
 
-def safe_torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` through the restricted unpickler (CPU). Refused globals -> CheckpointError."""
-    try:
-        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
-    except RefusedGlobal as err:
-        raise CheckpointError(
-            f"{path}: refused to unpickle global '{err.qualname}' (not a tensor, container or model "
-            f"class); the file may execute code when loaded with plain torch.load. Only load it that "
-            f"way if you trust its origin.") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
 
 
 # --------------------------------------------------------------------------- state dict extraction
@@ -216,6 +114,10 @@ def _extract(obj: Any, path: Path) -> tuple[dict, dict]:
         return OrderedDict(obj), {"format": "bare", "source_key": None}
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict or a pickled model, got {type(obj).__name__}")
+    if obj.get("format") == QUANTIZED_FORMAT:
+        raise CheckpointError(f"{path}: a yoloq quantized checkpoint (written by ptq / qat), not FP32 weights; "
+                              f"give it to `yoloq export --ckpt` or `yoloq qat --from`, and the FP32 "
+                              f"checkpoint it came from to --weights / model.weights")
     info = {"meta": _metadata(obj)}
     ema = obj.get("ema")
     candidates = ["ema"] if ema is not None else []
@@ -332,18 +234,7 @@ def read_checkpoint(path: str | os.PathLike, target_keys: Optional[Iterable[str]
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, **meta) -> Path:
     """Write a plain checkpoint ``{'model_state_dict': sd, **meta}`` atomically (temp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model_state_dict": OrderedDict(state_dict), **meta}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save({"model_state_dict": OrderedDict(state_dict), **meta}, path)
 
 
 # --------------------------------------------------------------------------- comparing key sets
@@ -398,8 +289,8 @@ def looks_deploy_form(state_dict: Mapping[str, Any], model_keys: Iterable[str]) 
 @functools.lru_cache(maxsize=64)
 def _config_signatures(config_path: str, mtime: float) -> list[tuple[str, dict]]:
     """[(form, {key: shape})] of a config's model in train and deploy form (built on 'meta')."""
-    from .config import load_config
-    from .models.build import build_model
+    from yoloq.config import load_config
+    from yoloq.models.build import build_model
     cfg = load_config(config_path)
     with torch.device("meta"):
         model = build_model(cfg.model)
@@ -412,7 +303,7 @@ def _config_signatures(config_path: str, mtime: float) -> list[tuple[str, dict]]
 def _candidate_configs(config_dir: Path, state_dict: Mapping[str, Any], hint: Optional[str]) -> list[Path]:
     """Configs of the file's family (Lite or not, judged from the keys; a cheap YAML read each),
     the one named by the file's ``arch`` entry first."""
-    from .config import load_config
+    from yoloq.config import load_config
     is_lite = any(".lite_effiblock_" in k for k in state_dict)
     ranked = []
     for config in sorted(Path(config_dir).glob("*.yaml")):
@@ -477,6 +368,14 @@ def _is_fused(model: nn.Module) -> bool:
     return any(".rbr_reparam." in k for k in keys) or not has_bn
 
 
+def _check_finite(state_dict: Mapping[str, torch.Tensor], path) -> None:
+    """NaN / inf weights evaluate to AP 0 with nothing but "no detections": say what is wrong."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} of {len(state_dict)} tensors hold NaN/inf values (first: '{bad[0]}'); "
+                              f"the weights are not finite (a diverged training run?) and cannot be evaluated")
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load ``path`` into ``model`` strictly; returns the ``info`` of ``read_checkpoint`` plus
     ``form`` ('train' | 'deploy'). Deploy-form files fuse the model first (in place).
@@ -485,6 +384,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> dict:
     the config that fits) instead of loading anything partially.
     """
     raw, info = read_checkpoint(path)
+    _check_finite(raw, path)
     model_shapes = _shapes(model.state_dict())
     state_dict, remapped = remap_legacy_keys(raw, model_shapes)
     mismatch = Mismatch(_shapes(state_dict), model_shapes)

@@ -66,10 +66,15 @@ from typing import Iterable, Optional
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from ..eval.predictors import ort_session
-from .onnx import _atomic_save, set_variant
+from yoloq.errors import YoloqError
+from yoloq.runtime.ort import ort_session
+from yoloq.io import atomic_write_bytes
+from yoloq.quant.scheme import QMAX
+from yoloq.runtime.onnx_export import set_variant
+from yoloq.runtime.onnx_graph import (OnnxGraph, dequantized_weight, drop_dead_nodes, drop_unused_initializers, scalar_init)
+
 
 # Ops with Q(op(x)) == op(Q(x)) for one positive scale: pure data movement, or monotone selection.
 PASS_THROUGH = {"Concat", "MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
@@ -77,7 +82,7 @@ PASS_THROUGH = {"Concat", "MaxPool", "Resize", "Reshape", "Transpose", "Flatten"
 REACH_DEPTH = 4
 
 
-class OrtFastError(ValueError):
+class OrtFastError(YoloqError, ValueError):
     """The input is not a usable TensorRT-style Q/DQ ONNX file; the message names the file."""
 
 
@@ -97,98 +102,12 @@ class OrtFastInfo:
 
 
 # --------------------------------------------------------------------------- graph helpers
-
-
-class _Graph:
-    """Producer / consumer maps and constant lookup over an ``onnx.GraphProto`` (kept in sync by callers)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.g = model.graph
-        self._constants_to_initializers()
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.outputs = {o.name for o in self.g.output}
-        self.counter = 0
-        self.refresh()
-
-    def _constants_to_initializers(self) -> None:
-        """torch.onnx emits Q/DQ scales as Constant nodes; initializers are easier to read and share."""
-        keep = []
-        for node in self.g.node:
-            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-                t = onnx.TensorProto()
-                t.CopyFrom(node.attribute[0].t)
-                t.name = node.output[0]
-                self.g.initializer.append(t)
-            else:
-                keep.append(node)
-        del self.g.node[:]
-        self.g.node.extend(keep)
-
-    def refresh(self) -> None:
-        self.producer = {o: n for n in self.g.node for o in n.output}
-        self.consumers = defaultdict(list)
-        for n in self.g.node:
-            for i in n.input:
-                if i:
-                    self.consumers[i].append(n)
-
-    def const(self, name: str) -> Optional[np.ndarray]:
-        t = self.inits.get(name)
-        return None if t is None else numpy_helper.to_array(t)
-
-    def unique(self, base: str) -> str:
-        self.counter += 1
-        return f"{base}__ortfast{self.counter}"
-
-    def add_init(self, name: str, array: np.ndarray) -> str:
-        t = numpy_helper.from_array(array, name)
-        self.g.initializer.append(t)
-        self.inits[name] = t
-        return name
-
-    def qparams(self, q: onnx.NodeProto) -> tuple:
-        """Hashable (scale bytes, zero-point bytes, dtype) of a per-tensor Q/DQ; None if not constant."""
-        scale = self.const(q.input[1])
-        zp = self.const(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
-        if scale is None or zp is None or scale.size != 1:
-            return None
-        return (scale.astype(np.float32).tobytes(), zp.tobytes(), zp.dtype.str)
-
-    def insert_qdq(self, tensor: str, scale_name: str, zp_name: str, only_for: Optional[list] = None) -> str:
-        """Q/DQ on ``tensor``; rewire ``only_for`` consumers (default all). Returns the DQ output name."""
-        q_out, dq_out = self.unique(tensor + "_q"), self.unique(tensor + "_dq")
-        targets = list(self.consumers[tensor]) if only_for is None else only_for
-        q = helper.make_node("QuantizeLinear", [tensor, scale_name, zp_name], [q_out], name=self.unique("Q"))
-        dq = helper.make_node("DequantizeLinear", [q_out, scale_name, zp_name], [dq_out], name=self.unique("DQ"))
-        self.rewire(tensor, dq_out, targets)
-        self.insert_after(tensor, [q, dq])
-        return dq_out
-
-    @staticmethod
-    def rewire(tensor: str, new: str, nodes: Iterable) -> None:
-        """Make ``nodes`` read ``new`` wherever they read ``tensor`` (call ``refresh`` afterwards)."""
-        for node in nodes:
-            for k, name in enumerate(node.input):
-                if name == tensor:
-                    node.input[k] = new
-
-    def insert_after(self, tensor: str, nodes: list) -> None:
-        """Insert ``nodes`` (in order) right after ``tensor``'s producer, which keeps the node list
-        topologically sorted, and refresh the maps."""
-        prod = self.producer.get(tensor)
-        index = 0 if prod is None else list(self.g.node).index(prod) + 1
-        for node in reversed(nodes):
-            self.g.node.insert(index, node)
-        self.refresh()
-
-
-def _is_qdq_graph(g: _Graph) -> bool:
+def _is_qdq_graph(g: OnnxGraph) -> bool:
     ops = {n.op_type for n in g.g.node}
     return "QuantizeLinear" in ops and "DequantizeLinear" in ops
 
 
-def _quantized_conv(g: _Graph, conv: onnx.NodeProto) -> bool:
+def _quantized_conv(g: OnnxGraph, conv: onnx.NodeProto) -> bool:
     """A Conv reading a DQ activation and DQ weights (an onnxruntime QLinearConv candidate)."""
     if len(conv.input) < 2:
         return False
@@ -197,7 +116,7 @@ def _quantized_conv(g: _Graph, conv: onnx.NodeProto) -> bool:
             and w.op_type == "DequantizeLinear")
 
 
-def _all_q_same(g: _Graph, nodes: list) -> Optional[tuple]:
+def _all_q_same(g: OnnxGraph, nodes: list) -> Optional[tuple]:
     """Common qparams when every node is a QuantizeLinear with identical per-tensor scale and zero point."""
     if not nodes or any(n.op_type != "QuantizeLinear" for n in nodes):
         return None
@@ -205,7 +124,7 @@ def _all_q_same(g: _Graph, nodes: list) -> Optional[tuple]:
     return params.pop() if len(params) == 1 and None not in params else None
 
 
-def _reached_q_scales(g: _Graph, tensor: str, depth: int = REACH_DEPTH) -> list:
+def _reached_q_scales(g: OnnxGraph, tensor: str, depth: int = REACH_DEPTH) -> list:
     """Scales of the per-tensor QuantizeLinear nodes that ``tensor`` feeds within ``depth`` float ops
     (empty: it reaches no quantized consumer, e.g. a head prediction conv feeding decode)."""
     if depth < 0:
@@ -223,9 +142,7 @@ def _reached_q_scales(g: _Graph, tensor: str, depth: int = REACH_DEPTH) -> list:
 
 
 # --------------------------------------------------------------------------- passes
-
-
-def _propagate_q_up(g: _Graph) -> int:
+def _propagate_q_up(g: OnnxGraph) -> int:
     """Step 1: copy a Q/DQ pair from a pass-through op's output to its data inputs (exact)."""
     inserted, changed = 0, True
     while changed:
@@ -252,7 +169,7 @@ def _propagate_q_up(g: _Graph) -> int:
     return inserted
 
 
-def _activations_to_uint8(g: _Graph) -> int:
+def _activations_to_uint8(g: OnnxGraph) -> int:
     """Step 6: int8 activation Q/DQ -> uint8 with zero point + 128 (exact: same grid, shifted codes).
 
     onnxruntime's own QDQS8ToU8 pass does this only for a Q feeding exactly one DQ, and it runs after
@@ -285,80 +202,26 @@ def _activations_to_uint8(g: _Graph) -> int:
     return converted
 
 
-def _dequantized_weight(g: _Graph, dq: onnx.NodeProto) -> Optional[np.ndarray]:
-    """float32 value of a constant weight ``DQ(Q(W))`` or ``DQ(W_int8)`` as onnxruntime computes it
-    (ONNX semantics: round half to even, saturate, ``(q - zp) * scale`` in float32); None if not constant."""
-    src = g.producer.get(dq.input[0])
-    if src is None:
-        codes = g.const(dq.input[0])                 # already integer (e.g. folded by onnxslim)
-        if codes is None or codes.dtype not in (np.int8, np.uint8):
-            return None
-    elif src.op_type == "QuantizeLinear" and g.const(src.input[0]) is not None:
-        scale, zp, axis = _qdq_params(g, src)
-        if scale is None or zp is None:
-            return None
-        w = g.const(src.input[0]).astype(np.float32)
-        codes = np.round(w / _along(scale, w.ndim, axis)) + _along(zp, w.ndim, axis).astype(np.float32)
-        codes = np.clip(codes, np.iinfo(zp.dtype).min, np.iinfo(zp.dtype).max).astype(zp.dtype)
-    else:
-        return None
-    scale, zp, axis = _qdq_params(g, dq)
-    if scale is None or zp is None:
-        return None
-    centred = codes.astype(np.int32) - _along(zp, codes.ndim, axis).astype(np.int32)
-    return centred.astype(np.float32) * _along(scale, codes.ndim, axis)
-
-
-def _qdq_params(g: _Graph, node: onnx.NodeProto) -> tuple:
-    """(scale as float32, zero point, axis) of a Q/DQ node; None for an input that is not a constant."""
-    scale = g.const(node.input[1])
-    zp = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)  # ONNX default
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    return (None if scale is None else scale.astype(np.float32), zp, axis)
-
-
-def _along(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    """Per-tensor (scalar) or per-channel (1-D along ``axis``) Q/DQ parameter shaped to broadcast."""
-    if values.size == 1:
-        return values.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return values.reshape(shape)
-
-
-def _becomes_qlinear_conv(g: _Graph, conv: onnx.NodeProto) -> bool:
+def _becomes_qlinear_conv(g: OnnxGraph, conv: onnx.NodeProto) -> bool:
     """onnxruntime's QLinearConv unit: DQ input, DQ weight, the conv's only consumer a QuantizeLinear."""
     users = g.consumers[conv.output[0]]
     return _quantized_conv(g, conv) and len(users) == 1 and users[0].op_type == "QuantizeLinear"
 
 
-def _fold_float_weights(g: _Graph) -> int:
+def _fold_float_weights(g: OnnxGraph) -> int:
     """Step 7: convs that stay float read their dequantized weights as a constant (exact)."""
     folded = 0
     for conv in [n for n in g.g.node if n.op_type == "Conv" and len(n.input) > 1]:
         dq = g.producer.get(conv.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or _becomes_qlinear_conv(g, conv):
             continue
-        weight = _dequantized_weight(g, dq)
+        weight = dequantized_weight(g, dq)
         if weight is None:
             continue
         conv.input[1] = g.add_init(g.unique(conv.input[1] + "_dequantized"), weight)
         folded += 1
-    _drop_dead_nodes(g)
+    drop_dead_nodes(g)
     return folded
-
-
-def _drop_dead_nodes(g: _Graph) -> None:
-    """Remove nodes none of whose outputs reach a graph output (the weight Q/DQ left by step 7)."""
-    live = set(g.outputs)
-    keep = []
-    for node in reversed(list(g.g.node)):
-        if any(o in live for o in node.output):
-            keep.append(node)
-            live.update(i for i in node.input if i)
-    del g.g.node[:]
-    g.g.node.extend(reversed(keep))
-    g.refresh()
 
 
 def _nearest(node: onnx.NodeProto) -> bool:
@@ -366,7 +229,7 @@ def _nearest(node: onnx.NodeProto) -> bool:
     return mode == "nearest"
 
 
-def _classify_convs(g: _Graph, info: OrtFastInfo, other: str = "float") -> list:
+def _classify_convs(g: OnnxGraph, info: OrtFastInfo, other: str = "float") -> list:
     """Steps 2, 3 and 5; returns the conv outputs that need a calibrated pre-activation Q/DQ (step 4)."""
     pending = []
     for conv in [n for n in g.g.node if n.op_type == "Conv"]:
@@ -395,12 +258,12 @@ def _classify_convs(g: _Graph, info: OrtFastInfo, other: str = "float") -> list:
     return pending
 
 
-def _relu_on_codes(g: _Graph, y: str, relu: onnx.NodeProto, qs: list) -> None:
+def _relu_on_codes(g: OnnxGraph, y: str, relu: onnx.NodeProto, qs: list) -> None:
     """Step 3: ``Conv -> Relu -> Q(s, zp)`` becomes ``Conv -> Q(s, zp) -> Clip(min=zp)``, the ReLU applied
     to the 8-bit codes. Exact: Q is monotone with Q(0) = zp, so Q(relu(y)) = max(Q(y), zp), and Q's own
     saturation gives the top. Every consumer of the old Q(s) (all with the same parameters) reads the
     clipped codes."""
-    scale, zp = qs[0].input[1], _scalar_init(g, qs[0].input[2])     # Clip's min must be a scalar
+    scale, zp = qs[0].input[1], scalar_init(g, qs[0].input[2])     # Clip's min must be a scalar
     q_out, codes = g.unique(y + "_q"), g.unique(y + "_relu_codes")
     q = helper.make_node("QuantizeLinear", [y, scale, zp], [q_out], name=g.unique("Q"))
     clip = helper.make_node("Clip", [q_out, zp], [codes], name=g.unique("ReluOnCodes"))
@@ -411,15 +274,7 @@ def _relu_on_codes(g: _Graph, y: str, relu: onnx.NodeProto, qs: list) -> None:
     g.insert_after(y, [q, clip])
 
 
-def _scalar_init(g: _Graph, name: str) -> str:
-    """``name`` if that initializer is a scalar, else a scalar copy of its single value."""
-    value = g.const(name)
-    if value is None or value.shape == ():
-        return name
-    return g.add_init(g.unique(name + "_scalar"), value.reshape(()))
-
-
-def _self_gated(g: _Graph, y: str) -> bool:
+def _self_gated(g: OnnxGraph, y: str) -> bool:
     """``y * gate(y)`` (HardSwish = x·HardSigmoid(x), SiLU = x·Sigmoid(x)) or a HardSwish node: large
     values pass unchanged, so clipping ``y`` at the consumer's range is what the consumer does anyway."""
     users = g.consumers[y]
@@ -466,7 +321,7 @@ def qparams_for_range(lo: float, hi: float, mode: str = "minmax") -> tuple[np.fl
         raise ValueError(f"mode must be 'minmax' or 'symmetric', got {mode!r}")
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if mode == "symmetric":
-        return np.float32(max(abs(lo), abs(hi), 1e-8) / 127.0), np.int8(0)
+        return np.float32(max(abs(lo), abs(hi), 1e-8) / QMAX), np.int8(0)
     scale = max(hi - lo, 1e-8) / 255.0
     return np.float32(scale), np.int8(np.clip(np.round(-128 - lo / scale), -128, 127))
 
@@ -480,7 +335,7 @@ def consumer_qparams(scale: float, lo: Optional[float] = None) -> tuple[np.float
     return np.float32(scale), np.int8(zp)
 
 
-def _insert_pre_activation(g: _Graph, pending: list, ranges: Optional[dict], mode: str) -> None:
+def _insert_pre_activation(g: OnnxGraph, pending: list, ranges: Optional[dict], mode: str) -> None:
     for _, tensor, consumer_scale in pending:
         if mode == "consumer" and consumer_scale is not None:
             scale, zp = consumer_qparams(consumer_scale, None if ranges is None else ranges[tensor][0])
@@ -492,8 +347,6 @@ def _insert_pre_activation(g: _Graph, pending: list, ranges: Optional[dict], mod
 
 
 # --------------------------------------------------------------------------- API
-
-
 def load_qdq_model(path: str | os.PathLike) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
@@ -529,7 +382,7 @@ def make_ort_fast(trt_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     model = load_qdq_model(trt_onnx_path)
     reference = onnx.ModelProto()
     reference.CopyFrom(model)                # calibration runs the unmodified (fake-quant equivalent) graph
-    g = _Graph(model)
+    g = OnnxGraph(model)
     info = OrtFastInfo(path=str(out_path))
     if propagate:
         info.propagated = _propagate_q_up(g)
@@ -554,23 +407,16 @@ def make_ort_fast(trt_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
         info.uint8 = _activations_to_uint8(g)
     if fold_weights:
         info.folded_weights = _fold_float_weights(g)
-    _drop_unused_initializers(g)
+    drop_unused_initializers(g)
     set_variant(model, "ort-exact" if pre_act == "float" else "ort-fast")
     onnx.checker.check_model(model)
-    _atomic_save(model, Path(out_path))
+    atomic_write_bytes(Path(out_path), model.SerializeToString())
     return info
-
-
-def _drop_unused_initializers(g: _Graph) -> None:
-    used = {i for n in g.g.node for i in n.input} | {o.name for o in g.g.output}
-    keep = [t for t in g.g.initializer if t.name in used]
-    del g.g.initializer[:]
-    g.g.initializer.extend(keep)
 
 
 def optimized_op_counts(path: str | os.PathLike, threads: int = 1, quantize_bias: bool = True) -> dict:
     """Op-type counts of the graph onnxruntime actually runs (ORT_ENABLE_ALL, CPU), e.g. to check that
-    QLinearConv nodes were formed (they need ``quantize_bias``; see ``yoloq.eval.predictors``)."""
+    QLinearConv nodes were formed (they need ``quantize_bias``; see ``yoloq.runtime.ort``)."""
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         ort_session(path, threads, quantize_bias=quantize_bias, optimized_path=str(optimized))

@@ -1,0 +1,227 @@
+"""yoloq PTQ against onnxruntime's ``quantize_static`` (and peer toolkits) on the same FP32 model and
+calibration images, through the same COCO evaluation: the logic of ``yoloq bench-ptq`` (usage and
+settings: ``yoloq.cli.bench_ptq``)."""
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# pytorch-quantization 2.1.3 calls torch.jit.script at import; torch 2.14 warns about it
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+from yoloq.eval.coco_eval import evaluate
+from yoloq.runtime.ort import OnnxPredictor
+from yoloq.quant.calibrate import (AUTO_METHODS, apply_calibration, calibrate_auto, collect_statistics,
+                                   method_key)
+from yoloq.quant.prepare import prepare
+from yoloq.eval.coco_eval import evaluate_model
+from yoloq.models import load_model
+from yoloq.recipes.common import load_calibration_set, seed_everything
+from yoloq.recipes.ptq import resolve
+from yoloq.io import atomic_write_bytes, atomic_write_text, to_json
+from yoloq.report.common import md_table, stat_drop
+
+YOLOQ_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse", "auto")
+# "<calibration>_<activation/weight types>[_conv]": _conv quantizes only Conv / ConvTranspose (inputs,
+# weights, outputs), leaving the decode (boxes in pixels and scores in 0..1 concatenated into one
+# tensor, which one per-tensor scale wipes out) in float, as TensorRT placement does.
+ORT_VARIANTS = ("minmax_s8s8", "entropy_s8s8", "percentile_s8s8", "minmax_u8s8",
+                "minmax_s8s8_conv", "entropy_s8s8_conv", "percentile_s8s8_conv")
+
+
+# --------------------------------------------------------------------------- onnxruntime side
+
+
+def export_fp32_onnx(model: torch.nn.Module, path: Path, img_size: int, opset: int = 13) -> Path:
+    """Plain FP32 export of the fused model (legacy exporter), dynamic batch."""
+    dummy = torch.zeros(1, 3, img_size, img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), dummy, str(path), input_names=["images"], output_names=["outputs"],
+                          opset_version=opset, dynamic_axes={"images": {0: "batch"}, "outputs": {0: "batch"}},
+                          dynamo=False)
+    return path
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over our calibration batches (one batch per call)."""
+
+    def __init__(self, input_name: str, batches: list[torch.Tensor]):
+        self.input_name, self.batches, self.i = input_name, batches, 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {self.input_name: self.batches[self.i - 1].numpy().astype(np.float32)}
+
+    def rewind(self):
+        self.i = 0
+
+
+def _ort_quantize_in_process(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.Tensor]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    method, types, *scope = variant.split("_")
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    act = {"s8s8": QuantType.QInt8, "u8s8": QuantType.QUInt8}[types]
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})("images", batches)
+    op_types = ["Conv", "ConvTranspose"] if scope == ["conv"] else None     # None: every supported op
+    # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMax then fails with "No data is
+    # collected" when the batch count is a multiple of it.
+    quantize_static(str(fp32_onnx), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=act, weight_type=QuantType.QInt8, calibrate_method=calib,
+                    op_types_to_quantize=op_types)
+
+
+def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.Tensor]) -> float:
+    """quantize_static with one of ``ORT_VARIANTS`` in a forked child process, so that a variant
+    killed for memory (Entropy / Percentile over every op of Lite-M/L at 256 images need more than
+    24 GB) becomes a failed row instead of ending the whole benchmark. Returns the seconds it took."""
+    start = time.perf_counter()
+    child = multiprocessing.get_context("fork").Process(target=_ort_quantize_in_process,
+                                                          args=(fp32_onnx, out, variant, batches))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        why = (" (killed by SIGKILL: most likely out of memory, onnxruntime's histogram calibrators keep "
+               "every activation of every calibration image)" if child.exitcode == -signal.SIGKILL else "")
+        raise RuntimeError(f"quantize_static {variant} exited with code {child.exitcode}{why}")
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def run_bench(args) -> dict:
+    cfg, data_cfg = resolve(args.cfg, quant={"calib_images": args.calib_images, "seed": args.seed},
+                            eval={"workers": args.workers})
+    qcfg, eval_cfg = cfg.quant, cfg.eval
+    seed_everything(qcfg.seed)
+    img_size, progress = cfg.model.img_size, not args.no_progress
+    fp32 = load_model(cfg.model)
+    calib = load_calibration_set(data_cfg, qcfg.calib_images, img_size, qcfg.batch_size, eval_cfg.workers, qcfg.seed)
+    batches, files, n_calib = calib.batches, calib.files, calib.images
+    rows = []
+
+    def evaluate_stats(model):
+        return evaluate_model(model, data_cfg, eval_cfg, img_size, max_images=args.max_images, progress=progress)
+
+    def add(tool, variant, fp32_stats, result, calib_s, note=""):
+        rows.append({"tool": tool, "variant": variant, "fp32": fp32_stats, "int8": result.stats,
+                     "drop": stat_drop(fp32_stats, result.stats), "calib_seconds": calib_s,
+                     "eval_seconds": result.seconds, "images_per_s": result.images_per_s, "note": note})
+        print(f"{tool:12s} {variant:20s} AP {result.stats['AP'] * 100:6.2f}  calib {calib_s:7.1f} s", flush=True)
+
+    fp32_eval = evaluate_stats(fp32)
+    print(f"FP32 (PyTorch) AP {fp32_eval.stats['AP'] * 100:.2f} on {fp32_eval.n_images} images", flush=True)
+
+    if not args.skip_yoloq:
+        qmodel = prepare(fp32, qcfg)
+        start = time.perf_counter()
+        collect_statistics(qmodel, batches, num_bins=qcfg.num_bins, progress=progress)
+        collect_s = time.perf_counter() - start
+        for method in [m for m in args.methods if m != "auto"]:
+            start = time.perf_counter()
+            apply_calibration(qmodel, method)
+            calib_s = collect_s + time.perf_counter() - start
+            add("yoloq", method_key(method), fp32_eval.stats,
+                evaluate_stats(qmodel), calib_s)
+        if "auto" in args.methods:
+            auto_model = prepare(fp32, qcfg)
+            start = time.perf_counter()
+            info = calibrate_auto(auto_model, batches, fp32, AUTO_METHODS, num_bins=qcfg.num_bins, progress=progress)
+            calib_s = time.perf_counter() - start
+            done = {r["variant"]: r for r in rows if r["tool"] == "yoloq"}
+            result = (_as_result(done[info["method"]])
+                      if info["method"] in done else
+                      evaluate_stats(auto_model))
+            add("yoloq", "auto", fp32_eval.stats, result, calib_s, note=f"chose {info['method']}")
+
+    if not args.skip_ort:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32_onnx = export_fp32_onnx(fp32, Path(tmp) / "fp32.onnx", img_size)
+            ort_fp32 = evaluate(OnnxPredictor(fp32_onnx), data_cfg, eval_cfg, img_size,
+                                max_images=args.max_images, progress=progress)
+            add("onnxruntime", "fp32", ort_fp32.stats, ort_fp32, 0.0, note="FP32 ONNX export (sanity check)")
+            for variant in args.ort_variants:
+                qpath = Path(tmp) / f"{variant}.onnx"
+                try:
+                    calib_s = ort_quantize(fp32_onnx, qpath, variant, batches)
+                    result = evaluate(OnnxPredictor(qpath), data_cfg, eval_cfg, img_size,
+                                      max_images=args.max_images, progress=progress)
+                except Exception as err:  # noqa: BLE001 - a peer variant failing is a result, not a crash
+                    rows.append({"tool": "onnxruntime", "variant": variant, "error": f"{type(err).__name__}: {err}"})
+                    print(f"onnxruntime {variant}: failed: {err}", flush=True)
+                    continue
+                add("onnxruntime", variant, ort_fp32.stats, result, calib_s)
+
+    return {"name": args.name or f"{cfg.model.name}_bench", "model": cfg.model.name, "config": cfg.path,
+            "img_size": img_size, "calib_images": n_calib, "calib_files": files, "seed": qcfg.seed,
+            "eval_images": fp32_eval.n_images, "ann_file": fp32_eval.ann_file, "fp32": fp32_eval.stats,
+            "rows": rows}
+
+
+class _as_result:
+    """An already measured row, re-used for ``auto`` when it picked a method measured above."""
+
+    def __init__(self, row: dict):
+        self.stats, self.seconds, self.images_per_s = row["int8"], row["eval_seconds"], row["images_per_s"]
+
+
+def render_bench_markdown(bench: dict) -> str:
+    head = [f"# PTQ peer benchmark: {bench['model']} at {bench['img_size']}", "",
+            f"{bench['eval_images']} images of `{bench['ann_file']}`; {bench['calib_images']} train images for "
+            f"calibration (the same for every row), seed {bench['seed']}. AP in %, drop in points vs the "
+            f"FP32 of the same runtime. Calibration time includes the statistics pass.", ""]
+    table = []
+    for r in bench["rows"]:
+        if "error" in r:
+            table.append((r["tool"], r["variant"], "-", "failed", "-", "-", "-", r["error"][:80]))
+            continue
+        table.append((r["tool"], r["variant"], f"{r['fp32']['AP'] * 100:.2f}", f"{r['int8']['AP'] * 100:.2f}",
+                      f"{r['drop']['AP']:.2f}", f"{r['int8']['AP50'] * 100:.2f}", f"{r['calib_seconds']:.1f}",
+                      r.get("note", "")))
+    return "\n".join(head + [md_table(("tool", "variant", "FP32 AP", "INT8 AP", "drop", "INT8 AP50",
+                                       "calib s", "note"), table), ""])
+
+
+def plot_bench(bench: dict) -> bytes:
+    from yoloq.report.common import figure_bytes, pyplot
+    plt = pyplot()
+    rows = [r for r in bench["rows"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    labels = [f"{r['tool']} {r['variant']}" for r in rows]
+    ax.bar(range(len(rows)), [r["int8"]["AP"] * 100 for r in rows],
+           color=["tab:blue" if r["tool"] == "yoloq" else "tab:orange" for r in rows])
+    ax.axhline(bench["fp32"]["AP"] * 100, color="k", ls="--", lw=1, label="FP32 (PyTorch)")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("COCO AP %")
+    ax.set_title(f"{bench['model']}: INT8 PTQ, yoloq vs onnxruntime quantize_static")
+    ax.legend()
+    return figure_bytes(fig)
+
+
+
+
+def run(args) -> int:
+    """The benchmark for parsed command-line ``args`` (``yoloq bench-ptq``)."""
+    start = time.perf_counter()
+    bench = run_bench(args)
+    bench["seconds"] = time.perf_counter() - start
+    out = Path(args.out) / bench["name"]
+    atomic_write_bytes(out / "bench.png", plot_bench(bench))
+    atomic_write_text(out / "bench.json", to_json(bench))
+    atomic_write_text(out / "bench.md", render_bench_markdown(bench))
+    print(render_bench_markdown(bench))
+    print(f"wrote {out}/ in {bench['seconds']:.0f} s")
+    return 0

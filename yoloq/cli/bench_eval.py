@@ -1,0 +1,30 @@
+"""Evaluation throughput on CPU (images/s through loading, letterbox, model, NMS, box mapping).
+
+    yoloq bench-eval                                   # Lite-S at 320, YOLOv6-S at 640
+    yoloq bench-eval --models configs/yolov6lite_s.yaml:320 --images 100
+
+Each entry is ``config[:img_size]``. A config whose weights are missing runs with random
+weights (throughput only; its mAP means nothing) and the table says so.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from yoloq.cli.common import parser
+from yoloq.bench.eval import DEFAULT_MODELS
+
+
+def build_parser(prog: str = "yoloq bench-eval"):
+    p = parser(prog, __doc__)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="config[:img_size] entries")
+    p.add_argument("--images", type=int, default=64, help="val images per model (first N by id)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="loader processes (0: load in the main process)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--ann", default="val_ann", choices=["val_ann", "val_ann_official"])
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from yoloq.bench.eval import run
+    return run(build_parser().parse_args(argv))

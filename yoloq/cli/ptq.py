@@ -1,0 +1,91 @@
+"""Post-training INT8 quantization of a YOLOv6 model: calibrate on train images, evaluate FP32 and
+INT8 on val, report the drop, per-layer sensitivity and diagnosis, save the quantized model.
+
+    yoloq ptq --cfg configs/yolov6lite_s.yaml                       # calib from the config
+    yoloq ptq --cfg configs/yolov6lite_s.yaml --calib mse --calib-images 256
+    yoloq ptq --cfg configs/yolov6lite_s.yaml --sensitivity fast --skip-layers 3
+    yoloq ptq --cfg configs/yolov6lite_s.yaml --max-drop 1.0        # fewest float layers with drop <= 1 point
+    yoloq ptq --cfg configs/yolov6lite_s.yaml --max-images 50 --calib-images 32   # quick run
+
+(``python tools/ptq.py ...`` is the same command.) Output: <out>/<name>/ with report.md,
+report.json, stats.png, sensitivity.png, diagnosis.png and quant.pt (for qat / export). Written to
+a hidden staging folder and renamed at the end: a failed or interrupted run leaves nothing
+behind. Same inputs and seed -> same numbers. Flags override the config's quant / eval sections.
+
+Calibration, --calib auto, the sensitivity ranking and the --max-drop search use train images only
+(--max-drop measures mAP on labeled train images not used for calibration); val is only evaluated.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from yoloq.cli.common import parser, positive_int
+from yoloq.config import AnnKey, CalibMethod, Sensitivity, SensitivityMode, choices, load_config
+
+
+def build_parser(prog: str = "yoloq ptq"):
+    p = parser(prog, __doc__)
+    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--weights", help="checkpoint to quantize (default: model.weights of the config)")
+    p.add_argument("--data", help="dataset YAML (default: data of the config)")
+    g = p.add_argument_group("calibration (defaults: the config's quant section)")
+    g.add_argument("--calib", choices=choices(CalibMethod),
+                   help="activation range method; auto picks the one closest to FP32 on calibration images")
+    g.add_argument("--percentile", type=float, help="percentile for --calib percentile (e.g. 99.99)")
+    g.add_argument("--calib-images", type=positive_int, help="number of train images for calibration")
+    g.add_argument("--seed", type=int, help="seed choosing the calibration images")
+    g.add_argument("--auto-methods", nargs="+", metavar="METHOD", help="candidates of --calib auto")
+    g.add_argument("--auto-images", type=positive_int, help="calibration images scoring the --calib auto candidates")
+    g = p.add_argument_group("partial quantization / sensitivity")
+    g.add_argument("--sensitivity", choices=choices(Sensitivity),
+                   help="per-layer sensitivity: fast (output SQNR on calibration images) or map (fast + "
+                        "confirm the top layers with mAP on labeled train images); config default: fast")
+    g.add_argument("--sensitivity-mode", choices=choices(SensitivityMode),
+                   help="quantize-one: only the layer quantized; skip-one: all but the layer")
+    g.add_argument("--sensitivity-images", type=positive_int, help="calibration images scored per layer")
+    g.add_argument("--skip-layers", type=int, metavar="K", help="keep the K most sensitive layers in float")
+    g.add_argument("--skip", nargs="+", default=(), metavar="LAYER", help="also keep these layers in float (names)")
+    g.add_argument("--max-drop", type=float, metavar="X",
+                   help="keep the fewest most-sensitive layers in float so the AP drop on labeled train "
+                        "images is <= X points")
+    g.add_argument("--max-skip", type=int, metavar="N", help="--max-drop keeps at most N layers in float")
+    g.add_argument("--select-images", type=positive_int,
+                   help="labeled train images measured by --max-drop / --sensitivity map")
+    g.add_argument("--no-diagnose", action="store_true", help="skip the per-layer range / SQNR diagnosis")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--ann", choices=choices(AnnKey), help="ground truth (default eval.val_ann)")
+    g.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
+    g.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
+    g.add_argument("--workers", type=int, help="data loader workers")
+    g.add_argument("--name", help="run name (default <model>_<calib>)")
+    g.add_argument("--out", default="runs/ptq", help="output root (default %(default)s)")
+    g.add_argument("--no-save", action="store_true", help="do not write quant.pt")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--print-placement", action="store_true", help="print the quantizer placement table")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def quant_overrides(a, cfg) -> dict:
+    return dict(calib=a.calib, percentile=a.percentile, calib_images=a.calib_images, seed=a.seed,
+                auto_methods=a.auto_methods, auto_images=a.auto_images, sensitivity=a.sensitivity,
+                sensitivity_mode=a.sensitivity_mode, sensitivity_images=a.sensitivity_images,
+                max_drop=a.max_drop, max_skip=a.max_skip, select_images=a.select_images,
+                diagnose=False if a.no_diagnose else None,
+                skip_layers=list(cfg.quant.skip_layers) + list(a.skip) if a.skip else None)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from yoloq.recipes.ptq import PTQOptions, run_ptq
+    from yoloq.report.ptq import format_summary
+    a = build_parser().parse_args(argv)
+    cfg = load_config(a.cfg)
+    opts = PTQOptions(skip_count=a.skip_layers, max_images=a.max_images, name=a.name, out=a.out,
+                      save_model=not a.no_save, plots=not a.no_plots, print_placement=a.print_placement,
+                      progress=not a.no_progress)
+    result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights}, data=a.data,
+                     eval=dict(val_ann=a.ann, batch_size=a.batch_size, workers=a.workers))
+    print(format_summary(result.report))
+    print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    print(f"wrote {result.out_dir}/")
+    return 0

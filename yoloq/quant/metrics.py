@@ -1,0 +1,44 @@
+"""How far a quantized tensor or detector output is from FP32: SQNR in dB.
+
+``power_ratio_db`` is the one formula; ``sqnr_db`` applies it to a reference and a test tensor
+(optionally weighted); ``output_error`` scores a detector's ``[B, N, 4 + nc]`` output the way
+calibration ``auto``, the sensitivity ranking and the PTQ transforms compare candidates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+SQNR_CAP_DB = 200.0
+
+
+def power_ratio_db(signal_power: float, noise_power: float) -> float:
+    """10 log10(signal / noise), capped at +-200 dB (no noise: +200; no signal: -200)."""
+    if noise_power <= 0:
+        return SQNR_CAP_DB
+    if signal_power <= 0:
+        return -SQNR_CAP_DB
+    return min(SQNR_CAP_DB, 10.0 * math.log10(signal_power / noise_power))
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor, weight: Optional[torch.Tensor] = None) -> float:
+    """10 log10(sum w*ref^2 / sum w*(test-ref)^2), capped at 200 dB."""
+    ref, err = reference.double(), (test.double() - reference.double())
+    w = torch.ones_like(ref) if weight is None else weight.double().expand_as(ref)
+    return power_ratio_db(float((w * ref ** 2).sum()), float((w * err ** 2).sum()))
+
+
+def output_error(reference: torch.Tensor, output: torch.Tensor) -> dict[str, float]:
+    """Detector output error vs FP32. For ``[B, N, 4 + nc]`` outputs: SQNR of the class scores,
+    SQNR of the boxes weighted by the FP32 best score of each anchor (background boxes do not
+    matter), and their mean (``sqnr_db``, higher is better). Other outputs: plain SQNR."""
+    if reference.dim() == 3 and reference.shape[-1] > 4:
+        scores_ref = reference[..., 4:]
+        score = sqnr_db(scores_ref, output[..., 4:])
+        box = sqnr_db(reference[..., :4], output[..., :4], scores_ref.amax(-1, keepdim=True))
+        return {"sqnr_db": 0.5 * (score + box), "score_sqnr_db": score, "box_sqnr_db": box}
+    return {"sqnr_db": sqnr_db(reference, output)}
+
+

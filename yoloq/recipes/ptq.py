@@ -1,0 +1,293 @@
+"""Post-training quantization, end to end: ``run_ptq(cfg, ...) -> PTQResult``.
+
+    load cfg + weights -> fuse -> prepare -> calibrate (train images) -> FP32 eval (val)
+      -> [sensitivity -> partial quantization] -> diagnosis -> INT8 eval (val)
+      -> runs/ptq/<name>/{report.md, report.json, *.png, quant.pt}
+
+Every quantization setting lives in ``cfg.quant`` (command-line flags arrive as overrides of it);
+``PTQOptions`` only says what one run reads and writes. Data discipline: calibration, the automatic
+method choice, the sensitivity ranking and the ``max_drop`` search only ever see *train* images
+(``yoloq.recipes.partial``); validation images are only evaluated (FP32 once, INT8 once).
+Everything is written into a hidden staging folder next to the output and renamed into place at
+the end, so a failed or interrupted run leaves no partial report. Runs are deterministic for a seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from yoloq.config import Config, DataConfig, load_config, load_data_config
+from yoloq.errors import InputError, YoloqError
+from yoloq.eval.coco_eval import EvalResult, evaluate_model
+from yoloq.io import check_output_dir, staging_dir
+from yoloq.models import load_model
+from yoloq.quant.calibrate import calibrate, calibrate_auto
+from yoloq.quant.prepare import prepare
+from yoloq.quant.state import quant_state
+from yoloq.recipes.common import CalibrationSet, StageTimer, load_calibration_set, seed_everything
+from yoloq.recipes.partial import Selection, confirm_with_map, partial_quantization
+from yoloq.report.common import stat_drop
+from yoloq.report.ptq import write_report
+
+
+class PTQError(YoloqError, ValueError):
+    """Bad input to the PTQ pipeline; the message names the file / key / value."""
+
+
+@dataclass
+class PTQOptions:
+    """What one run reads and writes (the quantization settings are ``cfg.quant``)."""
+    skip_count: Optional[int] = None            # keep the k most sensitive layers in float (--skip-layers)
+    max_images: Optional[int] = None            # evaluate only the first N val images
+    name: Optional[str] = None                  # run folder name (default <model>_<calib>)
+    out: str = "runs/ptq"
+    save_model: bool = True
+    plots: bool = True
+    print_placement: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PTQResult:
+    name: str
+    out_dir: Optional[Path]
+    fp32: dict
+    int8: dict
+    drop: dict
+    calib_method: str
+    skipped_layers: list
+    report: dict
+    timings: dict = field(default_factory=dict)
+    qmodel: Optional[nn.Module] = None
+
+
+@dataclass
+class PTQRun:
+    """Everything one run produced, stage by stage (what the report is built from)."""
+    name: str
+    cfg: Config
+    data_cfg: DataConfig
+    opts: PTQOptions
+    timer: StageTimer = field(default_factory=StageTimer)
+    calib: CalibrationSet = field(default_factory=CalibrationSet)
+    calib_info: dict = field(default_factory=dict)
+    fp32_eval: Optional[EvalResult] = None
+    int8_eval: Optional[EvalResult] = None
+    sensitivity: Optional[dict] = None
+    partial: dict = field(default_factory=lambda: {"mode": None})
+    selection: Optional[dict] = None
+    diagnosis: Optional[dict] = None
+    qmodel: Optional[nn.Module] = None
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _check_file(path: Optional[str], what: str) -> None:
+    if not path:
+        raise PTQError(f"{what} is not set")
+    if not Path(path).exists():
+        raise PTQError(f"{what} not found: {path}")
+
+
+def resolve(cfg: Config | str | os.PathLike, quant: Optional[dict] = None, eval: Optional[dict] = None,
+            model: Optional[dict] = None, data: Optional[str] = None) -> tuple[Config, DataConfig]:
+    """Config + overrides -> (cfg, data_cfg), with every file the run needs checked first."""
+    if not isinstance(cfg, Config):
+        cfg = load_config(cfg)
+    cfg = cfg.with_overrides(data=data, quant=quant, eval=eval, model=model)
+    if not cfg.data:
+        raise PTQError(f"{cfg.path}: no 'data' (dataset YAML) in the config; pass --data")
+    if not Path(cfg.data).is_file():
+        raise PTQError(f"{cfg.path}: data: dataset YAML not found: {cfg.data}")
+    data_cfg = load_data_config(cfg.data)
+    where = cfg.path or "config"
+    _check_file(cfg.model.weights, f"{where}: model.weights")
+    _check_file(data_cfg.train_images, f"{data_cfg.path}: train_images (calibration)")
+    _check_file(data_cfg.val_images, f"{data_cfg.path}: val_images")
+    _check_file(getattr(data_cfg, cfg.eval.val_ann), f"{data_cfg.path}: {cfg.eval.val_ann}")
+    return cfg, data_cfg
+
+
+def _check_options(opts: PTQOptions, cfg: Config) -> None:
+    if opts.skip_count is not None and opts.skip_count < 0:
+        raise PTQError(f"--skip-layers must be >= 0, got {opts.skip_count}")
+    if opts.skip_count is not None and cfg.quant.max_drop is not None:
+        raise PTQError("--skip-layers and --max-drop both choose how many layers stay in float: give one")
+    if opts.max_images is not None and opts.max_images < 1:
+        raise PTQError(f"--max-images must be >= 1, got {opts.max_images}")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _calibrate(run: PTQRun, fp32: nn.Module) -> None:
+    qcfg = run.cfg.quant
+    if qcfg.calib == "auto":
+        info = calibrate_auto(run.qmodel, run.calib.batches, fp32, list(qcfg.auto_methods), num_bins=qcfg.num_bins,
+                              score_batches=max(1, -(-qcfg.auto_images // qcfg.batch_size)),
+                              progress=run.opts.progress)
+        run.calib_info = {"requested": "auto", "method": info["method"], "auto_errors": info["errors"],
+                          "auto_metric": info["metric"], "auto_images": info["images"]}
+    else:
+        calibrate(run.qmodel, run.calib.batches, qcfg.calib, qcfg.percentile, num_bins=qcfg.num_bins,
+                  progress=run.opts.progress)
+        run.calib_info = {"requested": qcfg.calib, "method": quant_state(run.qmodel).calib.method}
+
+
+def _evaluate(run: PTQRun, model: nn.Module) -> EvalResult:
+    return evaluate_model(model, run.data_cfg, run.cfg.eval, run.cfg.model.img_size, max_images=run.opts.max_images,
+                          progress=run.opts.progress)
+
+
+def _prepare(run: PTQRun, fp32: nn.Module) -> None:
+    try:
+        run.qmodel = prepare(fp32, run.cfg.quant)
+    except InputError as err:              # unknown skip layer names etc.
+        raise PTQError(f"{run.cfg.path}: quant: {err}") from err
+    state = quant_state(run.qmodel)
+    free = len(state.placement.layers) - len(state.skip_layers)
+    if run.opts.skip_count and run.opts.skip_count > free:
+        raise PTQError(f"--skip-layers {run.opts.skip_count}: only {free} quantized layers to choose from")
+    if run.opts.print_placement:
+        print(state.placement.describe())
+
+
+def _choose_float_layers(run: PTQRun, fp32: nn.Module, scratch: Path) -> None:
+    """Sensitivity ranking, then --skip-layers / max_drop, then the optional mAP confirmation."""
+    from yoloq.quant.sensitivity import layer_sensitivity
+    qcfg, opts, timer = run.cfg.quant, run.opts, run.timer
+    with timer.stage("sensitivity"):
+        run.sensitivity = layer_sensitivity(run.qmodel, fp32, run.calib.first(qcfg.sensitivity_images),
+                                            qcfg.sensitivity_mode, progress=opts.progress)
+    selection = None
+    if qcfg.sensitivity == "map" or qcfg.max_drop is not None:
+        with timer.stage("selection_fp32"):
+            selection = Selection(fp32, run.data_cfg, run.calib.files, qcfg, run.cfg.eval, run.cfg.model.img_size,
+                                  scratch)
+        run.selection = selection.info
+    with timer.stage("partial_search" if qcfg.max_drop is not None else "partial"):
+        run.partial = partial_quantization(run.qmodel, run.sensitivity, selection, qcfg, opts.skip_count,
+                                           opts.progress)
+    if qcfg.sensitivity == "map":
+        with timer.stage("sensitivity_map"):
+            confirm_with_map(run.qmodel, run.sensitivity, selection, qcfg.confirm_top, opts.progress)
+
+
+def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
+    cfg, qcfg, timer, log = run.cfg, run.cfg.quant, run.timer, _logger(run.opts)
+    with timer.stage("load"):
+        fp32 = load_model(cfg.model)
+        _prepare(run, fp32)
+    with timer.stage("load_calibration_images"):
+        run.calib = load_calibration_set(run.data_cfg, qcfg.calib_images, cfg.model.img_size, qcfg.batch_size,
+                                         cfg.eval.workers, qcfg.seed)
+    with timer.stage("calibrate"):          # before the FP32 evaluation: NaN / inf activations fail in seconds
+        _calibrate(run, fp32)
+    log(f"calibration: {run.calib_info['method']} on {run.calib.images} train images")
+    with timer.stage("eval_fp32"):
+        run.fp32_eval = _evaluate(run, fp32)
+    log(f"FP32 AP {run.fp32_eval.stats['AP'] * 100:.2f} on {run.fp32_eval.n_images} images")
+    if qcfg.sensitivity != "off" or run.opts.skip_count or qcfg.max_drop is not None:
+        _choose_float_layers(run, fp32, scratch)
+    if qcfg.diagnose:
+        from yoloq.quant.diagnose import diagnose
+        with timer.stage("diagnose"):
+            run.diagnosis = diagnose(run.qmodel, run.calib.first(max(8, qcfg.sensitivity_images)))
+    with timer.stage("eval_int8"):
+        run.int8_eval = _evaluate(run, run.qmodel)
+    log(f"INT8 AP {run.int8_eval.stats['AP'] * 100:.2f}")
+
+
+def _logger(opts: PTQOptions):
+    return print if opts.progress else (lambda *a, **k: None)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = None, *, quant: Optional[dict] = None,
+            eval: Optional[dict] = None, model: Optional[dict] = None, data: Optional[str] = None,
+            **option_overrides) -> PTQResult:
+    """Calibrate, evaluate and report one model. ``quant`` / ``eval`` / ``model`` override config
+    keys (``None`` values are ignored), ``data`` the dataset YAML; other keywords are
+    ``PTQOptions`` fields."""
+    opts = dataclasses.replace(options or PTQOptions(), **option_overrides)
+    cfg, data_cfg = resolve(cfg, quant=quant, eval=eval, model=model, data=data)
+    _check_options(opts, cfg)
+    name = opts.name or f"{cfg.model.name}_{cfg.quant.calib}"
+    final_dir = Path(opts.out) / name
+    check_output_dir(final_dir, "--out")
+    seed_everything(cfg.quant.seed)
+    run = PTQRun(name=name, cfg=cfg, data_cfg=data_cfg, opts=opts)
+    with staging_dir(final_dir) as stage_dir, tempfile.TemporaryDirectory() as scratch:
+        _quantize_and_evaluate(run, Path(scratch))
+        report = build_report(run)
+        if opts.save_model:
+            _save_model(run, stage_dir / "quant.pt")
+            report["files"].append("quant.pt")
+        report["timings"] = run.timer.with_total()
+        write_report(report, stage_dir, plots=opts.plots)
+    state = quant_state(run.qmodel)
+    return PTQResult(name=name, out_dir=final_dir, fp32=report["fp32"], int8=report["int8"], drop=report["drop"],
+                     calib_method=run.calib_info["method"], skipped_layers=list(state.skip_layers), report=report,
+                     timings=report["timings"], qmodel=run.qmodel)
+
+
+def _save_model(run: PTQRun, path: Path) -> None:
+    from yoloq.quant.checkpoint import save_quantized
+    with run.timer.stage("save"):
+        save_quantized(run.qmodel, path, meta={
+            "name": run.name, "calib_method": run.calib_info["method"], "config": str(run.cfg.path),
+            "fp32_AP": run.fp32_eval.stats["AP"], "int8_AP": run.int8_eval.stats["AP"],
+            "calib_images": run.calib.images, "seed": run.cfg.quant.seed})
+
+
+def build_report(run: PTQRun) -> dict:
+    """The report dict (``yoloq.report.ptq`` renders it)."""
+    import pytorch_quantization
+    cfg, opts, state = run.cfg, run.opts, quant_state(run.qmodel)
+    fp32_eval, int8_eval = run.fp32_eval, run.int8_eval
+    stats = lambda s: {k: float(s[k]) for k in s}          # noqa: E731
+    notes = []
+    if opts.max_images:
+        notes.append(f"quick run: evaluated only the first {opts.max_images} val images")
+    failed = sorted(set(fp32_eval.failed_files + int8_eval.failed_files))
+    if failed:
+        notes.append(f"unreadable val images skipped: {failed}")
+    placement = state.placement
+    return {
+        "name": run.name,
+        "model": {"name": cfg.model.name, "arch": cfg.model.arch, "block": cfg.model.block,
+                  "weights": cfg.model.weights, "img_size": cfg.model.img_size},
+        "config": {"path": cfg.path, "quant": dataclasses.asdict(cfg.quant), "eval": dataclasses.asdict(cfg.eval),
+                   "options": dataclasses.asdict(opts)},
+        "data": {"config": run.data_cfg.path, "ann_key": cfg.eval.val_ann, "ann_file": fp32_eval.ann_file,
+                 "eval_images": fp32_eval.n_images, "max_images": opts.max_images},
+        "calibration": {**run.calib_info, "images": run.calib.images, "seed": cfg.quant.seed,
+                        "percentile": cfg.quant.percentile, "num_bins": cfg.quant.num_bins, "split": "train",
+                        "files": list(run.calib.files)},
+        "fp32": stats(fp32_eval.stats),
+        "int8": stats(int8_eval.stats),
+        "drop": stat_drop(fp32_eval.stats, int8_eval.stats),
+        "skipped_layers": list(state.skip_layers),
+        "partial": run.partial,
+        "selection": run.selection,
+        "sensitivity": run.sensitivity,
+        "diagnosis": run.diagnosis,
+        "placement": {"sites": len(placement.sites), "quantized_layers": len(placement.layers),
+                      "float_layers": dict(placement.float_layers)},
+        "timings": dict(run.timer.times),
+        "files": ["report.md", "report.json"],
+        "notes": notes,
+        "env": {"python": platform.python_version(), "torch": torch.__version__,
+                "pytorch_quantization": getattr(pytorch_quantization, "__version__", "?")},
+    }
