@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "resources" / "configs"   # shipped configs (repo: configs/ links here)
 MAX_LISTED = 10
 
 # Head branches that exist only for training (loaded and ignored, as upstream's deploy does).
