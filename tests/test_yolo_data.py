@@ -41,7 +41,7 @@ def text(path: Path, content: str) -> Path:
 
 def data_yaml(path: Path, **entries) -> Path:
     entries.setdefault("nc", 2)
-    entries.setdefault("names", ["cat", "dog"][:entries["nc"]] if entries["nc"] <= 2 else [f"c{i}" for i in range(entries["nc"])])
+    entries.setdefault("names", ["cat", "dog"] if entries["nc"] == 2 else [f"c{i}" for i in range(entries["nc"])])
     return text(path, yaml.safe_dump(entries))
 
 
@@ -157,6 +157,13 @@ def test_bad_label_lines_are_named_by_file_and_line(tmp_path, line, problem):
     assert not list((tmp_path / "labels").glob("*.json"))            # nothing half-written
 
 
+def test_a_split_without_any_label_file_is_warned_about(tmp_path):
+    image(tmp_path / "images" / "val" / "a.jpg", 16, 16)
+    with pytest.warns(UserWarning, match=r"no label file for any of the 1 images.*labels/val/a.txt.*background"):
+        dc = load_data_config(data_yaml(tmp_path / "d.yaml", val="images/val"))
+    assert gt_of(dc)["annotations"] == [] and len(gt_of(dc)["images"]) == 1
+
+
 def test_duplicate_boxes_are_dropped_with_a_warning(tmp_path):
     label = text(tmp_path / "a.txt", "0 0.5 0.5 0.2 0.2\n\n0 0.5 0.5 0.2 0.2\n1 0.1 0.1 0.1 0.1\n")
     with pytest.warns(UserWarning, match=f"{label}:3: duplicate box dropped"):
@@ -212,9 +219,10 @@ def test_image_lists_and_relative_paths(tmp_path, monkeypatch):
 def test_relative_paths_resolve_like_upstream(tmp_path, monkeypatch):
     """Against the current directory first (upstream runs from its checkout), then the YAML's folder,
     then its parent (upstream YAMLs sit in <YOLOv6>/data/ next to ../custom_dataset)."""
-    image(tmp_path / "yolov6" / "data" / "images" / "val" / "beside_yaml.jpg", 8, 8)
-    image(tmp_path / "cwd" / "images" / "val" / "in_cwd.jpg", 8, 8)
-    image(tmp_path / "custom_dataset" / "images" / "val" / "custom.jpg", 8, 8)
+    for rel in ("yolov6/data/images/val/beside_yaml.jpg", "cwd/images/val/in_cwd.jpg",
+                "custom_dataset/images/val/custom.jpg"):
+        image(tmp_path / rel, 8, 8)
+        text(label_path(tmp_path / rel), "0 0.5 0.5 0.5 0.5\n")
     near = data_yaml(tmp_path / "yolov6" / "data" / "near.yaml", val="images/val")
     far = data_yaml(tmp_path / "yolov6" / "data" / "far.yaml", val="../custom_dataset/images/val")
     monkeypatch.chdir(tmp_path / "cwd")

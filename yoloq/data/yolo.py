@@ -17,6 +17,7 @@ the PTQ steps that measure mAP on labeled train images.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -61,7 +62,6 @@ def _list_file_images(list_file: Path) -> list[Path]:
                               f"(expected one of {', '.join(IMAGE_SUFFIXES)})")
         (images if path.is_file() else missing).append(path)
     if missing:
-        import warnings
         warnings.warn(f"{list_file}: {len(missing)} listed image(s) not found and left out, e.g. {missing[0]}",
                       stacklevel=3)
     return images

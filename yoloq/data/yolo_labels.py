@@ -138,18 +138,23 @@ def build_ground_truth(root: Path, files: Sequence[str], nc: int, names: Sequenc
     cat_ids = category_ids(nc, is_coco)
     gt = {"images": [], "annotations": [],
           "categories": [{"id": cat_ids[i], "name": str(names[i]) if i < len(names) else str(i)} for i in range(nc)]}
-    skipped = []
+    skipped, labeled = [], 0
     for image_id, rel in zip(image_ids(files), files):
         size = _image_size(root / rel)
         if size is None:
             skipped.append(rel)
             continue
         gt["images"].append({"id": image_id, "file_name": rel, "width": size[0], "height": size[1]})
+        labeled += label_path(root / rel).is_file()
         boxes = read_labels(label_path(root / rel), nc)
         gt["annotations"] += _annotations(boxes, size[0], size[1], image_id, cat_ids, len(gt["annotations"]) + 1)
     if skipped:
         warnings.warn(f"{len(skipped)} unreadable image(s) under {root} left out of the ground truth, "
                       f"e.g. {skipped[0]}", stacklevel=2)
+    if gt["images"] and not labeled:     # almost surely a layout mistake, not a background-only split
+        warnings.warn(f"no label file for any of the {len(gt['images'])} images under {root} (expected e.g. "
+                      f"{label_path(root / gt['images'][0]['file_name'])}): every image counts as background",
+                      stacklevel=2)
     return gt
 
 
