@@ -6,7 +6,6 @@ reference searches; the end-to-end check uses the shared Lite-S weights and trai
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

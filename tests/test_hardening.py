@@ -2,7 +2,6 @@
 checkpoint, nothing half-written, normal file modes."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

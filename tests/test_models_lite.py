@@ -7,7 +7,6 @@ Tolerance: max |fused - unfused| <= 1e-4 * max(1, max |unfused|) (float32).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch

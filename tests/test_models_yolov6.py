@@ -8,7 +8,6 @@ Tolerance: max |fused - unfused| <= 1e-4 * max(1, max |unfused|) per output tens
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import onnx

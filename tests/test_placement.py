@@ -7,7 +7,6 @@ checked with random weights (placement needs no trained weights).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -288,6 +288,10 @@ class DataConfig:
     nc: int = 80
     names: list = field(default_factory=list)
     path: Optional[str] = None
+    # Explicit image lists, relative to train_images / val_images (set for YOLO-format data, whose
+    # splits may be recursive folders or .txt lists); None = every image directly in the folder.
+    train_files: Optional[list] = None
+    val_files: Optional[list] = None
 
     def __post_init__(self):
         if self.nc < 1:
@@ -361,17 +365,24 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def resolve_path(value: Optional[str], base_dir: Path) -> Optional[str]:
-    """Resolve a path from a YAML file relative to that file's directory."""
+def resolve_path(value: Optional[str], base_dir: Path, where: str = "config") -> Optional[str]:
+    """Resolve a path from a YAML file relative to that file's directory, after expanding
+    environment variables (``${YOLOQ_SHARED}``: see yoloq.config_lookup)."""
     if value is None or value == "":
         return value
-    p = Path(os.path.expanduser(value))
+    from yoloq.config_lookup import expand_path_vars
+    p = Path(os.path.expanduser(expand_path_vars(value, where)))
     return str(p if p.is_absolute() else (base_dir / p).resolve())
 
 
 def load_config(path: str | os.PathLike) -> Config:
-    """Load an experiment config YAML (``configs/*.yaml``)."""
-    path = Path(path)
+    """Load an experiment config: a YAML path, a shipped config's bare name (``yolov6lite_s``), or an
+    upstream YOLOv6 ``.py`` model config (read without executing it; yoloq.upstream_config)."""
+    from yoloq.config_lookup import find_config
+    path = find_config(path)
+    if path.suffix == ".py":
+        from yoloq.upstream_config import load_upstream_config
+        return load_upstream_config(path)
     raw = _read_yaml(path)
     valid = set(_SECTIONS) | {"data"}
     for key in raw:
@@ -380,19 +391,30 @@ def load_config(path: str | os.PathLike) -> Config:
                               f"valid sections: {', '.join(sorted(valid))}")
     sections = {name: from_dict(cls, raw.get(name), f"{path}: {name}") for name, cls in _SECTIONS.items()}
     base = path.parent.resolve()
-    sections["model"].weights = resolve_path(sections["model"].weights, base)
+    sections["model"].weights = resolve_path(sections["model"].weights, base, f"{path}: model.weights")
     data = raw.get("data")
     if data is not None and not isinstance(data, str):
         raise ConfigError(f"{path}: 'data' must be the path of a dataset YAML, got {data!r}")
-    return Config(**sections, data=resolve_path(data, base), path=str(path))
+    return Config(**sections, data=resolve_path(data, base, f"{path}: data"), path=str(path))
 
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:
-    """Load a dataset YAML (``data/*.yaml``); paths are resolved relative to it."""
-    path = Path(path)
-    dc = from_dict(DataConfig, _read_yaml(path), str(path))
+    """Load a dataset YAML: yoloq's COCO-JSON form (``data/*.yaml``, paths relative to it) or an
+    upstream YOLOv6 data YAML (``train``/``val`` image folders or lists, YOLO .txt labels;
+    yoloq.data.yolo). A bare name looks in the shipped data YAMLs."""
+    from yoloq.config_lookup import find_data_config
+    path = find_data_config(path)
+    raw = _read_yaml(path)
+    from yoloq.data.yolo import is_yolo_data_yaml, load_yolo_data_config
+    if is_yolo_data_yaml(raw):
+        return load_yolo_data_config(path, raw)
+    dc = from_dict(DataConfig, raw, str(path))
+    for key in ("train_files", "val_files"):
+        files = getattr(dc, key)
+        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+            raise ConfigError(f"{path}: '{key}' must be a list of image paths relative to the folder, got {files!r}")
     base = path.parent.resolve()
     for key in ("train_images", "train_ann", "val_images", "val_ann", "val_ann_official"):
-        setattr(dc, key, resolve_path(getattr(dc, key), base))
+        setattr(dc, key, resolve_path(getattr(dc, key), base, f"{path}: {key}"))
     dc.path = str(path)
     return dc

@@ -35,10 +35,10 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from yoloq.config_lookup import CONFIG_DIR
 from yoloq.io import atomic_torch_save
 from yoloq.safe_load import CheckpointError, ModuleStub, safe_torch_load
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUANTIZED_FORMAT = "yoloq-quantized"          # yoloq.quant.checkpoint.FORMAT
 MAX_LISTED = 10
 

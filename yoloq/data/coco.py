@@ -156,7 +156,8 @@ class CocoDetectionDataset(Dataset):
 
     With ``ann_file`` the images are the JSON's ``images`` (sorted by id), without it every image
     file in ``img_dir`` (calibration needs no labels). ``files`` restricts either list to those
-    file names (in the given order). Items are ``(image [3,S,S] float32 RGB 0..1, ImageMeta)`` or
+    file names (in the given order); without ``ann_file`` they are paths relative to ``img_dir``
+    and may lie in sub-folders. Items are ``(image [3,S,S] float32 RGB 0..1, ImageMeta)`` or
     a :class:`FailedItem` for an unreadable file.
     """
 
@@ -173,6 +174,13 @@ class CocoDetectionDataset(Dataset):
             if not self.img_dir.is_dir():
                 raise FileNotFoundError(f"image folder not found: {self.img_dir}")
             entries = [(e["id"], e["file_name"]) for e in read_annotation_images(ann_file)]
+        elif files is not None:
+            # explicit files (may sit in sub-folders, as a YOLO dataset's images do): no folder listing
+            missing = [f for f in files if not (self.img_dir / f).is_file()]
+            if missing:
+                raise InputError(f"{self.img_dir}: {len(missing)} requested file(s) not found, e.g. {missing[0]}")
+            entries = [(_image_id_from_name(n, i), n) for i, n in enumerate(files)]
+            files = None
         else:
             entries = [(_image_id_from_name(n, i), n) for i, n in enumerate(list_images(img_dir))]
         if files is not None:
@@ -259,20 +267,42 @@ def _is_readable(path: Path) -> bool:
         return False
 
 
+def _split_paths(folder: str, files: Optional[Sequence[str]]) -> set[Path]:
+    return {(Path(folder) / f).resolve() for f in (files if files is not None else list_images(folder))}
+
+
+def _train_files_outside_val(data_cfg) -> list[str]:
+    """The train image names (``train_files`` if set, else the folder's images), refusing any overlap
+    with the val images: calibrating on evaluation images would leak."""
+    train_dir = Path(data_cfg.train_images)
+    train_files = getattr(data_cfg, "train_files", None)
+    val_files = getattr(data_cfg, "val_files", None)
+    if train_files is None and val_files is None:
+        if data_cfg.val_images and train_dir.resolve() == Path(data_cfg.val_images).resolve():
+            raise InputError(f"{data_cfg.path}: train_images and val_images are the same folder ({train_dir}); "
+                             "refusing to calibrate on evaluation images")
+        return list_images(train_dir)
+    names = list(train_files) if train_files is not None else list_images(train_dir)
+    if data_cfg.val_images and Path(data_cfg.val_images).is_dir():
+        shared = _split_paths(str(train_dir), names) & _split_paths(data_cfg.val_images, val_files)
+        if shared:
+            raise InputError(f"{data_cfg.path}: {len(shared)} train image(s) are also val images, e.g. "
+                             f"{sorted(shared)[0]}; refusing to calibrate on evaluation images")
+    return names
+
+
 def calibration_images(data_cfg, n: int, seed: int = 0) -> list[str]:
     """``n`` readable train images (file names), chosen deterministically for ``seed``.
 
-    Only ``data_cfg.train_images`` is ever listed: calibrating on evaluation images would leak.
+    Only the train split is ever listed (``data_cfg.train_files`` if set, else the images directly
+    in ``data_cfg.train_images``): calibrating on evaluation images would leak.
     """
     if n < 1:
         raise InputError(f"calibration needs at least 1 image, got n={n}")
     train_dir = Path(data_cfg.train_images or "")
     if not data_cfg.train_images:
         raise InputError(f"{data_cfg.path}: 'train_images' is not set; calibration uses train images only")
-    if data_cfg.val_images and train_dir.resolve() == Path(data_cfg.val_images).resolve():
-        raise InputError(f"{data_cfg.path}: train_images and val_images are the same folder ({train_dir}); "
-                         "refusing to calibrate on evaluation images")
-    names = list_images(train_dir)
+    names = _train_files_outside_val(data_cfg)
     random.Random(seed).shuffle(names)
     chosen = []
     for name in names:

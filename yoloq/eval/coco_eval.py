@@ -53,11 +53,12 @@ class EvalResult:
 
 
 # --------------------------------------------------------------------------- categories & boxes
-def category_ids(categories: Sequence[dict], where: str = "annotation file") -> list[int]:
-    """Class index -> COCO category id: the file's categories sorted by id (must be 80)."""
+def category_ids(categories: Sequence[dict], where: str = "annotation file", nc: int = 80) -> list[int]:
+    """Class index -> category id: the file's categories sorted by id (must be ``nc``: 80 for COCO)."""
     ids = sorted(int(c["id"]) for c in categories)
-    if len(ids) != 80:
-        raise InputError(f"{where}: expected 80 categories for COCO detection, found {len(ids)}")
+    if len(ids) != nc:
+        raise InputError(f"{where}: expected {nc} categories{' for COCO detection' if nc == 80 else ''}, "
+                         f"found {len(ids)}")
     return ids
 
 
@@ -149,7 +150,7 @@ def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_
     ann_file = resolve_ann_file(data_cfg, ann_key)
     gt = read_coco_json(ann_file)
     validate_ground_truth(gt, ann_file)
-    cat_ids = category_ids(gt.get("categories", []), ann_file)
+    cat_ids = category_ids(gt.get("categories", []), ann_file, data_cfg.nc)
     dataset = val_dataset(data_cfg, ann_file, img_size, max_images, gt, interpolation)
     loader = make_loader(dataset, eval_cfg.batch_size, eval_cfg.workers)
 

@@ -30,10 +30,12 @@ def selection_data(data_cfg: DataConfig, calib_files: Sequence[str], n: int, see
     """A DataConfig whose "val" is ``n`` *labeled train* images (calibration images last resort),
     with a filtered annotation file in ``tmp_dir``: the set the ``max_drop`` search measures on."""
     from yoloq.data.coco import read_coco_json
-    if not data_cfg.train_ann or not Path(data_cfg.train_ann).is_file():
+    from yoloq.data.yolo import train_ground_truth
+    train_ann = data_cfg.train_ann or train_ground_truth(data_cfg)      # YOLO labels: built on demand
+    if not train_ann or not Path(train_ann).is_file():
         raise InputError(f"{data_cfg.path}: train_ann is needed for --max-drop / --sensitivity map "
                          f"(mAP on labeled train images), got {data_cfg.train_ann!r}")
-    gt = read_coco_json(data_cfg.train_ann)
+    gt = read_coco_json(train_ann)
     unlabeled = set(gt.get("unlabeled_image_ids", []))
     labeled_ids = {a["image_id"] for a in gt.get("annotations", [])}
     images = [im for im in sorted(gt["images"], key=lambda e: e["id"])
@@ -45,16 +47,17 @@ def selection_data(data_cfg: DataConfig, calib_files: Sequence[str], n: int, see
     random.Random(seed).shuffle(reused)
     chosen = (fresh + reused)[:n]
     if not chosen:
-        raise InputError(f"{data_cfg.train_ann}: no labeled train image for the selection set")
+        raise InputError(f"{train_ann}: no labeled train image for the selection set")
     ids = {im["id"] for im in chosen}
     sub = {k: v for k, v in gt.items() if k not in ("images", "annotations")}
     sub["images"] = sorted(chosen, key=lambda e: e["id"])
     sub["annotations"] = [a for a in gt["annotations"] if a["image_id"] in ids]
     ann = tmp_dir / "selection_ann.json"
     ann.write_text(json.dumps(sub))
-    sel = dataclasses.replace(data_cfg, val_images=data_cfg.train_images, val_ann=str(ann), val_ann_official=None)
+    sel = dataclasses.replace(data_cfg, val_images=data_cfg.train_images, val_ann=str(ann), val_ann_official=None,
+                              val_files=None)
     info = {"images": len(chosen), "disjoint_from_calibration": sum(im["file_name"] not in calib for im in chosen),
-            "source": data_cfg.train_ann}
+            "source": train_ann}
     return sel, info
 
 
