@@ -1,2 +1,23 @@
-"""yoloq: YOLOv6 INT8 quantization toolkit."""
-__version__ = "0.1.0"
+"""yoloq: YOLOv6 INT8 quantization toolkit.
+
+    import yoloq
+    model = yoloq.load("yolov6lite_s")
+    q = yoloq.ptq(model, data="coco_shared", method="auto")
+    q.evaluate(); q.export_onnx("m.onnx"); q.save("quant.pt")
+
+See ``yoloq.api`` (the Python API) and ``yoloq.cli`` (the ``yoloq`` command).
+"""
+__version__ = "0.2.0"
+
+_API = ("load", "ptq", "qat", "evaluate", "QuantizedModel")
+
+
+def __getattr__(name: str):
+    # the API pulls in torch; `yoloq --version` and `import yoloq` stay light (PEP 562)
+    if name in _API:
+        from yoloq import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'yoloq' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API]

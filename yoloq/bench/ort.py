@@ -31,12 +31,11 @@ def build_quantized(cfg, args, calib_batches):
         from yoloq.quant.checkpoint import load_quantized
         model, _ = load_quantized(args.ckpt)
         return model.eval(), args.ckpt
-    from yoloq.models import build_model
+    from yoloq.models import load_model
     from yoloq.quant.calibrate import calibrate
     from yoloq.quant.prepare import prepare
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval().fuse()
-    where = "random weights (max calibration)"
+    model = load_model(cfg.model, args.weights, random_weights=args.random_weights)
+    where = f"{'random weights' if args.random_weights else args.weights} (max calibration)"
     if args.hardswish_as_relu:
         where += f", {hardswish_to_relu(model)} HardSwish replaced by ReLU"
     qmodel = prepare(model, cfg.quant)

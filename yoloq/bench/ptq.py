@@ -104,7 +104,7 @@ def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.T
 
 def run_bench(args) -> dict:
     cfg, data_cfg = resolve(args.cfg, quant={"calib_images": args.calib_images, "seed": args.seed},
-                            eval={"workers": args.workers})
+                            eval={"workers": args.workers}, model={"weights": args.weights}, data=args.data)
     qcfg, eval_cfg = cfg.quant, cfg.eval
     seed_everything(qcfg.seed)
     img_size, progress = cfg.model.img_size, not args.no_progress

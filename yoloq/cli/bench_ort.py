@@ -35,6 +35,7 @@ def build_parser(prog: str = "yoloq bench-ort"):
     p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="quantized checkpoint (tools/ptq.py / tools/qat.py quant.pt)")
+    src.add_argument("--weights", help="FP32 checkpoint, max-calibrated on --calib-images train images")
     src.add_argument("--random-weights", action="store_true",
                      help="random weights, max-calibrated on --calib-images train images (latency only)")
     p.add_argument("--hardswish-as-relu", action="store_true",

@@ -23,6 +23,8 @@ from yoloq.bench.ptq import ORT_VARIANTS, YOLOQ_METHODS
 def build_parser(prog: str = "yoloq bench-ptq"):
     p = parser(prog, __doc__)
     p.add_argument("--cfg", required=True)
+    p.add_argument("--weights", help="FP32 checkpoint (default: model.weights of the config)")
+    p.add_argument("--data", help="dataset YAML (default: data of the config)")
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--max-images", type=int, help="evaluate only the first N val images")
     p.add_argument("--seed", type=int)

@@ -14,12 +14,14 @@ from yoloq.cli.common import add_evaluation_arguments, evaluation_overrides, par
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import check_output_file
+from yoloq.recipes.common import align_classes
 
 
 def build_parser(prog: str = "yoloq eval"):
     p = parser(prog, __doc__)
     p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
-    p.add_argument("--weights", help="checkpoint (default: model.weights of the config)")
+    p.add_argument("--weights", help="checkpoint (default: model.weights of the config); every form yoloq reads")
+    p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
     p.add_argument("--onnx", help="evaluate this ONNX file with onnxruntime (CPU) instead of PyTorch")
     p.add_argument("--ort-bias", choices=("auto", "float", "int32"), default="auto",
                    help="with --onnx: conv biases as written (float) or rounded to int32 by onnxruntime's "
@@ -41,6 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not cfg.data:
         raise InputError(f"{args.cfg} has no 'data' and no --data was given")
     data_cfg = load_data_config(cfg.data)
+    cfg = align_classes(cfg, data_cfg)
     out = check_output_file(args.out or f"runs/eval/{cfg.model.name}{'_onnx' if args.onnx else ''}.json", "--out")
     common = dict(max_images=args.max_images, progress=not args.no_progress, interpolation=args.interpolation)
     if args.onnx:
@@ -51,10 +54,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         source = f"{args.onnx}, onnxruntime {'int32' if predictor.quantize_bias else 'float'} conv biases"
     else:
         from yoloq.models import load_model
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, random_weights=args.random_weights)
         img_size = cfg.model.img_size
         result = evaluate_model(model, data_cfg, cfg.eval, img_size, **common)
-        source = cfg.model.weights
+        source = "random weights: SMOKE TEST, meaningless mAP" if args.random_weights else cfg.model.weights
     save_result(result, out)
     print(f"{cfg.model.name} ({source}) at {img_size} on {Path(result.ann_file).name}: "
           f"{result.n_images} images, {len(result.detections)} detections, {result.images_per_s:.1f} img/s, "

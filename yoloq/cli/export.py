@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from yoloq.cli.common import parser, positive_int
 from yoloq.config import NMSKind, choices
+from yoloq.errors import InputError
 from yoloq.io import check_output_file
 
 
@@ -22,7 +23,9 @@ def build_parser(prog: str = "yoloq export"):
     from yoloq.runtime.deploy import VARIANTS
     from yoloq.runtime.onnx_export import OFFSET_MODES
     p = parser(prog, __doc__)
-    p.add_argument("--ckpt", required=True, help="quantized checkpoint (runs/ptq/<name>/quant.pt or a QAT quant.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="quantized checkpoint (runs/ptq/<name>/quant.pt or a QAT quant.pt)")
+    src.add_argument("--weights", help="FP32 checkpoint (with --cfg and --fp32 / --fp16): the float graph")
     p.add_argument("--cfg", help="experiment config: defaults of its 'export' section (opset, batch, simplify, nms)")
     p.add_argument("--out", required=True, help="ONNX file to write")
     batch = p.add_mutually_exclusive_group()
@@ -50,7 +53,8 @@ def build_parser(prog: str = "yoloq export"):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from yoloq.runtime.deploy import DeployRequest, export_checkpoint, export_defaults, scale_summary
+    from yoloq.runtime.deploy import (DeployRequest, export_checkpoint, export_defaults, export_float_weights,
+                                      scale_summary)
     from yoloq.runtime.tensorrt.trtexec import trtexec_hint
     a = build_parser().parse_args(argv)
     check_output_file(a.out, "--out")
@@ -62,7 +66,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         iou_threshold=a.iou_thres, max_det=a.max_det, cfg=a.cfg, calib_images=a.calib_images)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        info, meta, img_size = export_checkpoint(a.ckpt, a.out, req)
+        if a.ckpt:
+            info, meta, img_size = export_checkpoint(a.ckpt, a.out, req)
+        else:
+            if not a.cfg:
+                raise InputError("--weights needs --cfg (the model the checkpoint is for)")
+            info, meta, img_size = export_float_weights(a.cfg, a.weights, a.out, req)
     size = Path(info.path).stat().st_size / 2 ** 20
     kind = "FP32" if a.fp32 else "FP16" if a.fp16 else "INT8 Q/DQ"
     print(f"wrote {info.path} ({size:.2f} MiB): {meta.get('name', '?')} {img_size}x{img_size}, "

@@ -26,7 +26,10 @@ from yoloq.config import AnnKey, CalibMethod, Sensitivity, SensitivityMode, choi
 def build_parser(prog: str = "yoloq ptq"):
     p = parser(prog, __doc__)
     p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
-    p.add_argument("--weights", help="checkpoint to quantize (default: model.weights of the config)")
+    p.add_argument("--weights", help="checkpoint to quantize (default: model.weights of the config); any form "
+                                     "yoloq reads: upstream release pickles, plain or deploy-form state dicts")
+    p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
+    p.add_argument("--img-size", type=positive_int, help="input size (default: model.img_size; a multiple of 32)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
     g = p.add_argument_group("calibration (defaults: the config's quant section)")
     g.add_argument("--calib", choices=choices(CalibMethod),
@@ -80,10 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.report.ptq import format_summary
     a = build_parser().parse_args(argv)
     cfg = load_config(a.cfg)
-    opts = PTQOptions(skip_count=a.skip_layers, max_images=a.max_images, name=a.name, out=a.out,
+    opts = PTQOptions(skip_count=a.skip_layers, random_weights=a.random_weights, max_images=a.max_images, name=a.name, out=a.out,
                       save_model=not a.no_save, plots=not a.no_plots, print_placement=a.print_placement,
                       progress=not a.no_progress)
-    result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights}, data=a.data,
+    result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights, "img_size": a.img_size}, data=a.data,
                      eval=dict(val_ann=a.ann, batch_size=a.batch_size, workers=a.workers))
     print(format_summary(result.report))
     print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch
 from torch import nn
 
 from yoloq.config import ConfigError, ModelConfig
@@ -19,14 +20,23 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     raise ConfigError(f"model.arch: unknown architecture '{cfg.arch}'; expected 'yolov6' or 'lite'")
 
 
-def load_model(cfg: ModelConfig, weights: Optional[str | os.PathLike] = None, fuse: bool = True) -> nn.Module:
+NO_WEIGHTS_HINT = ("pass --weights PATH (or set model.weights in the config), or --random-weights for a "
+                   "smoke test whose numbers mean nothing")
+
+
+def load_model(cfg: ModelConfig, weights: Optional[str | os.PathLike] = None, fuse: bool = True,
+               random_weights: bool = False, seed: int = 0) -> nn.Module:
     """Build the model of ``cfg``, load ``weights`` (default ``cfg.weights``; every checkpoint form
     ``yoloq.weights`` reads) and, with ``fuse``, convert it to deploy form (exact up to float
-    rounding). Returns it in eval mode."""
+    rounding). ``random_weights``: seeded random initialisation instead (smoke tests). Eval mode."""
     from yoloq.weights import load_weights
     weights = weights or cfg.weights
-    if not weights:
-        raise ConfigError(f"model '{cfg.name}': no weights given (set model.weights in the config or pass --weights)")
-    model = build_model(cfg)
-    load_weights(model, weights)
+    if random_weights:
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+    elif not weights:
+        raise ConfigError(f"model '{cfg.name}': no weights: {NO_WEIGHTS_HINT}")
+    else:
+        model = build_model(cfg)
+        load_weights(model, weights)
     return (model.fuse() if fuse else model).eval()

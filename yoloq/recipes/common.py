@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from yoloq.config import DataConfig
+from yoloq.config import Config, DataConfig
 from yoloq.errors import InputError
 
 
@@ -29,6 +29,14 @@ class StageTimer:
 
     def with_total(self) -> dict[str, float]:
         return {**self.times, "total": round(time.perf_counter() - self.start, 2)}
+
+
+def align_classes(cfg: Config, data_cfg: DataConfig) -> Config:
+    """The model predicts the dataset's classes: upstream takes ``nc`` from the data YAML, so a model
+    section (an upstream .py config, or a COCO config used with another dataset) follows it."""
+    if cfg.model.nc == data_cfg.nc:
+        return cfg
+    return cfg.with_overrides(model={"nc": data_cfg.nc})
 
 
 def seed_everything(seed: int) -> None:

@@ -29,10 +29,11 @@ from yoloq.errors import InputError, YoloqError
 from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import check_output_dir, staging_dir
 from yoloq.models import load_model
+from yoloq.models.build import NO_WEIGHTS_HINT
 from yoloq.quant.calibrate import calibrate, calibrate_auto
 from yoloq.quant.prepare import prepare
 from yoloq.quant.state import quant_state
-from yoloq.recipes.common import CalibrationSet, StageTimer, load_calibration_set, seed_everything
+from yoloq.recipes.common import CalibrationSet, StageTimer, align_classes, load_calibration_set, seed_everything
 from yoloq.recipes.partial import Selection, confirm_with_map, partial_quantization
 from yoloq.report.common import stat_drop
 from yoloq.report.ptq import write_report
@@ -46,6 +47,7 @@ class PTQError(YoloqError, ValueError):
 class PTQOptions:
     """What one run reads and writes (the quantization settings are ``cfg.quant``)."""
     skip_count: Optional[int] = None            # keep the k most sensitive layers in float (--skip-layers)
+    random_weights: bool = False                # smoke test: seeded random weights, numbers meaningless
     max_images: Optional[int] = None            # evaluate only the first N val images
     name: Optional[str] = None                  # run folder name (default <model>_<calib>)
     out: str = "runs/ptq"
@@ -99,7 +101,8 @@ def _check_file(path: Optional[str], what: str) -> None:
 
 
 def resolve(cfg: Config | str | os.PathLike, quant: Optional[dict] = None, eval: Optional[dict] = None,
-            model: Optional[dict] = None, data: Optional[str] = None) -> tuple[Config, DataConfig]:
+            model: Optional[dict] = None, data: Optional[str] = None,
+            random_weights: bool = False) -> tuple[Config, DataConfig]:
     """Config + overrides -> (cfg, data_cfg), with every file the run needs checked first."""
     if not isinstance(cfg, Config):
         cfg = load_config(cfg)
@@ -109,8 +112,12 @@ def resolve(cfg: Config | str | os.PathLike, quant: Optional[dict] = None, eval:
     if not Path(cfg.data).is_file():
         raise PTQError(f"{cfg.path}: data: dataset YAML not found: {cfg.data}")
     data_cfg = load_data_config(cfg.data)
+    cfg = align_classes(cfg, data_cfg)
     where = cfg.path or "config"
-    _check_file(cfg.model.weights, f"{where}: model.weights")
+    if not random_weights:
+        if not cfg.model.weights:
+            raise PTQError(f"{where}: model.weights is not set: {NO_WEIGHTS_HINT}")
+        _check_file(cfg.model.weights, f"{where}: model.weights")
     _check_file(data_cfg.train_images, f"{data_cfg.path}: train_images (calibration)")
     _check_file(data_cfg.val_images, f"{data_cfg.path}: val_images")
     _check_file(getattr(data_cfg, cfg.eval.val_ann), f"{data_cfg.path}: {cfg.eval.val_ann}")
@@ -185,7 +192,7 @@ def _choose_float_layers(run: PTQRun, fp32: nn.Module, scratch: Path) -> None:
 def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
     cfg, qcfg, timer, log = run.cfg, run.cfg.quant, run.timer, _logger(run.opts)
     with timer.stage("load"):
-        fp32 = load_model(cfg.model)
+        fp32 = load_model(cfg.model, random_weights=run.opts.random_weights, seed=cfg.quant.seed)
         _prepare(run, fp32)
     with timer.stage("load_calibration_images"):
         run.calib = load_calibration_set(run.data_cfg, qcfg.calib_images, cfg.model.img_size, qcfg.batch_size,
@@ -221,7 +228,7 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     keys (``None`` values are ignored), ``data`` the dataset YAML; other keywords are
     ``PTQOptions`` fields."""
     opts = dataclasses.replace(options or PTQOptions(), **option_overrides)
-    cfg, data_cfg = resolve(cfg, quant=quant, eval=eval, model=model, data=data)
+    cfg, data_cfg = resolve(cfg, quant=quant, eval=eval, model=model, data=data, random_weights=opts.random_weights)
     _check_options(opts, cfg)
     name = opts.name or f"{cfg.model.name}_{cfg.quant.calib}"
     final_dir = Path(opts.out) / name
@@ -258,6 +265,8 @@ def build_report(run: PTQRun) -> dict:
     fp32_eval, int8_eval = run.fp32_eval, run.int8_eval
     stats = lambda s: {k: float(s[k]) for k in s}          # noqa: E731
     notes = []
+    if opts.random_weights:
+        notes.append("SMOKE TEST: random weights (--random-weights); every mAP here is meaningless")
     if opts.max_images:
         notes.append(f"quick run: evaluated only the first {opts.max_images} val images")
     failed = sorted(set(fp32_eval.failed_files + int8_eval.failed_files))

@@ -61,6 +61,23 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, req: Depl
     return info, meta, img_size
 
 
+def export_float_weights(cfg_path: str, weights: Optional[str], out: str | os.PathLike,
+                         req: DeployRequest) -> tuple[ExportInfo, dict, int]:
+    """The FP32 (or FP16) graph of a plain checkpoint (``--cfg`` + ``--weights``), fused as the
+    quantized exports are: the float baseline for TensorRT / onnxruntime."""
+    from yoloq.models import load_model
+    if not (req.fp32 or req.fp16) or req.variant != "trt":
+        raise ExportError("--weights exports the float graph: add --fp32 or --fp16 (an INT8 graph needs a quantized "
+                          "checkpoint from `yoloq ptq` / `yoloq qat` as --ckpt)")
+    cfg = load_config(cfg_path)
+    model = load_model(cfg.model, weights)
+    img_size = req.img_size or cfg.model.img_size
+    info = export_onnx(model, out, img_size=img_size, batch=req.batch, opset=req.opset, simplify=req.simplify,
+                       nms=req.nms, fp32=req.fp32, fp16=req.fp16, score_threshold=req.score_threshold,
+                       iou_threshold=req.iou_threshold, max_det=req.max_det)
+    return info, {"name": cfg.model.name}, img_size
+
+
 def export_defaults(cfg_path: Optional[str]) -> ExportConfig:
     return load_config(cfg_path).export if cfg_path else ExportConfig()
 

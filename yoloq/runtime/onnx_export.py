@@ -207,6 +207,8 @@ def _resolve_model(model_or_ckpt) -> tuple[nn.Module, str]:
 
 
 def _check_quantized(model: nn.Module, where: str, fp32: bool, offset_mode: str) -> None:
+    if fp32 and not has_quant_state(model):
+        return                                  # a plain FP32 model: exported as the float graph
     if not has_quant_state(model):
         raise ExportError(f"{where}: not a quantized model (no quantizer placement; run yoloq.quant.prepare "
                           f"and calibrate, or pass a quantized checkpoint from tools/ptq.py / tools/qat.py)")

@@ -17,12 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoloq.config import QATConfig
-from yoloq.errors import YoloqError
+from yoloq.recipes.qat import QATError
 from yoloq.quant.learnable import pact_alpha_l2
 
-
-class QATError(YoloqError, ValueError):
-    """Bad input to QAT; the message names the file / option / value."""
 
 def cwd_loss(student: list, teacher: list, temperature: float = 1.0) -> torch.Tensor:
     """Channel-wise distillation summed over feature levels: mean over (image, channel) of

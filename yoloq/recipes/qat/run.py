@@ -33,7 +33,7 @@ from yoloq.safe_load import load_plain
 from yoloq.quant.checkpoint import load_quantized, save_quantized
 from yoloq.quant.swap import freeze_quantizers, swap_quantizers
 from yoloq.recipes.common import StageTimer
-from yoloq.recipes.qat.losses import QATError
+from yoloq.recipes.qat import QATError
 from yoloq.recipes.qat.trainer import FitResult, is_main_process, fit, make_teacher, make_train_loader
 from yoloq.report.qat import STATS, write_qat_report
 

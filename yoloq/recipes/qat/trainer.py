@@ -35,7 +35,8 @@ from yoloq.quant.learnable import LEARNABLE, LSQWeightQuantizer, clamp_weight_sc
 from yoloq.quant.scheme import TensorQuantizer
 from yoloq.quant.state import named_quantizers
 from yoloq.recipes.qat.guard import DivergenceGuard
-from yoloq.recipes.qat.losses import FeatureTap, QATError, distill_loss
+from yoloq.recipes.qat import QATError
+from yoloq.recipes.qat.losses import FeatureTap, distill_loss
 from yoloq.safe_load import load_plain
 
 QUANTIZER_GROUPS = ("quantizers", "weight_scales")

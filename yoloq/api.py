@@ -1,0 +1,135 @@
+"""The Python API for a model held in a notebook or a training script.
+
+    import yoloq
+    model = yoloq.load("yolov6lite_s")                      # a shipped config by name (its weights)
+    model = yoloq.load("my_yolov6s.py", weights="best_ckpt.pt")   # an upstream config + checkpoint
+    q = yoloq.ptq(model, data="coco_shared", method="auto", calib_images=256)
+    q.evaluate(max_images=100)                               # {"AP": ..., "AP50": ..., ...}
+    q.export_onnx("model_int8.onnx")                         # Q/DQ for TensorRT
+    q.save("quant.pt")                                       # what `yoloq qat --from` / `yoloq export` read
+    q = yoloq.qat(q, data="coco_shared", epochs=1, images=64)
+
+Everything here calls the same library functions as the ``yoloq`` command; a loaded model is a
+plain ``nn.Module`` (fused, eval mode) that also carries its config as ``model.cfg``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from yoloq.config import Config, DataConfig, QATConfig, QuantConfig, load_config, load_data_config
+from yoloq.errors import InputError
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized detector with what it needs to be evaluated, exported, saved or trained further."""
+    model: nn.Module                   # the fake-quantized model (QuantState in model.quant_state)
+    config: Config                     # the experiment config it was made with
+    data: Optional[DataConfig] = None  # its dataset (calibration was on its train images)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def evaluate(self, data: Optional[str | DataConfig] = None, max_images: Optional[int] = None,
+                 progress: bool = False) -> dict:
+        """COCO stats (fractions) on the val images of ``data`` (default: the calibration dataset)."""
+        return evaluate(self.model, data or self.data, self.config, max_images=max_images, progress=progress)
+
+    def export_onnx(self, path: str | os.PathLike, **kwargs):
+        """The Q/DQ ONNX TensorRT builds (``yoloq.runtime.onnx_export.export_onnx`` keywords)."""
+        from yoloq.runtime.onnx_export import export_onnx
+        kwargs.setdefault("img_size", self.config.model.img_size)
+        return export_onnx(self.model, path, **kwargs)
+
+    def save(self, path: str | os.PathLike, meta: Optional[dict] = None) -> Path:
+        from yoloq.quant.checkpoint import save_quantized
+        save_quantized(self.model, path, meta={"name": self.config.model.name, **(meta or {})})
+        return Path(path)
+
+
+def _config(cfg: str | os.PathLike | Config) -> Config:
+    return cfg if isinstance(cfg, Config) else load_config(cfg)
+
+
+def _data(data: Optional[str | os.PathLike | DataConfig], cfg: Config) -> DataConfig:
+    if isinstance(data, DataConfig):
+        return data
+    source = data or cfg.data
+    if not source:
+        raise InputError(f"{cfg.path}: no dataset: pass data=... (a dataset YAML path or a shipped name)")
+    return load_data_config(source)
+
+
+def load(source: str | os.PathLike | Config, weights: Optional[str | os.PathLike] = None):
+    """A config (path, shipped name, upstream ``.py``) -> its FP32 model, fused, with ``weights``
+    (default: the config's); a quantized checkpoint (``quant.pt``) -> a :class:`QuantizedModel`."""
+    if not isinstance(source, Config) and Path(source).suffix == ".pt":
+        from yoloq.quant.checkpoint import load_quantized
+        qmodel, meta = load_quantized(source)
+        cfg = Config(model=qmodel.cfg, path=str(source))
+        return QuantizedModel(qmodel, cfg)
+    from yoloq.models import load_model
+    cfg = _config(source)
+    model = load_model(cfg.model, weights)
+    model.cfg = replace(cfg.model, weights=str(weights or cfg.model.weights))
+    model.yoloq_config = cfg
+    return model
+
+
+def ptq(model: nn.Module, data: Optional[str | os.PathLike | DataConfig] = None, method: str = "auto",
+        calib_images: int = 256, batch_size: int = 8, workers: int = 0, progress: bool = False,
+        **quant: object) -> QuantizedModel:
+    """Calibrate ``model`` (an FP32 model from :func:`load`) on ``calib_images`` train images of
+    ``data`` with ``method`` (max, percentile, entropy, mse, auto); other keywords are ``quant``
+    config fields. Returns the :class:`QuantizedModel`."""
+    from yoloq.quant import quantize
+    from yoloq.recipes.common import load_calibration_set
+    cfg = getattr(model, "yoloq_config", None) or Config(model=model.cfg)
+    cfg = cfg.with_overrides(quant={"calib": method, "calib_images": calib_images, "batch_size": batch_size, **quant})
+    data_cfg = _data(data, cfg)
+    calib = load_calibration_set(data_cfg, calib_images, cfg.model.img_size, batch_size, workers, cfg.quant.seed)
+    qmodel = quantize(model, calib.batches, cfg.quant, progress=progress)
+    return QuantizedModel(qmodel, cfg, data_cfg)
+
+
+def evaluate(model: nn.Module, data: Optional[str | os.PathLike | DataConfig], config: Optional[Config] = None,
+             max_images: Optional[int] = None, progress: bool = False) -> dict:
+    """COCO stats (fractions) of any model on the val images of ``data``."""
+    from yoloq.eval.coco_eval import evaluate_model
+    cfg = config or getattr(model, "yoloq_config", None) or Config(model=model.cfg)
+    data_cfg = _data(data, cfg)
+    eval_cfg = replace(cfg.eval, workers=0)
+    return evaluate_model(model, data_cfg, eval_cfg, cfg.model.img_size, max_images=max_images,
+                          progress=progress).stats
+
+
+def qat(quantized: QuantizedModel, data: Optional[str | os.PathLike | DataConfig] = None,
+        progress: bool = False, **settings: object) -> QuantizedModel:
+    """Quantization-aware training of a :class:`QuantizedModel` by distillation from its own FP32
+    weights on unlabelled train images of ``data``; keywords are ``qat`` config fields (quantizer,
+    epochs, images, lr, ...). No validation set is used; returns the trained model (frozen to the
+    PTQ checkpoint format, as ``yoloq qat`` saves it)."""
+    from yoloq.quant.swap import freeze_quantizers
+    from yoloq.recipes.qat.run import _init_student, _train_loader
+    from yoloq.recipes.qat.trainer import fit, make_teacher
+    cfg = quantized.config.with_overrides(qat={"workers": 0, **settings})
+    data_cfg = _data(data if data is not None else quantized.data, cfg)
+    student = freeze_quantizers(quantized.model)          # a copy: the caller's model stays as it was
+    teacher = make_teacher(student)
+    _init_student(student, cfg.qat, data_cfg, resuming=False)
+    loader, sampler, _ = _train_loader(cfg.qat, data_cfg, student.cfg.img_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = fit(student, teacher, loader, cfg.qat, cfg.qat.epochs, sampler=sampler, out_dir=Path(tmp),
+                     progress=progress)
+    student.load_state_dict(result.last_state)
+    return QuantizedModel(freeze_quantizers(student.cpu().eval()), cfg, data_cfg)
+
+
+__all__ = ["QuantizedModel", "evaluate", "load", "ptq", "qat", "QuantConfig", "QATConfig"]
