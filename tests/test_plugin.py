@@ -147,11 +147,10 @@ def test_release_checkpoint_on_a_yolo_dataset(tmp_path, monkeypatch):
     assert read_checkpoint(release)[1]["format"] == "release"
     data = _yolo_dataset(tmp_path / "dataset")
     out = tmp_path / "runs"
-    with pytest.warns(UserWarning):                        # train split without labels: calibration only
-        code = yoloq_main(["ptq", "--cfg", "yolov6s_qarepvgg.yaml", "--weights", str(release), "--data", str(data),
-                           "--img-size", "320", "--calib-images", "4", "--max-images", "4", "--sensitivity", "off",
-                           "--no-diagnose", "--no-plots", "--workers", "0", "--out", str(out), "--name", "qa",
-                           "--no-progress"])
+    code = yoloq_main(["ptq", "--cfg", "yolov6s_qarepvgg.yaml", "--weights", str(release), "--data", str(data),
+                       "--img-size", "320", "--calib-images", "4", "--max-images", "4", "--sensitivity", "off",
+                       "--no-diagnose", "--no-plots", "--workers", "0", "--out", str(out), "--name", "qa",
+                       "--no-progress"])
     assert code == 0
     report = json.loads((out / "qa" / "report.json").read_text())
     assert report["model"]["weights"] == str(release) and report["data"]["eval_images"] == 4
