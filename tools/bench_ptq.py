@@ -30,6 +30,7 @@ import torch
 # pytorch-quantization 2.1.3 calls torch.jit.script at import; torch 2.14 warns about it
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
+from yoloq.bench.peers import DEFAULT_PEERS, PeerError
 from yoloq.config import ConfigError
 from yoloq.eval.coco_eval import evaluate
 from yoloq.eval.predictors import OnnxPredictor
@@ -156,13 +157,13 @@ def run_bench(args) -> dict:
                       evaluate_stats(auto_model, data_cfg, eval_cfg, img_size, args.max_images, progress))
             add("yoloq", "auto", fp32_eval.stats, result, calib_s, note=f"chose {info['method']}")
 
-    if not args.skip_ort:
+    if not args.skip_ort or not args.skip_peers:
         with tempfile.TemporaryDirectory() as tmp:
             fp32_onnx = export_fp32_onnx(fp32, Path(tmp) / "fp32.onnx", img_size)
             ort_fp32 = evaluate(OnnxPredictor(fp32_onnx), data_cfg, eval_cfg, img_size,
                                 max_images=args.max_images, progress=progress)
             add("onnxruntime", "fp32", ort_fp32.stats, ort_fp32, 0.0, note="FP32 ONNX export (sanity check)")
-            for variant in args.ort_variants:
+            for variant in ([] if args.skip_ort else args.ort_variants):
                 qpath = Path(tmp) / f"{variant}.onnx"
                 try:
                     calib_s = ort_quantize(fp32_onnx, qpath, variant, batches)
@@ -173,11 +174,25 @@ def run_bench(args) -> dict:
                     print(f"onnxruntime {variant}: failed: {err}", flush=True)
                     continue
                 add("onnxruntime", variant, ort_fp32.stats, result, calib_s)
+            if not args.skip_peers:   # peers: yoloq.bench.peers (NNCF, AMD Quark, AIMET in child processes)
+                rows += _peer_rows(args, cfg, fp32_onnx, batches, ort_fp32.stats,
+                                   lambda path: evaluate(OnnxPredictor(path), data_cfg, eval_cfg, img_size,
+                                                         max_images=args.max_images, progress=progress), Path(tmp))
 
     return {"name": args.name or f"{cfg.model.name}_bench", "model": cfg.model.name, "config": cfg.path,
             "img_size": img_size, "calib_images": n_calib, "calib_files": files, "seed": qcfg.seed,
             "eval_images": fp32_eval.n_images, "ann_file": fp32_eval.ann_file, "fp32": fp32_eval.stats,
             "rows": rows}
+
+
+def _peer_rows(args, cfg, fp32_onnx: Path, batches, fp32_stats: dict, evaluate_onnx, tmp: Path) -> list[dict]:
+    from yoloq.bench import peers
+    work = Path(args.out) / (args.name or f"{cfg.model.name}_bench") / "peers"
+    work.mkdir(parents=True, exist_ok=True)
+    calib = peers.save_calibration(batches, tmp / "calib.npy")
+    return peers.peer_rows(fp32_onnx, calib, peers.parse_peer_specs(args.peers), evaluate_onnx, fp32_stats, work,
+                           pythons=peers.parse_peer_python(args.peer_python), timeout=args.peer_timeout,
+                           iterations=args.peer_iterations, adaround_images=args.peer_adaround_images)
 
 
 class _as_result:
@@ -231,6 +246,16 @@ def parse_args(argv=None):
     p.add_argument("--ort-variants", nargs="+", default=list(ORT_VARIANTS), choices=ORT_VARIANTS)
     p.add_argument("--skip-yoloq", action="store_true")
     p.add_argument("--skip-ort", action="store_true")
+    # peers (yoloq.bench.peers): NNCF / AMD Quark / AIMET, each in a child process
+    p.add_argument("--peers", nargs="+", default=list(DEFAULT_PEERS),
+                   help="PEER or PEER:VARIANT (peers and variants: yoloq.bench.peers.PEER_VARIANTS)")
+    p.add_argument("--peer-python", nargs="+", default=[], metavar="PEER=PYTHON",
+                   help="interpreter per peer, e.g. nncf=/work/venvs/nncf/bin/python (default: this one)")
+    p.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer variant")
+    p.add_argument("--peer-iterations", type=int, default=1000, help="AdaRound / AdaQuant iterations per layer")
+    p.add_argument("--peer-adaround-images", type=int, default=64,
+                   help="calibration images AdaRound / AdaQuant optimize on (ranges use all of them)")
+    p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--name")
     p.add_argument("--out", default="runs/bench_ptq")
     p.add_argument("--no-progress", action="store_true")
@@ -254,5 +279,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, CalibrationError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, CalibrationError, PeerError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
