@@ -166,6 +166,7 @@ def test_timeout_becomes_a_row(tiny, tmp_path):
 def test_peer_requests_are_checked():
     assert peers.parse_peer_specs(["nncf:default", "aimet"]) == [("nncf", "default")] + [
         ("aimet", v) for v in peers.PEER_VARIANTS["aimet"]]
+    assert peers.parse_peer_specs(["default"]) == [tuple(s.split(":")) for s in peers.DEFAULT_PEERS]
     with pytest.raises(peers.PeerError, match="unknown peer 'tensorrt'"):
         peers.parse_peer_specs(["tensorrt"])
     with pytest.raises(peers.PeerError, match="unknown variant 'fast' of peer 'nncf'"):
@@ -173,3 +174,13 @@ def test_peer_requests_are_checked():
     assert peers.parse_peer_python(["nncf=/x/python"]) == {"nncf": "/x/python"}
     with pytest.raises(peers.PeerError, match="expected PEER=INTERPRETER"):
         peers.parse_peer_python(["nncf"])
+
+
+def test_bench_ptq_rejects_a_bad_peer_request_before_any_work(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_ptq
+    missing_cfg = str(tmp_path / "never_read.yaml")
+    with pytest.raises(peers.PeerError, match="unknown peer 'tensorrt'"):
+        bench_ptq.main(["--cfg", missing_cfg, "--peers", "tensorrt"])
+    with pytest.raises(peers.PeerError, match="expected PEER=INTERPRETER"):
+        bench_ptq.main(["--cfg", missing_cfg, "--peers", "nncf", "--peer-python", "/usr/bin/python3"])

@@ -30,7 +30,7 @@ import torch
 # pytorch-quantization 2.1.3 calls torch.jit.script at import; torch 2.14 warns about it
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
-from yoloq.bench.peers import DEFAULT_PEERS, PeerError
+from yoloq.bench.peers import DEFAULT_PEERS, PeerError, parse_peer_python, parse_peer_specs
 from yoloq.config import ConfigError
 from yoloq.eval.coco_eval import evaluate
 from yoloq.eval.predictors import OnnxPredictor
@@ -157,7 +157,7 @@ def run_bench(args) -> dict:
                       evaluate_stats(auto_model, data_cfg, eval_cfg, img_size, args.max_images, progress))
             add("yoloq", "auto", fp32_eval.stats, result, calib_s, note=f"chose {info['method']}")
 
-    if not args.skip_ort or not args.skip_peers:
+    if not args.skip_ort or args.peers:
         with tempfile.TemporaryDirectory() as tmp:
             fp32_onnx = export_fp32_onnx(fp32, Path(tmp) / "fp32.onnx", img_size)
             ort_fp32 = evaluate(OnnxPredictor(fp32_onnx), data_cfg, eval_cfg, img_size,
@@ -174,7 +174,7 @@ def run_bench(args) -> dict:
                     print(f"onnxruntime {variant}: failed: {err}", flush=True)
                     continue
                 add("onnxruntime", variant, ort_fp32.stats, result, calib_s)
-            if not args.skip_peers:   # peers: yoloq.bench.peers (NNCF, AMD Quark, AIMET in child processes)
+            if args.peers:   # peers: yoloq.bench.peers (NNCF, AMD Quark, AIMET in child processes)
                 rows += _peer_rows(args, cfg, fp32_onnx, batches, ort_fp32.stats,
                                    lambda path: evaluate(OnnxPredictor(path), data_cfg, eval_cfg, img_size,
                                                          max_images=args.max_images, progress=progress), Path(tmp))
@@ -247,15 +247,15 @@ def parse_args(argv=None):
     p.add_argument("--skip-yoloq", action="store_true")
     p.add_argument("--skip-ort", action="store_true")
     # peers (yoloq.bench.peers): NNCF / AMD Quark / AIMET, each in a child process
-    p.add_argument("--peers", nargs="+", default=list(DEFAULT_PEERS),
-                   help="PEER or PEER:VARIANT (peers and variants: yoloq.bench.peers.PEER_VARIANTS)")
+    p.add_argument("--peers", nargs="+", default=[],
+                   help="PEER or PEER:VARIANT, or 'default' for " + " ".join(DEFAULT_PEERS) +
+                        " (all: yoloq.bench.peers.PEER_VARIANTS); none by default")
     p.add_argument("--peer-python", nargs="+", default=[], metavar="PEER=PYTHON",
                    help="interpreter per peer, e.g. nncf=/work/venvs/nncf/bin/python (default: this one)")
     p.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer variant")
     p.add_argument("--peer-iterations", type=int, default=1000, help="AdaRound / AdaQuant iterations per layer")
     p.add_argument("--peer-adaround-images", type=int, default=64,
                    help="calibration images AdaRound / AdaQuant optimize on (ranges use all of them)")
-    p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--name")
     p.add_argument("--out", default="runs/bench_ptq")
     p.add_argument("--no-progress", action="store_true")
@@ -264,6 +264,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    parse_peer_specs(args.peers), parse_peer_python(args.peer_python)   # bad peer requests fail before any work
     start = time.perf_counter()
     bench = run_bench(args)
     bench["seconds"] = time.perf_counter() - start

@@ -87,9 +87,13 @@ class PeerRun:
 
 
 def parse_peer_specs(specs: Iterable[str]) -> list[tuple[str, str]]:
-    """``["nncf:default", "quark"]`` -> [(peer, variant), ...]; a bare peer name means all its variants."""
+    """``["nncf:default", "quark"]`` -> [(peer, variant), ...]; a bare peer name means all its variants,
+    ``default`` means ``DEFAULT_PEERS``."""
     chosen = []
     for spec in specs:
+        if spec == "default":
+            chosen += parse_peer_specs(DEFAULT_PEERS)
+            continue
         peer, _, variant = spec.partition(":")
         if peer not in PEER_VARIANTS:
             raise PeerError(f"unknown peer {peer!r} in {spec!r}; expected one of {sorted(PEER_VARIANTS)}")
