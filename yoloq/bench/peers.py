@@ -249,39 +249,48 @@ def save_calibration(batches: Sequence, path: Path) -> Path:
 
 
 def _tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
-    """The last line of stderr first (the exception, usually), then up to 12 lines of context."""
+    """The last line of the child's output first (the exception, usually), then up to 12 lines of context."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
-        return "(no stderr)"
-    return f"{lines[-1][:300]} | stderr tail: " + "\n".join(lines[-12:])[-limit:]
+        return "(no output)"
+    return f"{lines[-1][:300]} | output tail: " + "\n".join(lines[-12:])[-limit:]
+
+
+def _read_tail(path: Path, size: int = 64_000) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
 
 
 def run_peer(peer: str, variant: str, fp32_onnx: Path, calib_npy: Path, settings: dict, out: Path,
              python: Optional[str] = None, timeout: Optional[float] = None, log_dir: Optional[Path] = None) -> PeerRun:
     """Quantize ``fp32_onnx`` with one peer variant in a child process; never raises for the
-    peer's own failures (missing interpreter or library, crash, non-zero exit, timeout)."""
+    peer's own failures (missing interpreter or library, crash, non-zero exit, timeout). The child's
+    stdout and stderr stream into ``<log_dir>/<peer>_<variant>.log`` (default: next to ``out``)."""
     python = python or sys.executable
     out = Path(out)
     settings_path = out.with_name(out.stem + ".settings.json")
     settings_path.write_text(json.dumps(settings))
+    log = Path(log_dir or out.parent) / f"{peer}_{variant}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     command = [python, str(CHILD_SCRIPT), "--peer", peer, "--model", str(fp32_onnx), "--calib", str(calib_npy),
                "--settings", str(settings_path), "--out", str(out)]
+    # the child must not see yoloq (PYTHONPATH), and its log must keep the order of stdout and stderr
+    env = {**os.environ, "PYTHONPATH": "", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONPATH": ""})  # the child must not see yoloq
+        with open(log, "w") as stream:
+            stream.write(f"$ {' '.join(command)}\n")
+            stream.flush()
+            done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout, env=env)
     except FileNotFoundError as err:
         return PeerRun(peer, variant, out, time.perf_counter() - start, f"interpreter not found: {python} ({err})")
-    except subprocess.TimeoutExpired as err:
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+    except subprocess.TimeoutExpired:
         return PeerRun(peer, variant, out, time.perf_counter() - start,
-                       f"timed out after {timeout:.0f} s: {_tail(stderr)}")
+                       f"timed out after {timeout:.0f} s: {_tail(_read_tail(log))}")
     seconds = time.perf_counter() - start
-    if log_dir is not None:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(log_dir) / f"{peer}_{variant}.log").write_text(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}")
     if done.returncode != 0:
-        return PeerRun(peer, variant, out, seconds, f"exit code {done.returncode}: {_tail(done.stderr)}")
+        return PeerRun(peer, variant, out, seconds, f"exit code {done.returncode}: {_tail(_read_tail(log))}")
     if not out.is_file():
         return PeerRun(peer, variant, out, seconds, f"exit code 0 but no output file {out}")
     info_path = Path(str(out) + ".info.json")
