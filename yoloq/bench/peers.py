@@ -35,10 +35,11 @@ PEER_VARIANTS: dict[str, dict[str, dict]] = {
         "minmax": {"calibration": "minmax"},
         "percentile": {"calibration": "percentile"},
     },
+    # NNCF's own default range for per-tensor activations: the mean over images of each image's min / max
     "nncf": {
-        "default": {"calibration": "minmax", "fast_bias_correction": True},
-        "smoothquant": {"calibration": "minmax", "fast_bias_correction": True, "smoothquant_alpha": 0.5},
-        "bias_correction": {"calibration": "minmax", "fast_bias_correction": False},
+        "default": {"calibration": "mean_minmax", "fast_bias_correction": True},
+        "smoothquant": {"calibration": "mean_minmax", "fast_bias_correction": True, "smoothquant_alpha": 0.5},
+        "bias_correction": {"calibration": "mean_minmax", "fast_bias_correction": False},
     },
     "quark": {
         "minmax": {"calibration": "minmax"},
