@@ -12,6 +12,9 @@ model exported with ``torch.onnx.export(..., dynamo=False)``, then ``quantize_st
 per_channel=True) with MinMax / Entropy / Percentile (S8S8) and MinMax U8S8 over every op (ORT's
 default), and MinMax / Entropy / Percentile S8S8 restricted to Conv (``_conv``: decode left float, a
 fair like-for-like with TensorRT placement); run with onnxruntime CPU. Writes <out>/bench.md, bench.json and bench.png.
+Peers (``--peers default`` or PEER:VARIANT; ``yoloq.bench.peers``): NNCF, AMD Quark, AIMET with TensorRT-like
+settings, each in a child process with its own interpreter (``--peer-python nncf=/work/venvs/nncf/bin/python``);
+see docs/peers.md.
 """
 from __future__ import annotations
 
