@@ -269,7 +269,7 @@ def run_peer(peer: str, variant: str, fp32_onnx: Path, calib_npy: Path, settings
     peer's own failures (missing interpreter or library, crash, non-zero exit, timeout). The child's
     stdout and stderr stream into ``<log_dir>/<peer>_<variant>.log`` (default: next to ``out``)."""
     python = python or sys.executable
-    out = Path(out)
+    out, fp32_onnx, calib_npy = Path(out).resolve(), Path(fp32_onnx).resolve(), Path(calib_npy).resolve()
     settings_path = out.with_name(out.stem + ".settings.json")
     settings_path.write_text(json.dumps(settings))
     log = Path(log_dir or out.parent) / f"{peer}_{variant}.log"
@@ -283,7 +283,9 @@ def run_peer(peer: str, variant: str, fp32_onnx: Path, calib_npy: Path, settings
         with open(log, "w") as stream:
             stream.write(f"$ {' '.join(command)}\n")
             stream.flush()
-            done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+            # cwd: the peers drop their own files in it (Quark: quantized_info.csv, *.data)
+            done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout, env=env,
+                                  cwd=out.parent)
     except FileNotFoundError as err:
         return PeerRun(peer, variant, out, time.perf_counter() - start, f"interpreter not found: {python} ({err})")
     except subprocess.TimeoutExpired:
