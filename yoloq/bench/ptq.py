@@ -16,6 +16,7 @@ import torch
 # pytorch-quantization 2.1.3 calls torch.jit.script at import; torch 2.14 warns about it
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
+from yoloq.bench import peers
 from yoloq.eval.coco_eval import evaluate
 from yoloq.runtime.ort import OnnxPredictor
 from yoloq.quant.calibrate import (AUTO_METHODS, apply_calibration, calibrate_auto, collect_statistics,
@@ -102,73 +103,101 @@ def ort_quantize(fp32_onnx: Path, out: Path, variant: str, batches: list[torch.T
 # --------------------------------------------------------------------------- benchmark
 
 
-def run_bench(args) -> dict:
-    cfg, data_cfg = resolve(args.cfg, quant={"calib_images": args.calib_images, "seed": args.seed},
-                            eval={"workers": args.workers}, model={"weights": args.weights}, data=args.data)
-    qcfg, eval_cfg = cfg.quant, cfg.eval
-    seed_everything(qcfg.seed)
-    img_size, progress = cfg.model.img_size, not args.no_progress
-    fp32 = load_model(cfg.model)
-    calib = load_calibration_set(data_cfg, qcfg.calib_images, img_size, qcfg.batch_size, eval_cfg.workers, qcfg.seed)
-    batches, files, n_calib = calib.batches, calib.files, calib.images
-    rows = []
+class Bench:
+    """One benchmark run: the FP32 model, the shared calibration images and evaluation, the rows."""
 
-    def evaluate_stats(model):
-        return evaluate_model(model, data_cfg, eval_cfg, img_size, max_images=args.max_images, progress=progress)
+    def __init__(self, args):
+        cfg, data_cfg = resolve(args.cfg, quant={"calib_images": args.calib_images, "seed": args.seed},
+                                eval={"workers": args.workers}, model={"weights": args.weights}, data=args.data)
+        self.args, self.cfg, self.data_cfg = args, cfg, data_cfg
+        self.progress = not args.no_progress
+        seed_everything(cfg.quant.seed)
+        self.fp32 = load_model(cfg.model)
+        self.calib = load_calibration_set(data_cfg, cfg.quant.calib_images, cfg.model.img_size, cfg.quant.batch_size,
+                                          cfg.eval.workers, cfg.quant.seed)
+        self.rows: list[dict] = []
+        self.fp32_eval = self.evaluate(self.fp32)
+        print(f"FP32 (PyTorch) AP {self.fp32_eval.stats['AP'] * 100:.2f} on {self.fp32_eval.n_images} images", flush=True)
 
-    def add(tool, variant, fp32_stats, result, calib_s, note=""):
-        rows.append({"tool": tool, "variant": variant, "fp32": fp32_stats, "int8": result.stats,
-                     "drop": stat_drop(fp32_stats, result.stats), "calib_seconds": calib_s,
-                     "eval_seconds": result.seconds, "images_per_s": result.images_per_s, "note": note})
+    def evaluate(self, model_or_onnx):
+        """COCO evaluation of a PyTorch model or an ONNX file, identical for every row."""
+        kw = dict(max_images=self.args.max_images, progress=self.progress)
+        if isinstance(model_or_onnx, torch.nn.Module):
+            return evaluate_model(model_or_onnx, self.data_cfg, self.cfg.eval, self.cfg.model.img_size, **kw)
+        return evaluate(OnnxPredictor(model_or_onnx), self.data_cfg, self.cfg.eval, self.cfg.model.img_size, **kw)
+
+    def add(self, tool: str, variant: str, fp32_stats: dict, result, calib_s: float, note: str = "") -> None:
+        self.rows.append({"tool": tool, "variant": variant, "fp32": fp32_stats, "int8": result.stats,
+                          "drop": stat_drop(fp32_stats, result.stats), "calib_seconds": calib_s,
+                          "eval_seconds": result.seconds, "images_per_s": result.images_per_s, "note": note})
         print(f"{tool:12s} {variant:20s} AP {result.stats['AP'] * 100:6.2f}  calib {calib_s:7.1f} s", flush=True)
 
-    fp32_eval = evaluate_stats(fp32)
-    print(f"FP32 (PyTorch) AP {fp32_eval.stats['AP'] * 100:.2f} on {fp32_eval.n_images} images", flush=True)
-
-    if not args.skip_yoloq:
-        qmodel = prepare(fp32, qcfg)
+    def yoloq_rows(self) -> None:
+        """Every calibration method from one statistics pass, then auto."""
+        qcfg, batches = self.cfg.quant, self.calib.batches
+        qmodel = prepare(self.fp32, qcfg)
         start = time.perf_counter()
-        collect_statistics(qmodel, batches, num_bins=qcfg.num_bins, progress=progress)
+        collect_statistics(qmodel, batches, num_bins=qcfg.num_bins, progress=self.progress)
         collect_s = time.perf_counter() - start
-        for method in [m for m in args.methods if m != "auto"]:
+        for method in [m for m in self.args.methods if m != "auto"]:
             start = time.perf_counter()
             apply_calibration(qmodel, method)
-            calib_s = collect_s + time.perf_counter() - start
-            add("yoloq", method_key(method), fp32_eval.stats,
-                evaluate_stats(qmodel), calib_s)
-        if "auto" in args.methods:
-            auto_model = prepare(fp32, qcfg)
+            self.add("yoloq", method_key(method), self.fp32_eval.stats, self.evaluate(qmodel),
+                     collect_s + time.perf_counter() - start)
+        if "auto" in self.args.methods:
+            auto_model = prepare(self.fp32, qcfg)
             start = time.perf_counter()
-            info = calibrate_auto(auto_model, batches, fp32, AUTO_METHODS, num_bins=qcfg.num_bins, progress=progress)
+            info = calibrate_auto(auto_model, batches, self.fp32, AUTO_METHODS, num_bins=qcfg.num_bins,
+                                  progress=self.progress)
             calib_s = time.perf_counter() - start
-            done = {r["variant"]: r for r in rows if r["tool"] == "yoloq"}
-            result = (_as_result(done[info["method"]])
-                      if info["method"] in done else
-                      evaluate_stats(auto_model))
-            add("yoloq", "auto", fp32_eval.stats, result, calib_s, note=f"chose {info['method']}")
+            done = {r["variant"]: r for r in self.rows if r["tool"] == "yoloq"}
+            result = _as_result(done[info["method"]]) if info["method"] in done else self.evaluate(auto_model)
+            self.add("yoloq", "auto", self.fp32_eval.stats, result, calib_s, note=f"chose {info['method']}")
 
-    if not args.skip_ort:
+    def onnx_rows(self, tmp: Path) -> None:
+        """onnxruntime's quantize_static variants and the peers, all from the same FP32 ONNX."""
+        fp32_onnx = export_fp32_onnx(self.fp32, tmp / "fp32.onnx", self.cfg.model.img_size)
+        ort_fp32 = self.evaluate(fp32_onnx)
+        self.add("onnxruntime", "fp32", ort_fp32.stats, ort_fp32, 0.0, note="FP32 ONNX export (sanity check)")
+        for variant in ([] if self.args.skip_ort else self.args.ort_variants):
+            qpath = tmp / f"{variant}.onnx"
+            try:
+                calib_s = ort_quantize(fp32_onnx, qpath, variant, self.calib.batches)
+                result = self.evaluate(qpath)
+            except Exception as err:  # noqa: BLE001 - a peer variant failing is a result, not a crash
+                self.rows.append({"tool": "onnxruntime", "variant": variant, "error": f"{type(err).__name__}: {err}"})
+                print(f"onnxruntime {variant}: failed: {err}", flush=True)
+                continue
+            self.add("onnxruntime", variant, ort_fp32.stats, result, calib_s)
+        if self.args.peers:              # NNCF, AMD Quark, AIMET in child processes (yoloq.bench.peers)
+            self.rows += self.peer_rows(fp32_onnx, ort_fp32.stats, tmp)
+
+    def peer_rows(self, fp32_onnx: Path, fp32_stats: dict, tmp: Path) -> list[dict]:
+        args = self.args
+        work = Path(args.out) / (args.name or f"{self.cfg.model.name}_bench") / "peers"
+        work.mkdir(parents=True, exist_ok=True)
+        calib = peers.save_calibration(self.calib.batches, tmp / "calib.npy")
+        return peers.peer_rows(fp32_onnx, calib, peers.parse_peer_specs(args.peers), self.evaluate, fp32_stats, work,
+                               pythons=peers.parse_peer_python(args.peer_python), timeout=args.peer_timeout,
+                               iterations=args.peer_iterations, adaround_images=args.peer_adaround_images)
+
+    def summary(self) -> dict:
+        cfg, fp32_eval = self.cfg, self.fp32_eval
+        return {"name": self.args.name or f"{cfg.model.name}_bench", "model": cfg.model.name, "config": cfg.path,
+                "img_size": cfg.model.img_size, "calib_images": self.calib.images, "calib_files": self.calib.files,
+                "seed": cfg.quant.seed, "eval_images": fp32_eval.n_images, "ann_file": fp32_eval.ann_file,
+                "fp32": fp32_eval.stats, "rows": self.rows}
+
+
+def run_bench(args) -> dict:
+    peers.parse_peer_specs(args.peers), peers.parse_peer_python(args.peer_python)   # bad requests fail first
+    bench = Bench(args)
+    if not args.skip_yoloq:
+        bench.yoloq_rows()
+    if not args.skip_ort or args.peers:
         with tempfile.TemporaryDirectory() as tmp:
-            fp32_onnx = export_fp32_onnx(fp32, Path(tmp) / "fp32.onnx", img_size)
-            ort_fp32 = evaluate(OnnxPredictor(fp32_onnx), data_cfg, eval_cfg, img_size,
-                                max_images=args.max_images, progress=progress)
-            add("onnxruntime", "fp32", ort_fp32.stats, ort_fp32, 0.0, note="FP32 ONNX export (sanity check)")
-            for variant in args.ort_variants:
-                qpath = Path(tmp) / f"{variant}.onnx"
-                try:
-                    calib_s = ort_quantize(fp32_onnx, qpath, variant, batches)
-                    result = evaluate(OnnxPredictor(qpath), data_cfg, eval_cfg, img_size,
-                                      max_images=args.max_images, progress=progress)
-                except Exception as err:  # noqa: BLE001 - a peer variant failing is a result, not a crash
-                    rows.append({"tool": "onnxruntime", "variant": variant, "error": f"{type(err).__name__}: {err}"})
-                    print(f"onnxruntime {variant}: failed: {err}", flush=True)
-                    continue
-                add("onnxruntime", variant, ort_fp32.stats, result, calib_s)
-
-    return {"name": args.name or f"{cfg.model.name}_bench", "model": cfg.model.name, "config": cfg.path,
-            "img_size": img_size, "calib_images": n_calib, "calib_files": files, "seed": qcfg.seed,
-            "eval_images": fp32_eval.n_images, "ann_file": fp32_eval.ann_file, "fp32": fp32_eval.stats,
-            "rows": rows}
+            bench.onnx_rows(Path(tmp))
+    return bench.summary()
 
 
 class _as_result:

@@ -11,12 +11,16 @@ model exported with ``torch.onnx.export(..., dynamo=False)``, then ``quantize_st
 per_channel=True) with MinMax / Entropy / Percentile (S8S8) and MinMax U8S8 over every op (ORT's
 default), and MinMax / Entropy / Percentile S8S8 restricted to Conv (``_conv``: decode left float, a
 fair like-for-like with TensorRT placement); run with onnxruntime CPU. Writes <out>/bench.md, bench.json and bench.png.
+Peers (``--peers default`` or PEER:VARIANT; ``yoloq.bench.peers``): NNCF, AMD Quark, AIMET with
+TensorRT-like settings, each in a child process with its own interpreter (``--peer-python
+nncf=/work/venvs/nncf/bin/python``); see docs/peers.md.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 from yoloq.cli.common import parser
+from yoloq.bench.peers import DEFAULT_PEERS
 from yoloq.bench.ptq import ORT_VARIANTS, YOLOQ_METHODS
 
 
@@ -33,6 +37,16 @@ def build_parser(prog: str = "yoloq bench-ptq"):
     p.add_argument("--ort-variants", nargs="+", default=list(ORT_VARIANTS), choices=ORT_VARIANTS)
     p.add_argument("--skip-yoloq", action="store_true")
     p.add_argument("--skip-ort", action="store_true")
+    # peers (yoloq.bench.peers): NNCF / AMD Quark / AIMET, each in a child process with its own interpreter
+    p.add_argument("--peers", nargs="+", default=[],
+                   help="PEER or PEER:VARIANT, or 'default' for " + " ".join(DEFAULT_PEERS) +
+                        " (all: yoloq.bench.peers.PEER_VARIANTS); none by default")
+    p.add_argument("--peer-python", nargs="+", default=[], metavar="PEER=PYTHON",
+                   help="interpreter per peer, e.g. nncf=/work/venvs/nncf/bin/python (default: this one)")
+    p.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer variant")
+    p.add_argument("--peer-iterations", type=int, default=1000, help="AdaRound / AdaQuant iterations per layer")
+    p.add_argument("--peer-adaround-images", type=int, default=64,
+                   help="calibration images AdaRound / AdaQuant optimize on (ranges use all of them)")
     p.add_argument("--name")
     p.add_argument("--out", default="runs/bench_ptq")
     p.add_argument("--no-progress", action="store_true")
