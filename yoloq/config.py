@@ -93,6 +93,64 @@ class QATConfig:
     workers: int = 2
 
 
+# ---- training (yoloq.train): defaults are YOLOv6 v3's (solver, data_aug, head loss of its configs)
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 16                # per process
+    nominal_batch_size: int = 64        # gradients accumulate to this many images per optimizer step
+    workers: int = 4
+    seed: int = 0
+    lr0: float = 0.01
+    lrf: float = 0.01                   # cosine from lr0 down to lr0 * lrf
+    momentum: float = 0.937             # SGD, Nesterov
+    weight_decay: float = 5e-4
+    weight_decay_mode: str = "plain"    # plain | custom_l2 (RepVGG paper's L2 on the equivalent kernel)
+    warmup_epochs: float = 3.0
+    warmup_min_steps: int = 1000        # optimizer steps
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    max_grad_norm: Optional[float] = 10.0   # null: no clipping (needed for exact RepOpt equivalence)
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0             # EMA decay ramps up as decay * (1 - exp(-updates / tau))
+    amp: bool = True                    # mixed precision on CUDA (ignored on CPU)
+    eval_interval: int = 1              # COCO evaluation every N epochs (and after the last)
+    eval_split: str = "val"             # val | train (overfit checks: the training images themselves)
+    train_images: Optional[int] = None  # use only the first N labelled train images (by image id)
+    scales: Optional[str] = None        # RepOpt: scales file of the hyper-search model (resolved like weights)
+
+
+@dataclass
+class LossConfig:
+    iou_type: str = "giou"              # giou | siou (YOLOv6-N uses siou)
+    cls_weight: float = 1.0
+    iou_weight: float = 2.5
+    dfl_weight: float = 0.5
+    vfl_alpha: float = 0.75
+    vfl_gamma: float = 2.0
+    atss_warmup_epochs: int = 4         # ATSS assignment for the first epochs, then task-aligned
+    atss_topk: int = 9
+    atss_cell_size: float = 5.0         # ATSS anchor box side in strides
+    tal_topk: int = 13
+    tal_alpha: float = 1.0
+    tal_beta: float = 6.0
+
+
+@dataclass
+class AugmentConfig:
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0                 # probability
+    mixup: float = 0.0                  # probability (after mosaic)
+    close_mosaic_epochs: int = 15       # the last N epochs without mosaic / mixup
+
+
 @dataclass
 class ExportConfig:
     opset: int = 13
@@ -109,6 +167,9 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     qat: QATConfig = field(default_factory=QATConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     path: Optional[str] = None          # the YAML this came from (set by load_config)
 
 
@@ -192,7 +253,8 @@ def resolve_path(value: Optional[str], base_dir: Path) -> Optional[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "eval": EvalConfig, "quant": QuantConfig,
-             "qat": QATConfig, "export": ExportConfig}
+             "qat": QATConfig, "export": ExportConfig,
+             "train": TrainConfig, "loss": LossConfig, "augment": AugmentConfig}
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -209,6 +271,7 @@ def load_config(path: str | os.PathLike) -> Config:
         setattr(cfg, name, from_dict(cls, raw.get(name), f"{path}: {name}"))
     base = path.parent.resolve()
     cfg.model.weights = resolve_path(cfg.model.weights, base)
+    cfg.train.scales = resolve_path(cfg.train.scales, base)
     data = raw.get("data")
     if data is not None and not isinstance(data, str):
         raise ConfigError(f"{path}: 'data' must be the path of a dataset YAML, got {data!r}")
