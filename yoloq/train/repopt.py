@@ -89,9 +89,9 @@ def extract_scales(hs_model: nn.Module, source: str = "") -> dict:
     blocks = {}
     for name, m in hs_model.named_modules():
         if isinstance(m, LinearAddBlock):
-            sid = m.scale_identity.weight.detach().float().cpu().clone() if m.scale_identity is not None else None
-            blocks[name] = {"scale_conv": m.scale_conv.weight.detach().float().cpu().clone(),
-                            "scale_1x1": m.scale_1x1.weight.detach().float().cpu().clone(),
+            sid = m.scale_identity.weight.detach().cpu().clone() if m.scale_identity is not None else None
+            blocks[name] = {"scale_conv": m.scale_conv.weight.detach().cpu().clone(),
+                            "scale_1x1": m.scale_1x1.weight.detach().cpu().clone(),
                             "scale_identity": sid, "in_channels": m.in_channels,
                             "out_channels": m.out_channels, "stride": m.stride}
     if not blocks:
