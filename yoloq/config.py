@@ -114,6 +114,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_tau: float = 2000.0             # EMA decay ramps up as decay * (1 - exp(-updates / tau))
     amp: bool = True                    # mixed precision on CUDA (ignored on CPU)
+    bn_momentum: Optional[float] = None # null: the model's (upstream 0.03); short runs need faster BN statistics
     eval_interval: int = 1              # COCO evaluation every N epochs (and after the last)
     eval_split: str = "val"             # val | train (overfit checks: the training images themselves)
     train_images: Optional[int] = None  # use only the first N labelled train images (by image id)

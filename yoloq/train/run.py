@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,7 @@ class TrainOptions:
     eval_split: Optional[str] = None
     scales: Optional[str] = None
     max_eval_images: Optional[int] = None
+    settings: Sequence[str] = ()        # "section.key=value" overrides of the config (--set)
     name: Optional[str] = None
     out: str = "runs/train"
     resume: bool = False
@@ -69,6 +70,28 @@ class TrainResult:
     fit: Optional[FitResult] = field(default=None, repr=False)
 
 
+def apply_settings(cfg: Config, settings: Sequence[str]) -> Config:
+    """``["section.key=value", ...]`` (values in YAML syntax) onto ``cfg``, checked like the YAML:
+    an unknown section or key, or a value of the wrong type, is a ConfigError naming it."""
+    import yaml
+    from ..config import _SECTIONS, from_dict
+    for item in settings:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr0=0.02")
+        if section not in _SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section '{section}'; one of {', '.join(_SECTIONS)}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
+        current = dataclasses.asdict(getattr(cfg, section))
+        current[key] = value
+        setattr(cfg, section, from_dict(_SECTIONS[section], current, f"--set {item}"))
+    return cfg
+
+
 def check_train_config(tcfg: TrainConfig, where: str) -> None:
     for key in ("epochs", "batch_size", "nominal_batch_size"):
         if getattr(tcfg, key) < 1:
@@ -76,6 +99,8 @@ def check_train_config(tcfg: TrainConfig, where: str) -> None:
     for key in ("lr0", "lrf", "ema_tau"):
         if not getattr(tcfg, key) > 0:
             raise ConfigError(f"{where}: train.{key} must be > 0, got {getattr(tcfg, key)}")
+    if tcfg.bn_momentum is not None and not 0 < tcfg.bn_momentum <= 1:
+        raise ConfigError(f"{where}: train.bn_momentum must be in (0, 1] or null, got {tcfg.bn_momentum}")
     if tcfg.weight_decay < 0 or not 0 <= tcfg.momentum < 1 or not 0 <= tcfg.ema_decay < 1:
         raise ConfigError(f"{where}: train.weight_decay must be >= 0 and train.momentum, ema_decay in [0, 1)")
     if tcfg.weight_decay_mode not in WEIGHT_DECAY_MODES:
@@ -112,6 +137,7 @@ def _resolve(cfg, opts: TrainOptions):
     if not isinstance(cfg, Config):
         cfg = load_config(cfg)
     where = cfg.path or "config"
+    apply_settings(cfg, opts.settings)
     over = {k: getattr(opts, k) for k in ("epochs", "batch_size", "workers", "lr0", "train_images", "eval_split",
                                           "scales") if getattr(opts, k) is not None}
     cfg.train = dataclasses.replace(cfg.train, **over)

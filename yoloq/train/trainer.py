@@ -210,6 +210,10 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, tcfg: TrainConfig
     """
     device = torch.device(device)
     model.to(device).train()
+    if tcfg.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = tcfg.bn_momentum
     world, rank = _world()
     run = _Run(model, tcfg, len(loader), world, device, repopt_scales)
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -233,6 +237,8 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, tcfg: TrainConfig
             row.update(lr=run.opt.param_groups[0]["lr"], train_seconds=round(time.perf_counter() - t0, 2))
             _end_of_epoch(run, model, row, epoch, evaluate, out_dir, fingerprint, rank)
             logger.epoch(run.history)
+            if progress and rank == 0:
+                tqdm.write(epoch_line(row, tcfg.epochs))
             if world > 1:
                 dist.barrier()
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
@@ -243,6 +249,16 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, tcfg: TrainConfig
         logger.close()
     return FitResult(run.history, run.best_epoch, _cpu(run.ema.module.state_dict()), _cpu(model.state_dict()),
                      out_dir)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """``epoch 3/100: cls 1.234 iou 0.456 lr 0.0099 | AP 12.34 AP50 30.12 (4.2 s)``."""
+    parts = [f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "AP", "AP50", "AP75")
+             and not k.endswith("seconds")]
+    text = f"epoch {row['epoch']}/{epochs}: " + " ".join(parts)
+    if "AP" in row:
+        text += " | " + " ".join(f"{k} {row[k] * 100:.2f}" for k in ("AP", "AP50", "AP75") if k in row)
+    return text + f" ({row.get('train_seconds', 0):.1f} s)"
 
 
 def _end_of_epoch(run: _Run, model: nn.Module, row: dict, epoch: int, evaluate, out_dir, fingerprint,
