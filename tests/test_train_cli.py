@@ -136,3 +136,27 @@ def test_bad_training_input_exits_2_with_one_line(tmp_path, data_yaml, capsys):
     assert code == 2 and "loss.iou_type" in err
     code, _, err = run(TRAIN, common + ["--img-size", 100], capsys)
     assert code == 2 and "multiple of 32" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path, data_yaml):
+    """tools/train.py under torchrun (gloo): both ranks train their shard, rank 0 evaluates and writes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as sock:                                          # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = config(tmp_path, data_yaml)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(REPO / "tools" / "train.py"), "--cfg", str(cfg), "--epochs", "2", "--out", str(tmp_path / "runs"),
+           "--name", "ddp", "--no-progress", "--device", "cpu", "--set", "train.eval_interval=2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1                                 # rank 0 only
+    run_dir = tmp_path / "runs" / "ddp"
+    assert len((run_dir / "results.csv").read_text().splitlines()) == 3
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["fingerprint"]["world"] == 2

@@ -10,7 +10,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
 
 from yoloq.config import load_config, load_data_config
 from yoloq.eval.coco_eval import evaluate_model
@@ -30,7 +29,6 @@ SETTINGS = ["train.warmup_epochs=0", "train.nominal_batch_size=4", "train.ema_ta
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "coco" / "train2017").is_dir(), reason="../shared/coco not available")
 def test_yolov6n_overfits_four_coco_train_images(tmp_path):
-    torch.set_num_threads(2)
     opts = TrainOptions(epochs=40, batch_size=4, img_size=192, workers=0, lr0=0.02, train_images=4,
                         eval_split="train", settings=SETTINGS, out=str(tmp_path), name="fast", progress=False,
                         device="cpu")

@@ -206,6 +206,10 @@ def records_for(data_cfg, nc: int, train_images: Optional[int] = None) -> list[L
         raise TrainError(f"{data_cfg.path}: train_images folder not found: {data_cfg.train_images}")
     records = read_coco_records(data_cfg.train_images, data_cfg.train_ann)
     check_labelled(records, data_cfg.train_ann, nc)
+    missing = [r.file for r in records if not Path(r.file).is_file()]
+    if missing:
+        raise TrainError(f"{data_cfg.train_ann}: {len(missing)} listed image(s) missing from {data_cfg.train_images}, "
+                         f"e.g. {missing[0]}")
     if train_images is not None:
         records = first_labelled(records, train_images)
     return records
