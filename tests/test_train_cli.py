@@ -130,7 +130,7 @@ def test_bad_training_input_exits_2_with_one_line(tmp_path, data_yaml, capsys):
     code, _, err = run(TRAIN, common + ["--data", data_yaml.parent / "nolabels.yaml"], capsys)
     assert code == 2 and "unlabelled.json: none of its 6 images has a box; training needs labels" in err
     assert err.count("\n") == 1
-    code, _, err = run(TRAIN, common + ["--set", "train.lr=0.1"], capsys)
+    code, _, err = run(TRAIN, common + ["--set", "train.lr0=0.1", "--set", "train.lr=0.1"], capsys)  # flags add up
     assert code == 2 and "unknown key 'lr'" in err and "lr0" in err
     code, _, err = run(TRAIN, common + ["--set", "loss.iou_type=ciou"], capsys)
     assert code == 2 and "loss.iou_type" in err

@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="evaluate on val (default) or on the training images themselves (overfit check)")
     p.add_argument("--max-eval-images", type=int, help="evaluate only the first N images (quick runs)")
     p.add_argument("--scales", help="RepOpt target: scales file of the hyper-search model")
-    p.add_argument("--set", dest="settings", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+    p.add_argument("--set", dest="settings", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                    help="override config keys, e.g. train.lr0=0.02 loss.iou_type=siou augment.mosaic=0")
     p.add_argument("--name", help="run name (default: the model's name)")
     p.add_argument("--out", default="runs/train", help="output root (default %(default)s)")
