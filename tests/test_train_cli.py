@@ -76,6 +76,7 @@ def run(tool, args, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.filterwarnings("ignore:no detections to evaluate")
 def test_train_cli_writes_checkpoints_logs_and_resumes(tmp_path, data_yaml, capsys):
     cfg = config(tmp_path, data_yaml)
     args = ["--cfg", cfg, "--epochs", 2, "--out", tmp_path / "runs", "--name", "t", "--no-progress",

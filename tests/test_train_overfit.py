@@ -27,6 +27,7 @@ SETTINGS = ["train.warmup_epochs=0", "train.nominal_batch_size=4", "train.ema_ta
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:no detections to evaluate")
 @pytest.mark.skipif(not (SHARED / "coco" / "train2017").is_dir(), reason="../shared/coco not available")
 def test_yolov6n_overfits_four_coco_train_images(tmp_path):
     opts = TrainOptions(epochs=40, batch_size=4, img_size=192, workers=0, lr0=0.02, train_images=4,
@@ -35,7 +36,7 @@ def test_yolov6n_overfits_four_coco_train_images(tmp_path):
     result = run_train(REPO / "configs" / "yolov6n_repvgg.yaml", opts)
     history = result.history
     total = [r["cls"] + 2.5 * r["iou"] for r in history]
-    assert sum(total[-5:]) / 5 < 0.7 * sum(total[:5]) / 5                  # the loss falls
+    assert sum(total[-5:]) / 5 < 0.6 * sum(total[:5]) / 5                  # the loss falls
     ap_after = history[-1]["AP"]
 
     # the same initial model (same seed), evaluated on the same images and ground truth
