@@ -1,7 +1,6 @@
 """The trainer (yoloq.train.trainer / optim / logger): resume, DDP, NaN stop, schedule, EMA, L2."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import cv2
