@@ -43,7 +43,8 @@ def test_yolov6n_overfits_four_coco_train_images(tmp_path):
     cfg = load_config(REPO / "configs" / "yolov6n_repvgg.yaml")
     start = build_training_model(cfg, None, None, seed=cfg.train.seed)
     data = load_data_config(cfg.data)
-    subset = dataclasses.replace(data, val_images=data.train_images, val_ann=str(tmp_path / "fast" / "train_subset.json"))
+    truth = str(tmp_path / "fast" / "train_subset.json")
+    subset = dataclasses.replace(data, val_images=data.train_images, val_ann=truth)
     ap_before = evaluate_model(start, subset, cfg.eval, 192, progress=False).stats["AP"]
     assert ap_before < 0.01
     assert ap_after > 0.30, history[-1]                                    # measured: see docs/training.md

@@ -219,7 +219,7 @@ def test_scales_file_round_trip_and_reinit(tmp_path):
     scales = load_scales(path)
     target = build_model(dataclasses.replace(TINY, block="repopt"))
     check_scales(target, scales)
-    name, block = next((n, m) for n, m in hs.named_modules() if isinstance(m, LinearAddBlock) and m.scale_identity is not None)
+    name = next(n for n, m in hs.named_modules() if isinstance(m, LinearAddBlock) and m.scale_identity is not None)
     t_block = dict(target.named_modules())[name]
     before = t_block.conv.weight.detach().clone()
     reinit_from_scales(target, scales, seed=0)
