@@ -37,6 +37,9 @@ LSQInit = Literal["amax", "mse"]
 Backend = Literal["pycocotools", "faster-coco-eval"]
 AnnKey = Literal["val_ann", "val_ann_official"]
 NMSKind = Literal["trt", "onnx"]
+WeightDecayMode = Literal["plain", "custom_l2"]
+EvalSplit = Literal["val", "train"]
+IouType = Literal["giou", "siou"]
 
 CALIB_METHODS = ("max", "percentile", "entropy", "mse")         # one range rule each
 AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
@@ -234,6 +237,99 @@ class QATConfig(Section):
         self._require(self.workers >= 0, "workers", ">= 0")
 
 
+# ---- training (yoloq.train): defaults are YOLOv6 v3's (solver, data_aug, head loss of its configs)
+@dataclass
+class TrainConfig(Section):
+    section = "train"
+    epochs: int = 300
+    batch_size: int = 16                # per process
+    nominal_batch_size: int = 64        # gradients accumulate to this many images per optimizer step
+    workers: int = 4
+    seed: int = 0
+    lr0: float = 0.01
+    lrf: float = 0.01                   # cosine from lr0 down to lr0 * lrf
+    momentum: float = 0.937             # SGD, Nesterov
+    weight_decay: float = 5e-4
+    weight_decay_mode: WeightDecayMode = "plain"   # custom_l2: RepVGG paper's L2 on the equivalent kernel
+    warmup_epochs: float = 3.0
+    warmup_min_steps: int = 1000        # optimizer steps
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    max_grad_norm: Optional[float] = 10.0   # null: no clipping (needed for exact RepOpt equivalence)
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0             # EMA decay ramps up as decay * (1 - exp(-updates / tau))
+    amp: bool = True                    # mixed precision on CUDA (ignored on CPU)
+    bn_momentum: Optional[float] = None # null: the model's (upstream 0.03); short runs need faster BN statistics
+    eval_interval: int = 1              # COCO evaluation every N epochs and after the last (0: never)
+    eval_split: EvalSplit = "val"       # train: overfit checks on the training images themselves
+    train_images: Optional[int] = None  # use only the first N labelled train images (by image id)
+    scales: Optional[str] = None        # RepOpt: scales file of the hyper-search model (resolved like weights)
+
+    def rules(self) -> None:
+        for key in ("epochs", "batch_size", "nominal_batch_size"):
+            self._require(getattr(self, key) >= 1, key, ">= 1")
+        for key in ("eval_interval", "workers", "warmup_epochs", "warmup_min_steps", "weight_decay", "warmup_bias_lr"):
+            self._require(getattr(self, key) >= 0, key, ">= 0")
+        self._require(self.lr0 > 0, "lr0", "> 0")
+        self._require(0 < self.lrf <= 1, "lrf", "in (0, 1]")
+        for key in ("momentum", "warmup_momentum", "ema_decay"):
+            self._require(0 <= getattr(self, key) < 1, key, "in [0, 1)")
+        self._require(self.ema_tau > 0, "ema_tau", "> 0")
+        self._require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or null")
+        self._require(self.bn_momentum is None or 0 < self.bn_momentum <= 1, "bn_momentum", "in (0, 1] or null")
+        self._require(self.train_images is None or self.train_images >= 1, "train_images", ">= 1 or null")
+
+
+@dataclass
+class LossConfig(Section):
+    section = "loss"
+    iou_type: IouType = "giou"          # siou for YOLOv6-N
+    cls_weight: float = 1.0
+    iou_weight: float = 2.5
+    dfl_weight: float = 0.5
+    vfl_alpha: float = 0.75
+    vfl_gamma: float = 2.0
+    atss_warmup_epochs: int = 4         # ATSS assignment for the first epochs, then task-aligned
+    atss_topk: int = 9
+    atss_cell_size: float = 5.0         # ATSS anchor box side in strides
+    tal_topk: int = 13
+    tal_alpha: float = 1.0
+    tal_beta: float = 6.0
+
+    def rules(self) -> None:
+        for key in ("cls_weight", "iou_weight", "dfl_weight", "vfl_gamma", "atss_warmup_epochs", "tal_alpha",
+                    "tal_beta"):
+            self._require(getattr(self, key) >= 0, key, ">= 0")
+        self._require(0 <= self.vfl_alpha <= 1, "vfl_alpha", "in [0, 1]")
+        for key in ("atss_topk", "tal_topk"):
+            self._require(getattr(self, key) >= 1, key, ">= 1")
+        self._require(self.atss_cell_size > 0, "atss_cell_size", "> 0")
+
+
+@dataclass
+class AugmentConfig(Section):
+    section = "augment"
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0                 # probability
+    mixup: float = 0.0                  # probability (after mosaic)
+    close_mosaic_epochs: int = 15       # the last N epochs without mosaic / mixup
+
+    def rules(self) -> None:
+        for key in ("hsv_h", "hsv_s", "hsv_v", "degrees", "shear", "close_mosaic_epochs"):
+            self._require(getattr(self, key) >= 0, key, ">= 0")
+        for key in ("translate", "scale"):
+            self._require(0 <= getattr(self, key) < 1, key, "in [0, 1)")
+        for key in ("fliplr", "mosaic", "mixup"):
+            self._require(0 <= getattr(self, key) <= 1, key, "a probability in [0, 1]")
+
+
 @dataclass
 class ExportConfig(Section):
     section = "export"
@@ -247,7 +343,7 @@ class ExportConfig(Section):
 
 
 _SECTIONS = {"model": ModelConfig, "eval": EvalConfig, "quant": QuantConfig, "qat": QATConfig,
-             "export": ExportConfig}
+             "export": ExportConfig, "train": TrainConfig, "loss": LossConfig, "augment": AugmentConfig}
 
 
 @dataclass
@@ -258,6 +354,9 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     qat: QATConfig = field(default_factory=QATConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     path: Optional[str] = None          # the YAML this came from (set by load_config)
 
     def with_overrides(self, data: Optional[str] = None, **sections: Optional[dict]) -> "Config":
@@ -392,6 +491,7 @@ def load_config(path: str | os.PathLike) -> Config:
     sections = {name: from_dict(cls, raw.get(name), f"{path}: {name}") for name, cls in _SECTIONS.items()}
     base = path.parent.resolve()
     sections["model"].weights = resolve_path(sections["model"].weights, base, f"{path}: model.weights")
+    sections["train"].scales = resolve_path(sections["train"].scales, base, f"{path}: train.scales")
     data = raw.get("data")
     if data is not None and not isinstance(data, str):
         raise ConfigError(f"{path}: 'data' must be the path of a dataset YAML, got {data!r}")

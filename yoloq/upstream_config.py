@@ -13,7 +13,7 @@ subset YAML; eval image size from ``eval_params.img_size`` where set, else 640, 
 Training-only fields (``solver``, ``data_aug``, ``pretrained``, loss settings, anchor-aided and
 distillation settings) are ignored: the anchor-aided (``--fuse_ab``) and distillation
 (``--distill``) heads are train.py flags upstream, not config fields, and their extra branches in a
-checkpoint are loaded and ignored (yoloq.checkpoint). Fields yoloq cannot build are named in one
+checkpoint are loaded and ignored (yoloq.weights). Fields yoloq cannot build are named in one
 :class:`~yoloq.config.ConfigError`.
 """
 from __future__ import annotations

@@ -5,6 +5,7 @@
     yoloq export --ckpt .../quant.pt --out m.onnx
     yoloq eval --cfg ... [--onnx m.onnx]
     yoloq trt build|eval|bench ...
+    yoloq train --cfg yolov6n_qarepvgg.yaml     # training (yoloq.train), RepOpt: yoloq repopt-scales
     yoloq bench-ptq | bench-ort | bench-fidelity | bench-eval ...
     yoloq --version
 
@@ -24,6 +25,8 @@ COMMANDS = {
     "export": ("yoloq.cli.export", "ONNX with Q/DQ for TensorRT (or the onnxruntime fast path, FP32, FP16)"),
     "eval": ("yoloq.cli.eval", "COCO mAP of weights or an ONNX file"),
     "trt": ("yoloq.cli.trt", "TensorRT engines: build, COCO evaluation, latency"),
+    "train": ("yoloq.cli.train", "train a YOLOv6 detector (RepVGG / QARepVGG / RepOpt) on labelled data"),
+    "repopt-scales": ("yoloq.cli.repopt_scales", "RepOpt: the scales file of a trained hyper-search model"),
     "bench-ptq": ("yoloq.cli.bench_ptq", "benchmark: yoloq PTQ vs peer quantization toolkits"),
     "bench-ort": ("yoloq.cli.bench_ort", "benchmark: onnxruntime CPU latency of the INT8 variants"),
     "bench-fidelity": ("yoloq.cli.bench_fidelity", "benchmark: deployed (onnxruntime) vs fake-quant mAP"),

@@ -101,3 +101,17 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
 
 def evaluation_overrides(args) -> dict:
     return dict(batch_size=args.batch_size, workers=args.workers, backend=args.backend, val_ann=args.ann)
+
+
+def init_distributed(device: str) -> bool:
+    """torchrun sets WORLD_SIZE / RANK: join the process group (nccl on CUDA, gloo on CPU)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True

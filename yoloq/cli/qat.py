@@ -14,10 +14,9 @@ override the config's qat section.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser, positive_int
+from yoloq.cli.common import init_distributed, parser, positive_int
 from yoloq.config import LSQMode, Optimizer, QATQuantizer, choices
 
 
@@ -44,19 +43,6 @@ def build_parser(prog: str = "yoloq qat"):
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def init_distributed(device: str) -> bool:
-    """torchrun sets WORLD_SIZE / RANK: join the process group (nccl on CUDA, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch
-    import torch.distributed as dist
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return True
 
 
 def _print_summary(result) -> None:

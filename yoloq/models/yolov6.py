@@ -153,13 +153,20 @@ class Detect(nn.Module):
     def forward(self, features):
         outputs = []
         for i, x in enumerate(features):
-            x = self.stems[i](x)
-            cls_logits = self.cls_preds[i](self.cls_convs[i](x))
-            ltrb = self.reg_preds[i](self.reg_convs[i](x))
+            cls_logits, ltrb = self._level_raw(i, x)
             if self.use_dfl:
                 ltrb = self.distribution_to_distance(ltrb)
             outputs.append((cls_logits, ltrb))
         return outputs
+
+    def forward_raw(self, features):
+        """Per level ``(cls_logits [B,nc,H,W], reg [B,4*(reg_max+1),H,W])`` before DFL: the bin
+        logits the training losses need (without DFL, ``reg`` is the ltrb output itself)."""
+        return [self._level_raw(i, x) for i, x in enumerate(features)]
+
+    def _level_raw(self, i: int, x):
+        x = self.stems[i](x)
+        return self.cls_preds[i](self.cls_convs[i](x)), self.reg_preds[i](self.reg_convs[i](x))
 
     def distribution_to_distance(self, reg):
         """[B, 4*(reg_max+1), H, W] bin logits -> [B, 4, H, W] expected distances."""

@@ -1,0 +1,199 @@
+"""``run_train(cfg, options) -> TrainResult``: everything tools/train.py does, as a library call.
+
+    config (model / train / loss / augment sections) + dataset YAML
+      -> labelled train records (COCO JSON; optionally the first N labelled images)
+      -> model (from scratch with the head's prior initialisation, or from --weights)
+         RepOpt target: scales file checked against the model, kernels re-initialised from it
+      -> AugmentedDataset + DistributedSampler loader -> fit() -> runs/train/<name>/
+         {best.pt, last.pt, results.csv, tensorboard/, run.json}
+
+Evaluation is COCO mAP of the EMA weights on the val split, or, with ``eval_split: train``, on the
+training images themselves (an overfit check; their ground truth is written to
+``<run>/train_subset.json``). Train images are never mixed into the val evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from yoloq.config import Config, ConfigError, load_config, load_data_config
+from yoloq.train.augment import Augmenter
+from yoloq.train.dataset import AugmentedDataset, LabelledImages, make_train_loader, records_for, write_subset_annotations
+from yoloq.train.errors import TrainError
+from yoloq.io import atomic_write_text
+from yoloq.train.losses import DetectionLoss
+from yoloq.train.repopt import check_scales, load_scales, reinit_from_scales
+from yoloq.train.trainer import FitResult, fit
+
+PRIOR_PROB = 0.01           # initial class probability of the head (focal-loss style prior)
+
+
+@dataclass
+class TrainOptions:
+    """Command-line overrides of ``cfg.train`` plus what the run reads and writes."""
+    data: Optional[str] = None          # dataset YAML (default: the config's data)
+    weights: Optional[str] = None       # start from this checkpoint (default: model.weights, else scratch)
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    img_size: Optional[int] = None      # default: model.img_size
+    workers: Optional[int] = None
+    lr0: Optional[float] = None
+    train_images: Optional[int] = None
+    eval_split: Optional[str] = None
+    scales: Optional[str] = None
+    max_eval_images: Optional[int] = None
+    settings: Sequence[str] = ()        # "section.key=value" overrides of the config (--set)
+    name: Optional[str] = None
+    out: str = "runs/train"
+    resume: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    name: str
+    out_dir: Path
+    history: list
+    best_epoch: Optional[int]
+    fit: Optional[FitResult] = field(default=None, repr=False)
+
+
+def apply_settings(cfg: Config, settings: Sequence[str]) -> Config:
+    """``["section.key=value", ...]`` (values in YAML syntax) onto ``cfg`` through
+    ``Config.with_overrides``: an unknown section or key, or a bad value, is a ConfigError naming it."""
+    import yaml
+    sections: dict[str, dict] = {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr0=0.02")
+        try:
+            sections.setdefault(section, {})[key] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
+    return cfg.with_overrides(**sections)
+
+
+@torch.no_grad()
+def init_head_for_training(detect: nn.Module, prior_prob: float = PRIOR_PROB) -> None:
+    """Prediction convs start at zero weights: class bias so every score is ``prior_prob``
+    (no flood of false positives in the first steps), box bias 1 (1 stride each side; with DFL,
+    uniform bins)."""
+    for conv in detect.cls_preds:
+        conv.weight.zero_()
+        conv.bias.fill_(-math.log((1 - prior_prob) / prior_prob))
+    for conv in detect.reg_preds:
+        conv.weight.zero_()
+        conv.bias.fill_(1.0)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _resolve(cfg, opts: TrainOptions):
+    if not isinstance(cfg, Config):
+        cfg = load_config(cfg)
+    where = cfg.path or "config"
+    cfg = apply_settings(cfg, opts.settings)
+    cfg = cfg.with_overrides(train={k: getattr(opts, k) for k in ("epochs", "batch_size", "workers", "lr0",
+                                                                 "train_images", "eval_split", "scales")})
+    data_path = opts.data or cfg.data
+    if not data_path or not Path(data_path).is_file():
+        raise TrainError(f"{where}: dataset YAML not found: {data_path} (set 'data' or pass --data)")
+    return cfg, load_data_config(data_path)
+
+
+def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[dict], seed: int) -> nn.Module:
+    """The model to train: from ``weights`` or from scratch (head prior; RepOpt re-init)."""
+    from yoloq.weights import load_weights
+    from yoloq.models.build import build_model
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    if cfg.model.block == "repopt" and scales is None:
+        raise TrainError(f"{cfg.path}: block 'repopt' trains with the RepOptimizer: set train.scales (or --scales) "
+                         "to the hyper-search scales file (tools/repopt_scales.py)")
+    if scales is not None:
+        check_scales(model, scales)
+    if weights:
+        load_weights(model, weights)
+    else:
+        init_head_for_training(model.detect)
+        if scales is not None:
+            reinit_from_scales(model, scales, seed)
+    return model
+
+
+def _evaluator(cfg: Config, data_cfg, records, out_dir: Path, img_size: int, opts: TrainOptions, device):
+    from yoloq.eval.coco_eval import evaluate_model
+    eval_data = data_cfg
+    if cfg.train.eval_split == "train":
+        subset = write_subset_annotations(data_cfg.train_ann, [r.image_id for r in records],
+                                          out_dir / "train_subset.json")
+        eval_data = dataclasses.replace(data_cfg, val_images=data_cfg.train_images, val_ann=str(subset))
+    eval_cfg = dataclasses.replace(cfg.eval, val_ann="val_ann") if cfg.train.eval_split == "train" else cfg.eval
+
+    def evaluate(model: nn.Module) -> dict:
+        stats = evaluate_model(model.to(device), eval_data, eval_cfg, img_size, max_images=opts.max_eval_images,
+                               progress=False).stats
+        return {k: stats[k] for k in ("AP", "AP50", "AP75")}
+    return evaluate
+
+
+def _fingerprint(cfg: Config, data_cfg, img_size: int, weights, world: int) -> dict:
+    return {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+            "loss": dataclasses.asdict(cfg.loss), "augment": dataclasses.asdict(cfg.augment),
+            "train_ann": data_cfg.train_ann, "img_size": img_size, "weights": weights, "world": world}
+
+
+def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> TrainResult:
+    """Train a detector as configured; see the module docstring for what is written."""
+    opts = dataclasses.replace(options or TrainOptions(), **overrides)
+    cfg, data_cfg = _resolve(cfg, opts)
+    tcfg = cfg.train
+    img_size = opts.img_size or cfg.model.img_size
+    if img_size % 32:
+        raise ConfigError(f"image size must be a multiple of 32 (the largest stride), got {img_size}")
+    name = opts.name or cfg.model.name
+    out_dir = Path(opts.out) / name
+    if (out_dir / "last.pt").is_file() and not opts.resume:
+        raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
+    device = _device(opts.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    records = records_for(data_cfg, cfg.model.nc, tcfg.train_images)
+    scales = load_scales(tcfg.scales) if tcfg.scales else None
+    weights = opts.weights or cfg.model.weights
+    model = build_training_model(cfg, weights, scales, tcfg.seed)
+    dataset = AugmentedDataset(LabelledImages(records), Augmenter(cfg.augment, img_size), seed=tcfg.seed)
+    loader, sampler = make_train_loader(dataset, tcfg.batch_size, tcfg.workers, tcfg.seed)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    evaluate = _evaluator(cfg, data_cfg, records, out_dir, img_size, opts, device)
+    fingerprint = _fingerprint(cfg, data_cfg, img_size, weights, world)
+    if rank == 0:
+        atomic_write_text(out_dir / "run.json", json.dumps({**fingerprint, "images": len(records),
+                                                            "data": data_cfg.path}, indent=1, default=str))
+    result = fit(model, loader, DetectionLoss(cfg.model, cfg.loss), tcfg, sampler=sampler, dataset=dataset,
+                 close_mosaic_epochs=cfg.augment.close_mosaic_epochs, evaluate=evaluate, out_dir=out_dir,
+                 resume=opts.resume, fingerprint=fingerprint, device=device, progress=opts.progress and rank == 0,
+                 repopt_scales=scales)
+    return TrainResult(name, out_dir, result.history, result.best_epoch, result)
