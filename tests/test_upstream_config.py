@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from yoloq.config import Config, ConfigError, load_config
-from yoloq.config_lookup import DEFAULT_DATA
+from yoloq.config.lookup import DEFAULT_DATA
 from yoloq.models import build_model
-from yoloq.upstream_config import read_upstream_config
+from yoloq.config.upstream import read_upstream_config
 from conftest import REPO, SHARED  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "upstream_configs"

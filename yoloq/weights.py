@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from yoloq.config_lookup import CONFIG_DIR
+from yoloq.config.lookup import CONFIG_DIR
 from yoloq.io import atomic_torch_save
 from yoloq.safe_load import CheckpointError, ModuleStub, safe_torch_load
 

@@ -36,7 +36,7 @@ def is_yolo_data_yaml(raw: dict) -> bool:
 def resolve_source(value: str, key: str, yaml_path: Path) -> Path:
     """An existing path for ``value``: absolute as given; relative against the current directory
     (upstream), then the YAML's folder, then its parent."""
-    from yoloq.config_lookup import expand_path_vars
+    from yoloq.config.lookup import expand_path_vars
     path = Path(os.path.expanduser(expand_path_vars(value, f"{yaml_path}: {key}")))
     yaml_dir = yaml_path.parent.resolve()
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, yaml_dir / path, yaml_dir.parent / path]
@@ -151,10 +151,10 @@ def load_yolo_data_config(path: str | os.PathLike, raw: dict) -> DataConfig:
 def train_ground_truth(data_cfg: DataConfig) -> Optional[str]:
     """COCO ground truth of a YOLO dataset's train labels (cached), or None for a COCO-JSON dataset
     (whose ``train_ann`` is given in its YAML)."""
-    from yoloq.config import _read_yaml
+    from yoloq.config.load import read_yaml
     if not data_cfg.path:
         return None
-    raw = _read_yaml(Path(data_cfg.path))
+    raw = read_yaml(Path(data_cfg.path))
     if not is_yolo_data_yaml(raw) or raw.get("train") is None:
         return None
     return split_ground_truth(Path(data_cfg.path), raw, "train")[2]

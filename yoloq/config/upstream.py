@@ -24,7 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from yoloq.config import Config, ConfigError, EvalConfig, ModelConfig
+from yoloq.config.base import ConfigError
+from yoloq.config.sections import Config, EvalConfig, ModelConfig
 
 _BIN_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
             ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv}
@@ -295,7 +296,7 @@ def apply_eval_params(params: Any, model: ModelConfig, where: str) -> EvalConfig
 def load_upstream_config(path: str | Path) -> Config:
     """A Config from an upstream YOLOv6 ``.py`` config: model (and eval image size / thresholds) from
     the file, everything else yoloq's defaults; data = the shipped COCO subset YAML."""
-    from yoloq.config_lookup import DEFAULT_DATA
+    from yoloq.config.lookup import DEFAULT_DATA
     path = Path(path)
     raw = read_upstream_config(path)
     unknown = sorted(set(raw) - {"model", "training_mode", "eval_params"} - TOP_LEVEL_IGNORED - TOP_LEVEL_WARNED)

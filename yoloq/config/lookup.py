@@ -16,9 +16,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from yoloq.config import ConfigError
+from yoloq.config.base import ConfigError
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
+PACKAGE = Path(__file__).resolve().parents[1]             # yoloq/
+RESOURCES = PACKAGE / "resources"
 CONFIG_DIR = RESOURCES / "configs"
 DATA_DIR = RESOURCES / "data"
 DEFAULT_DATA = DATA_DIR / "coco_shared.yaml"
@@ -74,7 +75,7 @@ def find_data_config(value: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- shared data folder
 def _source_checkout() -> Optional[Path]:
     """The repository root when yoloq runs from a source checkout (editable install or PYTHONPATH)."""
-    root = Path(__file__).resolve().parents[1]
+    root = PACKAGE.parent
     return root if (root / "pyproject.toml").is_file() and (root / "yoloq").is_dir() else None
 
 

@@ -1,110 +1,15 @@
-"""YAML configs -> validated dataclasses.
-
-One experiment config (``configs/*.yaml``) has the sections ``model``, ``data``, ``eval``,
-``quant``, ``qat`` and ``export``; every section is a small dataclass below that checks itself
-when it is made (``__post_init__``): a ``Literal`` annotation lists the allowed values, the
-numeric rules sit next to the fields. Unknown keys are an error that names the key and the closest
-valid one, so a typo never silently falls back to a default. Relative paths are resolved against
-the directory of the YAML file that holds them. Command-line flags change a config only through
-``Config.with_overrides``, which validates again.
-"""
+"""The sections of an experiment config, each a dataclass that checks itself when it is made, and
+``Config`` (all sections; ``with_overrides`` is the one way command-line flags change it)."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
-import re
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-import yaml
-
-from yoloq.errors import YoloqError
-
-Arch = Literal["yolov6", "lite"]
-Block = Literal["repvgg", "qarepvgg", "qarepvggv2", "repopt", "hyper_search", "conv_silu"]
-Backbone = Literal["EfficientRep", "CSPBepBackbone", "Lite_EffiBackbone"]
-Neck = Literal["RepBiFPANNeck", "CSPRepBiFPANNeck", "RepPANNeck", "Lite_EffiNeck"]
-CalibMethod = Literal["max", "percentile", "entropy", "mse", "auto"]
-Sensitivity = Literal["off", "fast", "map"]
-SensitivityMode = Literal["quantize-one", "skip-one"]
-QATQuantizer = Literal["pact", "lsqplus", "fixed"]
-LSQMode = Literal["symmetric", "offset"]
-Optimizer = Literal["sgd", "adam"]
-LSQInit = Literal["amax", "mse"]
-Backend = Literal["pycocotools", "faster-coco-eval"]
-AnnKey = Literal["val_ann", "val_ann_official"]
-NMSKind = Literal["trt", "onnx"]
-WeightDecayMode = Literal["plain", "custom_l2"]
-EvalSplit = Literal["val", "train"]
-IouType = Literal["giou", "siou"]
-
-CALIB_METHODS = ("max", "percentile", "entropy", "mse")         # one range rule each
-AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
-# img_size must be a multiple of this: the stride of the coarsest level both families concatenate
-# with an upsampled one (Lite's extra stride-64 level rounds up, so 32 suffices there too)
-IMG_SIZE_MULTIPLE = 32
-
-
-class ConfigError(YoloqError, ValueError):
-    """A config file or value is invalid; the message names the file and key."""
-
-
-def parse_method(method: str, percentile: float = 99.99) -> tuple[str, float]:
-    """'max' | 'percentile' | 'percentile-99.999' | 'entropy' | 'mse' -> (kind, percentile)."""
-    m = re.fullmatch(r"percentile(?:-(\d+(?:\.\d+)?))?", str(method))
-    if m:
-        return "percentile", float(m.group(1)) if m.group(1) else float(percentile)
-    if method not in CALIB_METHODS:
-        hint = " ('auto' needs the FP32 model: use calibrate_auto)" if method == "auto" else ""
-        raise ConfigError(f"unknown calibration method '{method}'{hint}; expected one of "
-                          f"{', '.join(CALIB_METHODS)} or 'percentile-<p>' (e.g. percentile-99.999)")
-    return method, float(percentile)
-
-
-def choices(alias) -> tuple:
-    """The allowed values of a ``Literal`` alias above (for argparse ``choices``)."""
-    return typing.get_args(alias)
-
-
-# --------------------------------------------------------------------------- self-checking sections
-
-
-class Section:
-    """Mixin: ``__post_init__`` checks every ``Literal`` field, then the class's own ``rules()``."""
-
-    section = "?"
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            choices = _literal_choices(hints.get(f.name))
-            value = getattr(self, f.name)
-            if choices and value not in choices and not (value is None and _is_optional(hints.get(f.name))):
-                hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-                raise ConfigError(f"{self.section}.{f.name}: '{value}' is not one of {', '.join(map(str, choices))}"
-                                  + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        self.rules()
-
-    def rules(self) -> None:
-        """Numeric ranges and cross-field rules (subclasses)."""
-
-    def _require(self, ok: bool, key: str, rule: str) -> None:
-        if not ok:
-            raise ConfigError(f"{self.section}.{key} must be {rule}, got {getattr(self, key)!r}")
-
-
-def _literal_choices(hint) -> tuple:
-    for arg in (typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)):
-        if typing.get_origin(arg) is Literal:
-            return typing.get_args(arg)
-    return ()
-
-
-def _is_optional(hint) -> bool:
-    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+from yoloq.config.base import (AUTO_METHODS, IMG_SIZE_MULTIPLE, AnnKey, Arch, Backbone, Backend, Block, CalibMethod,
+                               ConfigError, EvalSplit, IouType, LSQInit, LSQMode, Neck, NMSKind, Optimizer,
+                               QATQuantizer, Section, Sensitivity, SensitivityMode, WeightDecayMode, closest_hint,
+                               from_dict, parse_method)
 
 
 @dataclass
@@ -366,7 +271,7 @@ class Config:
         changes: dict[str, Any] = {}
         for name, values in sections.items():
             if name not in _SECTIONS:
-                raise ConfigError(f"unknown config section '{name}'{_closest(name, _SECTIONS)}")
+                raise ConfigError(f"unknown config section '{name}'{closest_hint(name, _SECTIONS)}")
             values = {k: v for k, v in (values or {}).items() if v is not None}
             if values:
                 merged = {**dataclasses.asdict(getattr(self, name)), **values}
@@ -395,126 +300,3 @@ class DataConfig:
     def __post_init__(self):
         if self.nc < 1:
             raise ConfigError(f"nc must be >= 1, got {self.nc}")
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _closest(key: str, valid) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _check_type(name: str, value: Any, default: Any, where: str) -> Any:
-    """Coerce ints to floats where a float is expected; refuse obviously wrong types."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: '{name}' must be true/false, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: '{name}' must be a number, got {value!r}")
-        return float(value)
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: '{name}' must be a string, got {value!r}")
-    elif isinstance(default, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{name}' must be a list, got {value!r}")
-    return value
-
-
-def from_dict(cls, data: Optional[dict], where: str):
-    """Build dataclass ``cls`` from ``data``; unknown keys and invalid values raise ConfigError
-    naming ``where`` and the key."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in fields.values()}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, fields)}; "
-                              f"valid keys: {', '.join(sorted(fields))}")
-        kwargs[key] = _check_type(key, value, defaults[key], where)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a text (UTF-8) YAML file: {err.reason} at byte {err.start}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
-    return data
-
-
-def resolve_path(value: Optional[str], base_dir: Path, where: str = "config") -> Optional[str]:
-    """Resolve a path from a YAML file relative to that file's directory, after expanding
-    environment variables (``${YOLOQ_SHARED}``: see yoloq.config_lookup)."""
-    if value is None or value == "":
-        return value
-    from yoloq.config_lookup import expand_path_vars
-    p = Path(os.path.expanduser(expand_path_vars(value, where)))
-    return str(p if p.is_absolute() else (base_dir / p).resolve())
-
-
-def load_config(path: str | os.PathLike) -> Config:
-    """Load an experiment config: a YAML path, a shipped config's bare name (``yolov6lite_s``), or an
-    upstream YOLOv6 ``.py`` model config (read without executing it; yoloq.upstream_config)."""
-    from yoloq.config_lookup import find_config
-    path = find_config(path)
-    if path.suffix == ".py":
-        from yoloq.upstream_config import load_upstream_config
-        return load_upstream_config(path)
-    raw = _read_yaml(path)
-    valid = set(_SECTIONS) | {"data"}
-    for key in raw:
-        if key not in valid:
-            raise ConfigError(f"{path}: unknown section '{key}'{_closest(key, valid)}; "
-                              f"valid sections: {', '.join(sorted(valid))}")
-    sections = {name: from_dict(cls, raw.get(name), f"{path}: {name}") for name, cls in _SECTIONS.items()}
-    base = path.parent.resolve()
-    sections["model"].weights = resolve_path(sections["model"].weights, base, f"{path}: model.weights")
-    sections["train"].scales = resolve_path(sections["train"].scales, base, f"{path}: train.scales")
-    data = raw.get("data")
-    if data is not None and not isinstance(data, str):
-        raise ConfigError(f"{path}: 'data' must be the path of a dataset YAML, got {data!r}")
-    return Config(**sections, data=resolve_path(data, base, f"{path}: data"), path=str(path))
-
-
-def load_data_config(path: str | os.PathLike) -> DataConfig:
-    """Load a dataset YAML: yoloq's COCO-JSON form (``data/*.yaml``, paths relative to it) or an
-    upstream YOLOv6 data YAML (``train``/``val`` image folders or lists, YOLO .txt labels;
-    yoloq.data.yolo). A bare name looks in the shipped data YAMLs."""
-    from yoloq.config_lookup import find_data_config
-    path = find_data_config(path)
-    raw = _read_yaml(path)
-    from yoloq.data.yolo import is_yolo_data_yaml, load_yolo_data_config
-    if is_yolo_data_yaml(raw):
-        return load_yolo_data_config(path, raw)
-    dc = from_dict(DataConfig, raw, str(path))
-    for key in ("train_files", "val_files"):
-        files = getattr(dc, key)
-        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
-            raise ConfigError(f"{path}: '{key}' must be a list of image paths relative to the folder, got {files!r}")
-    base = path.parent.resolve()
-    for key in ("train_images", "train_ann", "val_images", "val_ann", "val_ann_official"):
-        setattr(dc, key, resolve_path(getattr(dc, key), base, f"{path}: {key}"))
-    dc.path = str(path)
-    return dc
