@@ -4,8 +4,13 @@
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
 
 import pytest
 import torch
@@ -41,3 +46,33 @@ def toy_convnet(sensitive: bool = True) -> nn.Sequential:
             m[0].bias[0] = 0.0
             m[2].weight[:, 0, 1, 1] = 50.0
     return m
+
+
+def tiny_coco(root: Path) -> Path:
+    """6 images with rectangles of 3 classes; a COCO file with the 80 COCO category ids, as the
+    evaluator expects; train and val are different folders with the same kind of images."""
+    rng = np.random.default_rng(0)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    cat_ids = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
+    for split in ("train", "val"):
+        (root / split).mkdir()
+        images, anns = [], []
+        for i in range(1, 7):
+            image = np.full((64, 80, 3), 60, np.uint8)
+            c = int(rng.integers(0, 3))
+            x, y = int(rng.integers(0, 40)), int(rng.integers(0, 30))
+            w, h = int(rng.integers(20, 38)), int(rng.integers(20, 32))
+            cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colours[c], -1)
+            cv2.imwrite(str(root / split / f"{i:012d}.png"), image)
+            images.append({"id": i, "file_name": f"{i:012d}.png", "width": 80, "height": 64})
+            anns.append({"id": i, "image_id": i, "category_id": cat_ids[c], "bbox": [x, y, w, h], "area": w * h,
+                         "iscrowd": 0})
+        (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": [
+            {"id": i, "name": str(i)} for i in cat_ids]}))
+    unlabelled = {"images": json.loads((root / "train.json").read_text())["images"], "annotations": [],
+                  "categories": [{"id": i, "name": str(i)} for i in cat_ids]}
+    (root / "unlabelled.json").write_text(json.dumps(unlabelled))
+    for name, ann in (("data", "train.json"), ("nolabels", "unlabelled.json")):
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({
+            "train_images": "train", "train_ann": ann, "val_images": "val", "val_ann": "val.json", "nc": 80}))
+    return root / "data.yaml"

@@ -2,16 +2,13 @@
 the RepOpt pipeline end to end, and bad input (exit status 2, one line naming the culprit)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, tiny_coco
 from yoloq.cli import main as yoloq_main
 from yoloq.weights import read_checkpoint
 
@@ -20,34 +17,7 @@ TRAIN, SCALES = "train", "repopt-scales"
 
 @pytest.fixture(scope="module")
 def data_yaml(tmp_path_factory):
-    """6 images with rectangles of 3 classes; a COCO file with the 80 COCO category ids, as the
-    evaluator expects; train and val are different folders with the same kind of images."""
-    root = tmp_path_factory.mktemp("tiny_coco")
-    rng = np.random.default_rng(0)
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    cat_ids = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
-    for split in ("train", "val"):
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(1, 7):
-            image = np.full((64, 80, 3), 60, np.uint8)
-            c = int(rng.integers(0, 3))
-            x, y = int(rng.integers(0, 40)), int(rng.integers(0, 30))
-            w, h = int(rng.integers(20, 38)), int(rng.integers(20, 32))
-            cv2.rectangle(image, (x, y), (x + w - 1, y + h - 1), colours[c], -1)
-            cv2.imwrite(str(root / split / f"{i:012d}.png"), image)
-            images.append({"id": i, "file_name": f"{i:012d}.png", "width": 80, "height": 64})
-            anns.append({"id": i, "image_id": i, "category_id": cat_ids[c], "bbox": [x, y, w, h], "area": w * h,
-                         "iscrowd": 0})
-        (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": [
-            {"id": i, "name": str(i)} for i in cat_ids]}))
-    unlabelled = {"images": json.loads((root / "train.json").read_text())["images"], "annotations": [],
-                  "categories": [{"id": i, "name": str(i)} for i in cat_ids]}
-    (root / "unlabelled.json").write_text(json.dumps(unlabelled))
-    for name, ann in (("data", "train.json"), ("nolabels", "unlabelled.json")):
-        (root / f"{name}.yaml").write_text(yaml.safe_dump({
-            "train_images": "train", "train_ann": ann, "val_images": "val", "val_ann": "val.json", "nc": 80}))
-    return root / "data.yaml"
+    return tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
 
 
 def config(tmp_path: Path, data: Path, block: str = "repvgg", width: float = 0.0625) -> Path:

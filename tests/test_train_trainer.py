@@ -16,7 +16,7 @@ from yoloq.models.build import build_model
 from yoloq.train.augment import Augmenter
 from yoloq.train.dataset import AugmentedDataset, LabelledImage, LabelledImages, collate_targets, make_train_loader
 from yoloq.train.errors import NonFiniteLossError, TrainError
-from yoloq.train.logger import history_csv
+from yoloq.report.run_log import history_csv
 from yoloq.train.losses import DetectionLoss
 from yoloq.train.optim import custom_l2, make_ema, parameter_groups, set_learning_rate
 from yoloq.train.run import init_head_for_training

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from yoloq.cli.common import init_distributed, parser, positive_int
-from yoloq.config import LSQMode, Optimizer, QATQuantizer, choices
+from yoloq.config import LSQMode, Optimizer, QATLoss, QATQuantizer, choices
 
 
 def build_parser(prog: str = "yoloq qat"):
@@ -34,6 +34,12 @@ def build_parser(prog: str = "yoloq qat"):
     p.add_argument("--quantizer-lr", type=float, help="learning rate of the quantizer parameters")
     p.add_argument("--weight-scale-lr", type=float, help="learning rate of LSQ weight scales")
     p.add_argument("--optimizer", choices=choices(Optimizer), help="default: the config's qat.optimizer (sgd)")
+    p.add_argument("--loss", choices=choices(QATLoss),
+                   help="distill (label-free, default) | det+distill (+ the YOLOv6 loss on labelled train images)")
+    p.add_argument("--det-weight", type=float, help="weight of the detection loss with --loss det+distill")
+    p.add_argument("--augment", action="store_true", default=None,
+                   help="train on augmented views (the config's augment section) instead of letterboxed images")
+    p.add_argument("--scales", help="RepOpt models: the hyper-search scales file (QAT uses the RepOptimizer)")
     p.add_argument("--workers", type=int)
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
     p.add_argument("--name", help="run name (default <ptq name>_<quantizer>)")
@@ -62,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         qat = dict(quantizer=a.quantizer, lsq_mode=a.lsq_mode, epochs=a.epochs, images=a.images,
                    batch_size=a.batch_size, lr=a.lr, quantizer_lr=a.quantizer_lr, weight_scale_lr=a.weight_scale_lr,
-                   optimizer=a.optimizer, workers=a.workers)
+                   optimizer=a.optimizer, workers=a.workers, loss=a.loss, det_weight=a.det_weight, augment=a.augment,
+                   scales=a.scales)
         opts = QATOptions(from_dir=a.from_dir, max_images=a.max_images, name=a.name, out=a.out, resume=a.resume,
                           device=a.device, progress=not a.no_progress, plots=not a.no_plots)
         result = run_qat(a.cfg, opts, qat=qat, data=a.data)

@@ -13,7 +13,7 @@ from yoloq.errors import YoloqError
 
 __all__ = ["AUTO_METHODS", "AnnKey", "Arch", "Backbone", "Backend", "Block", "CALIB_METHODS", "CalibMethod",
            "ConfigError", "EvalSplit", "IMG_SIZE_MULTIPLE", "IouType", "LSQInit", "LSQMode", "NMSKind", "Neck",
-           "Optimizer", "QATQuantizer", "Section", "Sensitivity", "SensitivityMode", "WeightDecayMode", "choices",
+           "Optimizer", "QATLoss", "QATQuantizer", "Section", "Sensitivity", "SensitivityMode", "WeightDecayMode", "choices",
            "from_dict", "parse_method"]
 
 Arch = Literal["yolov6", "lite"]
@@ -24,6 +24,7 @@ CalibMethod = Literal["max", "percentile", "entropy", "mse", "auto"]
 Sensitivity = Literal["off", "fast", "map"]
 SensitivityMode = Literal["quantize-one", "skip-one"]
 QATQuantizer = Literal["pact", "lsqplus", "fixed"]
+QATLoss = Literal["distill", "det+distill"]
 LSQMode = Literal["symmetric", "offset"]
 Optimizer = Literal["sgd", "adam"]
 LSQInit = Literal["amax", "mse"]

@@ -53,6 +53,7 @@ def load_config(path: str | os.PathLike) -> Config:
     base = path.parent.resolve()
     sections["model"].weights = resolve_path(sections["model"].weights, base, f"{path}: model.weights")
     sections["train"].scales = resolve_path(sections["train"].scales, base, f"{path}: train.scales")
+    sections["qat"].scales = resolve_path(sections["qat"].scales, base, f"{path}: qat.scales")
     data = raw.get("data")
     if data is not None and not isinstance(data, str):
         raise ConfigError(f"{path}: 'data' must be the path of a dataset YAML, got {data!r}")

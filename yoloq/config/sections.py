@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from yoloq.config.base import (AUTO_METHODS, IMG_SIZE_MULTIPLE, AnnKey, Arch, Backbone, Backend, Block, CalibMethod,
                                ConfigError, EvalSplit, IouType, LSQInit, LSQMode, Neck, NMSKind, Optimizer,
-                               QATQuantizer, Section, Sensitivity, SensitivityMode, WeightDecayMode, closest_hint,
+                               QATLoss, QATQuantizer, Section, Sensitivity, SensitivityMode, WeightDecayMode, closest_hint,
                                from_dict, parse_method)
 
 
@@ -122,6 +122,10 @@ class QATConfig(Section):
     lsq_init: LSQInit = "amax"          # amax: start at the PTQ ranges | mse: MSE search on init_images
     #                                     (Lite-S, 100 val images: amax 23.3 AP at start, mse 8.4)
     max_scale_growth: float = 1000.0    # stop when a learned scale / clip moves more than this factor
+    loss: QATLoss = "distill"           # det+distill: + the YOLOv6 loss on labelled train images
+    det_weight: float = 1.0             # weight of the detection loss in det+distill
+    augment: bool = False               # augmented views (train.augment settings) instead of letterboxed images
+    scales: Optional[str] = None        # RepOpt models: the hyper-search scales file (QAT uses the RepOptimizer)
     max_loss_growth: float = 100.0      # stop when the loss grows past this x its first steps' mean
     collapse_ratio: float = 0.1         # stop when an epoch's val AP falls below this x the PTQ AP (0: off)
     seed: int = 0
@@ -133,7 +137,7 @@ class QATConfig(Section):
         for key in ("lr", "quantizer_lr", "temperature"):
             self._require(getattr(self, key) > 0, key, "> 0")
         self._require(self.weight_scale_lr is None or self.weight_scale_lr > 0, "weight_scale_lr", "> 0 (or null = lr)")
-        for key in ("weight_decay", "alpha_decay", "distill_weight", "head_weight"):
+        for key in ("weight_decay", "alpha_decay", "distill_weight", "head_weight", "det_weight"):
             self._require(getattr(self, key) >= 0, key, ">= 0")
         self._require(0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)")
         self._require(self.max_scale_growth > 1.0, "max_scale_growth", "> 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Optional
 
 from yoloq.io import atomic_write_bytes, atomic_write_text, to_json
 from yoloq.report.common import figure_bytes, md_table, num, pct, pyplot
@@ -11,8 +12,8 @@ from yoloq.report.common import figure_bytes, md_table, num, pct, pyplot
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-CSV_COLUMNS = ("epoch", "loss", "cwd", "cls", "box", "alpha_l2", "lr", "quantizer_lr", "AP", "AP50",
-               "train_seconds", "eval_seconds")
+CSV_COLUMNS = ("epoch", "loss", "cwd", "cls", "box", "det", "alpha_l2", "lr", "quantizer_lr", "AP", "AP50",
+               "act_scale_ratio_mean", "weight_scale_ratio_mean", "train_seconds", "eval_seconds")
 
 
 def curves_csv(history: list) -> str:
@@ -24,14 +25,21 @@ def curves_csv(history: list) -> str:
     return buf.getvalue()
 
 
-def plot_curves(history: list, fp32: dict, ptq: dict) -> bytes:
+def plot_curves(history: list, fp32: dict, ptq: dict, step_losses: Optional[list] = None) -> bytes:
+    """Loss per step (the loss curve), loss parts per epoch, val AP per epoch against FP32 and PTQ."""
     plt = pyplot()
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "cwd", "cls", "box"):
-        ax1.plot(epochs, [r.get(key) for r in history], "o-", label=key)
+    fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(15, 4))
+    if step_losses:
+        ax0.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8)
+        ax0.set_yscale("log")
+    ax0.set_xlabel("step")
+    ax0.set_ylabel("training loss")
+    for key in ("loss", "cwd", "cls", "box", "det"):
+        if any(key in r for r in history):
+            ax1.plot(epochs, [r.get(key) for r in history], "o-", label=key)
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("distillation loss (train)")
+    ax1.set_ylabel("loss parts (mean over the epoch)")
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     if any("AP" in r for r in history):
@@ -53,7 +61,8 @@ def render_qat_markdown(report: dict) -> str:
            f"- model: `{report['model']['name']}`, input {report['model']['img_size']}",
            f"- from PTQ: `{report['from']['checkpoint']}` (calibration {report['from']['calib_method']})",
            f"- quantizer: **{qc['quantizer']}**" + (f" ({qc['lsq_mode']})" if qc["quantizer"] == "lsqplus" else "")
-           + f", {report['train']['epochs_run']} epochs on {report['train']['images']} unlabelled train images, "
+           + f", {report['train']['epochs_run']} epochs on {report['train']['images']} train images "
+           f"({report['train']['labels']}{', augmented' if report['train'].get('augmented') else ''}), "
            f"batch {qc['batch_size']}, {qc['optimizer']} lr {qc['lr']:g} / quantizer lr {qc['quantizer_lr']:g}",
            f"- best epoch: {report['best_epoch']}", "",
            "## FP32 / PTQ / QAT (COCO bbox, %)", ""]
@@ -73,6 +82,7 @@ def render_qat_markdown(report: dict) -> str:
 def write_qat_report(report: dict, history: list, out_dir: Path, plots: bool = True) -> None:
     atomic_write_text(out_dir / "curves.csv", curves_csv(history))
     if plots and history:
-        atomic_write_bytes(out_dir / "curves.png", plot_curves(history, report["fp32"], report["ptq"]))
+        atomic_write_bytes(out_dir / "curves.png", plot_curves(history, report["fp32"], report["ptq"],
+                                                               report["train"].get("step_losses")))
     atomic_write_text(out_dir / "report.json", to_json(report))
     atomic_write_text(out_dir / "report.md", render_qat_markdown(report))

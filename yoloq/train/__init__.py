@@ -5,7 +5,7 @@
 
 Pieces for other loops (e.g. labelled QAT): :class:`~yoloq.train.losses.DetectionLoss`,
 :class:`~yoloq.train.dataset.AugmentedDataset` + :class:`~yoloq.train.augment.Augmenter`,
-:class:`~yoloq.train.logger.RunLogger`, :class:`~yoloq.train.repopt.RepOptimizer`.
+:class:`~yoloq.report.run_log.RunLogger`, :class:`~yoloq.train.repopt.RepOptimizer`.
 """
 from yoloq.train.errors import NonFiniteLossError, ScalesMismatchError, TrainError
 from yoloq.train.losses import DetectionLoss

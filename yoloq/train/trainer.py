@@ -34,7 +34,7 @@ from yoloq.weights import save_checkpoint
 from yoloq.config import TrainConfig
 from yoloq.train.errors import NonFiniteLossError, TrainError
 from yoloq.io import atomic_torch_save
-from yoloq.train.logger import RunLogger
+from yoloq.report.run_log import RunLogger
 from yoloq.train.optim import custom_l2, make_ema, parameter_groups, set_learning_rate, warmup_steps
 from yoloq.train.repopt import RepOptimizer, target_masks
 

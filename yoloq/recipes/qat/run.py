@@ -34,7 +34,8 @@ from yoloq.quant.checkpoint import load_quantized, save_quantized
 from yoloq.quant.swap import freeze_quantizers, swap_quantizers
 from yoloq.recipes.common import StageTimer
 from yoloq.recipes.qat import QATError
-from yoloq.recipes.qat.trainer import FitResult, is_main_process, fit, make_teacher, make_train_loader
+from yoloq.recipes.qat.data import QATData, qat_data
+from yoloq.recipes.qat.trainer import FitExtras, FitResult, fit, is_main_process, make_teacher
 from yoloq.report.qat import STATS, write_qat_report
 
 
@@ -118,12 +119,35 @@ def _init_student(student: nn.Module, qcfg: QATConfig, data_cfg: DataConfig, res
     swap_quantizers(student, qcfg.quantizer, qcfg.lsq_mode, calib_batches=batches)
 
 
-def _train_loader(qcfg: QATConfig, data_cfg: DataConfig, img_size: int):
-    from yoloq.data.coco import CocoDetectionDataset, calibration_images, collate_skip_failed
-    files = calibration_images(data_cfg, qcfg.images, qcfg.seed)
-    dataset = CocoDetectionDataset(data_cfg.train_images, None, img_size, files=files)
-    loader, sampler = make_train_loader(dataset, qcfg.batch_size, qcfg.workers, qcfg.seed, collate_skip_failed)
-    return loader, sampler, len(files)
+def fit_extras(cfg: Config, student: nn.Module, data: QATData, out_dir: Optional[Path]) -> FitExtras:
+    """The detection loss (labelled QAT), RepOpt masks (RepOpt models) and the log folder."""
+    det = None
+    if data.labelled:
+        from yoloq.train.losses import DetectionLoss
+        det = DetectionLoss(student.cfg, cfg.loss, strides=student.strides)
+    masks = repopt_masks(cfg, student) if student.cfg.block == "repopt" else None
+    return FitExtras(det_loss=det, masks=masks, log_dir=out_dir,
+                     close_mosaic_epochs=cfg.augment.close_mosaic_epochs if data.augmented else 0)
+
+
+def repopt_masks(cfg: Config, student: nn.Module) -> dict:
+    """RepOpt gradient masks for the student's BN-folded kernels: a folded kernel is ``a * W`` with
+    ``a = gamma / sigma`` of the block's BN per output channel, so SGD on it with mask ``a^2 * M``
+    is SGD on ``W`` with the RepOpt mask ``M`` (the scales come from the hyper-search model)."""
+    from yoloq.models import load_model
+    from yoloq.models.blocks import RealVGGBlock
+    from yoloq.train.repopt import load_scales, target_masks
+    if not cfg.qat.scales:
+        raise QATError(f"{cfg.path}: '{student.cfg.name}' is a RepOpt model: QAT trains it with the RepOptimizer; "
+                       f"set qat.scales (or --scales) to the hyper-search scales file (yoloq repopt-scales)")
+    fp32 = load_model(cfg.model, fuse=False)
+    masks = target_masks(fp32, load_scales(cfg.qat.scales))
+    out = {}
+    for name, block in fp32.named_modules():
+        if isinstance(block, RealVGGBlock) and block.conv.weight in masks:
+            a = block.bn.weight.detach() / torch.sqrt(block.bn.running_var + block.bn.eps)
+            out[student.get_submodule(f"{name}.conv").weight] = masks[block.conv.weight] * a.view(-1, 1, 1, 1) ** 2
+    return out
 
 
 def _baselines(extra: dict, teacher: nn.Module, student: nn.Module, evaluate, log) -> None:
@@ -161,6 +185,7 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
     img_size = student.cfg.img_size
     evaluate = lambda m: evaluate_model(m.to(device), data_cfg, cfg.eval, img_size,      # noqa: E731
                                         max_images=opts.max_images, progress=opts.progress).stats
+    data = qat_data(cfg, data_cfg, img_size)              # bad data fails before the baselines are evaluated
     last = out_dir / "last.pt"
     resuming = opts.resume and last.is_file()
     extra = load_plain(last).get("extra", {}) if resuming else {}
@@ -169,16 +194,15 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
             _baselines(extra, teacher, student, evaluate, log)
     with timer.stage("init_quantizers"):
         _init_student(student, qcfg, data_cfg, resuming)
-    loader, sampler, n_images = _train_loader(qcfg, data_cfg, img_size)
     with timer.stage("train_and_eval"):
-        result = fit(student, teacher, loader, qcfg, qcfg.epochs, sampler=sampler, evaluate=evaluate,
+        result = fit(student, teacher, data.loader, qcfg, qcfg.epochs, sampler=data.sampler, evaluate=evaluate,
                      out_dir=out_dir, resume=opts.resume, fingerprint=fingerprint(qcfg, ckpt, opts), extra=extra,
-                     device=device, progress=opts.progress)
+                     device=device, progress=opts.progress, extras=fit_extras(cfg, student, data, out_dir))
     if not main:
         return QATResult(name=name, out_dir=out_dir, report={}, history=result.history)
     student.load_state_dict(result.best_state)
     student.cpu().eval()
-    report = build_report(name, cfg, opts, ckpt, ptq_meta, result, n_images, timer.with_total())
+    report = build_report(name, cfg, opts, ckpt, ptq_meta, result, data, timer.with_total())
     save_quantized(freeze_quantizers(student), out_dir / "quant.pt", meta=_meta(name, cfg, ckpt, ptq_meta, result,
                                                                                   report))
     write_qat_report(report, result.history, out_dir, plots=opts.plots)
@@ -194,7 +218,7 @@ def _meta(name: str, cfg: Config, ckpt: Path, ptq_meta: dict, result: FitResult,
 
 
 def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Path, ptq_meta: dict, result: FitResult,
-                 n_images: int, timings: dict) -> dict:
+                 data: QATData, timings: dict) -> dict:
     import pytorch_quantization
     fp32, ptq = result.extra.get("fp32", {}), result.extra.get("ptq", {})
     rows = {r["epoch"]: r for r in result.history}
@@ -211,13 +235,15 @@ def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Path, ptq_meta:
         "model": {"name": cfg.model.name, "arch": cfg.model.arch, "img_size": cfg.model.img_size},
         "from": {"checkpoint": str(ckpt), "calib_method": ptq_meta.get("calib_method")},
         "config": {"path": cfg.path, "qat": dataclasses.asdict(cfg.qat), "options": dataclasses.asdict(opts)},
-        "train": {"images": n_images, "split": "train", "labels": "none (distillation)",
-                  "epochs_run": len(result.history)},
+        "train": {"images": data.images, "split": "train", "augmented": data.augmented,
+                  "labels": "labelled (YOLOv6 loss + distillation)" if data.labelled else "none (distillation)",
+                  "epochs_run": len(result.history), "step_losses": result.step_losses},
         "fp32": fp32, "ptq": ptq, "qat": qat, "qat_last": qat_last, "best_epoch": result.best_epoch,
         "drop": {"ptq": {k: (fp32[k] - ptq[k]) * 100 for k in STATS if k in fp32 and k in ptq},
                  "qat": {k: (fp32[k] - qat[k]) * 100 for k in STATS if k in fp32 and k in qat}},
         "history": result.history, "timings": timings, "notes": notes,
-        "files": ["report.md", "report.json", "curves.csv", "curves.png", "quant.pt", "last.pt", "best.pt"],
+        "files": ["report.md", "report.json", "curves.csv", "curves.png", "results.csv", "tensorboard/", "quant.pt",
+                  "last.pt", "best.pt"],
         "env": {"python": platform.python_version(), "torch": torch.__version__,
                 "pytorch_quantization": getattr(pytorch_quantization, "__version__", "?"),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1},

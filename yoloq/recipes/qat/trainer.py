@@ -36,7 +36,9 @@ from yoloq.quant.scheme import TensorQuantizer
 from yoloq.quant.state import named_quantizers
 from yoloq.recipes.qat.guard import DivergenceGuard
 from yoloq.recipes.qat import QATError
+from yoloq.recipes.qat.data import targets_of
 from yoloq.recipes.qat.losses import FeatureTap, distill_loss
+from yoloq.report.run_log import RunLogger
 from yoloq.safe_load import load_plain
 
 QUANTIZER_GROUPS = ("quantizers", "weight_scales")
@@ -67,9 +69,16 @@ def parameter_groups(model: nn.Module, qcfg: QATConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, qcfg: QATConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, qcfg: QATConfig, masks: Optional[dict] = None) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or Adam over ``parameter_groups``; with RepOpt ``masks`` (parameter ->
+    gradient multiplier) the RepOptimizer, SGD with the masks applied first."""
     groups = parameter_groups(model, qcfg)
-    if qcfg.optimizer == "sgd":
+    if masks:
+        from yoloq.train.repopt import RepOptimizer
+        if qcfg.optimizer != "sgd":
+            raise QATError("RepOpt models train with the RepOptimizer (SGD): set qat.optimizer: sgd")
+        opt = RepOptimizer(groups, masks=masks, lr=qcfg.lr, momentum=qcfg.momentum, nesterov=qcfg.momentum > 0)
+    elif qcfg.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=qcfg.lr, momentum=qcfg.momentum, nesterov=qcfg.momentum > 0)
     elif qcfg.optimizer == "adam":
         opt = torch.optim.Adam(groups, lr=qcfg.lr)
@@ -96,6 +105,24 @@ def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int, final: float =
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def quantizer_scale_stats(model: nn.Module) -> dict:
+    """How far the learned quantizers moved: their scale (PACT: clip) over its starting value, min /
+    mean / max over the activation quantizers, and the mean over the weight channels."""
+    act, weight = [], []
+    for q in named_quantizers(model, LEARNABLE).values():
+        value = q.alpha if hasattr(q, "alpha") else q.scale
+        ratio = (value.detach() / q.init_value.clamp_min(1e-12)).flatten()
+        (weight if isinstance(q, LSQWeightQuantizer) else act).append(ratio)
+    out = {}
+    if act:
+        a = torch.cat(act)
+        out.update(act_scale_ratio_min=float(a.min()), act_scale_ratio_mean=float(a.mean()),
+                   act_scale_ratio_max=float(a.max()))
+    if weight:
+        out["weight_scale_ratio_mean"] = float(torch.cat(weight).mean())
+    return out
 
 
 def _images(batch) -> Optional[torch.Tensor]:
@@ -127,12 +154,22 @@ def check_same_run(saved: Optional[dict], now: Optional[dict], path: Path) -> No
 
 
 @dataclass
+class FitExtras:
+    """What a QAT run may add to plain distillation."""
+    det_loss: Optional[Callable] = None     # yoloq.train.losses.DetectionLoss (qat.loss det+distill)
+    masks: Optional[dict] = None            # RepOpt gradient masks of the student's folded kernels
+    log_dir: Optional[Path] = None          # TensorBoard events + steps.csv (yoloq.report.run_log)
+    close_mosaic_epochs: int = 0            # augmented data: the last N epochs without mosaic / mixup
+
+
+@dataclass
 class FitResult:
     history: list                   # one dict per epoch
     best_epoch: Optional[int]
     best_state: dict                # student state_dict (CPU) of the best (or last) epoch
     last_state: dict
     extra: dict = field(default_factory=dict)
+    step_losses: list = field(default_factory=list)   # the total loss of every step (loss curve)
 
 
 def make_teacher(student_ptq: nn.Module) -> nn.Module:
@@ -165,16 +202,19 @@ class Trainer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, loader, qcfg: QATConfig, epochs: int, sampler,
                  evaluate, out_dir: Optional[Path], fingerprint: Optional[dict], extra: Optional[dict],
-                 device: torch.device, progress: bool):
+                 device: torch.device, progress: bool, extras: Optional[FitExtras] = None):
         self.student, self.teacher, self.loader, self.qcfg, self.epochs = student, teacher, loader, qcfg, epochs
         self.sampler, self.evaluate, self.fingerprint, self.device = sampler, evaluate, fingerprint, device
         self.progress, self.extra = progress, dict(extra or {})
         self.last_path = out_dir / "last.pt" if out_dir else None
         self.best_path = out_dir / "best.pt" if out_dir else None
-        self.opt = build_optimizer(student, qcfg)
+        self.extras = extras or FitExtras()
+        self.opt = build_optimizer(student, qcfg, self.extras.masks)
         self.sched = cosine_schedule(self.opt, epochs * len(loader))
         self.guard = DivergenceGuard(qcfg)
         self.history: list = []
+        self.step_losses: list = []
+        self.log = RunLogger(self.extras.log_dir, enabled=is_main_process()) if self.extras.log_dir else None
         self.best_epoch, self.best_ap, self.start_epoch = None, -math.inf, 0
         self.taps = (FeatureTap(student), FeatureTap(teacher))
         ddp = dist.is_initialized() and dist.get_world_size() > 1
@@ -191,15 +231,27 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.history, self.best_epoch, self.best_ap = state["history"], state["best_epoch"], state["best_ap"]
+        self.step_losses = list(state.get("step_losses", []))
         self.start_epoch = state["epoch"]
         self.extra.update(state.get("extra", {}))
         torch.set_rng_state(state["rng"])
 
-    def _step(self, images: torch.Tensor, where: str) -> dict:
+    def _losses(self, images: torch.Tensor, targets: Optional[torch.Tensor]) -> dict:
         with torch.no_grad():
             self.teacher(images)
         self.model(images)
         terms = distill_loss(*self.taps, self.qcfg, self.student)
+        if self.extras.det_loss is not None and targets is not None:
+            head = self.taps[0].out["detect"]
+            if getattr(self.student.cfg, "use_dfl", False):          # DFL: the loss needs the bin logits
+                head = self.student.detect.forward_raw(self.taps[0].out["neck"])
+            det, _ = self.extras.det_loss(head, targets.to(images.device), None)
+            terms["det"] = det
+            terms["loss"] = terms["loss"] + self.qcfg.det_weight * det
+        return terms
+
+    def _step(self, images: torch.Tensor, targets: Optional[torch.Tensor], where: str) -> dict:
+        terms = self._losses(images, targets)
         self.guard.check_loss(terms, where, self.student, images)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -210,9 +262,24 @@ class Trainer:
         self.guard.check_model(self.student, where)
         return {k: float(v.detach()) for k, v in terms.items()}
 
-    def _train_epoch(self, epoch: int) -> dict:
+    def _set_epoch(self, epoch: int) -> None:
+        """Data order (sampler) and, for augmented data, this epoch's views and mosaic on or off."""
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+        dataset = getattr(self.loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+            dataset.set_mosaic(self.epochs - epoch > self.extras.close_mosaic_epochs)
+
+    def _log_step(self, terms: dict) -> None:
+        self.step_losses.append(terms["loss"])
+        if self.log is not None:
+            step = len(self.step_losses)
+            self.log.scalars({f"loss/{k}": v for k, v in terms.items()}, step)
+            self.log.scalars({f"lr/{g['name']}": g["lr"] for g in self.opt.param_groups}, step)
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self._set_epoch(epoch)
         start, sums, steps = time.perf_counter(), {}, 0
         bar = tqdm(self.loader, total=len(self.loader), desc=f"qat epoch {epoch + 1}/{self.epochs}",
                    disable=not (self.progress and is_main_process()), unit="batch")
@@ -220,7 +287,9 @@ class Trainer:
             images = _images(batch)
             if images is None:
                 continue
-            terms = self._step(images.to(self.device, non_blocking=True), f"epoch {epoch + 1} step {step + 1}")
+            terms = self._step(images.to(self.device, non_blocking=True), targets_of(batch),
+                               f"epoch {epoch + 1} step {step + 1}")
+            self._log_step(terms)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -243,12 +312,16 @@ class Trainer:
                 if self.best_path is not None:
                     atomic_torch_save({"student": _cpu_state(self.student), "epoch": epoch, "AP": self.best_ap},
                                       self.best_path)
+        row.update(quantizer_scale_stats(self.student))
         self.history.append(row)
+        if self.log is not None:
+            self.log.epoch(self.history)
         if self.last_path is not None and is_main_process():
             atomic_torch_save({"student": _cpu_state(self.student), "optimizer": self.opt.state_dict(),
                                "scheduler": self.sched.state_dict(), "epoch": epoch, "history": self.history,
                                "best_epoch": self.best_epoch, "best_ap": self.best_ap,
-                               "fingerprint": self.fingerprint, "extra": self.extra, "rng": torch.get_rng_state()},
+                               "fingerprint": self.fingerprint, "extra": self.extra, "rng": torch.get_rng_state(),
+                               "step_losses": self.step_losses},
                               self.last_path)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
@@ -262,6 +335,8 @@ class Trainer:
         finally:
             for tap in self.taps:
                 tap.remove()
+            if self.log is not None:
+                self.log.close()
         last_state = _cpu_state(self.student)
         best_state = last_state
         last_epoch = self.history[-1]["epoch"] if self.history else None
@@ -269,14 +344,14 @@ class Trainer:
                 and self.best_path.is_file():
             best_state = load_plain(self.best_path)["student"]
         return FitResult(history=self.history, best_epoch=self.best_epoch, best_state=best_state,
-                         last_state=last_state, extra=self.extra)
+                         last_state=last_state, extra=self.extra, step_losses=self.step_losses)
 
 
 def fit(student: nn.Module, teacher: nn.Module, loader: Iterable, qcfg: QATConfig, epochs: int, *,
         sampler=None, evaluate: Optional[Callable[[nn.Module], dict]] = None, out_dir: Optional[Path] = None,
         resume: bool = False, fingerprint: Optional[dict] = None, extra: Optional[dict] = None,
         device: torch.device | str = "cpu", progress: bool = False,
-        stop_after_epoch: Optional[int] = None) -> FitResult:
+        stop_after_epoch: Optional[int] = None, extras: Optional[FitExtras] = None) -> FitResult:
     """Distil ``teacher`` into the fake-quantized ``student`` for ``epochs`` epochs.
 
     ``loader`` yields image batches (tensors or ``(images, ...)``); with ``torch.distributed``
@@ -286,7 +361,8 @@ def fit(student: nn.Module, teacher: nn.Module, loader: Iterable, qcfg: QATConfi
     and ``best.pt`` on improvement; ``resume`` continues from ``last.pt`` (``fingerprint`` must
     match the saved one). ``extra`` is carried in ``last.pt`` (e.g. baseline evaluations; its
     ``ptq`` AP is the reference of the collapse check). ``stop_after_epoch`` ends early after that
-    epoch (tests: an interrupted run).
+    epoch (tests: an interrupted run). ``extras``: the detection loss on labelled batches, RepOpt
+    masks, the TensorBoard / CSV log folder (``FitExtras``).
     """
     device = torch.device(device)
     student.to(device).train()
@@ -294,7 +370,7 @@ def fit(student: nn.Module, teacher: nn.Module, loader: Iterable, qcfg: QATConfi
     for p in teacher.parameters():
         p.requires_grad_(False)
     trainer = Trainer(student, teacher, loader, qcfg, epochs, sampler, evaluate, out_dir, fingerprint, extra,
-                      device, progress)
+                      device, progress, extras)
     if resume:
         trainer.resume()
     return trainer.run(stop_after_epoch)
