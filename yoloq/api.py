@@ -118,13 +118,13 @@ def qat(quantized: QuantizedModel, data: Optional[str | os.PathLike | DataConfig
     PTQ checkpoint format, as ``yoloq qat`` saves it)."""
     from yoloq.quant.swap import freeze_quantizers
     from yoloq.recipes.qat.data import qat_data
-    from yoloq.recipes.qat.run import _init_student, fit_extras
+    from yoloq.recipes.qat.run import init_student, fit_extras
     from yoloq.recipes.qat.trainer import fit, make_teacher
     cfg = quantized.config.with_overrides(qat={"workers": 0, **settings})
     data_cfg = _data(data if data is not None else quantized.data, cfg)
     student = freeze_quantizers(quantized.model)          # a copy: the caller's model stays as it was
     teacher = make_teacher(student)
-    _init_student(student, cfg.qat, data_cfg, resuming=False)
+    init_student(student, cfg.qat, data_cfg, resuming=False)
     data = qat_data(cfg, data_cfg, student.cfg.img_size)
     with tempfile.TemporaryDirectory() as tmp:
         result = fit(student, teacher, data.loader, cfg.qat, cfg.qat.epochs, sampler=data.sampler, out_dir=Path(tmp),

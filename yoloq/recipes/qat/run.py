@@ -108,7 +108,7 @@ def fingerprint(qcfg: QATConfig, ckpt: Path, opts: QATOptions) -> dict:
     return {"from": str(ckpt.resolve()), "max_images": opts.max_images, **settings}
 
 
-def _init_student(student: nn.Module, qcfg: QATConfig, data_cfg: DataConfig, resuming: bool) -> None:
+def init_student(student: nn.Module, qcfg: QATConfig, data_cfg: DataConfig, resuming: bool) -> None:
     """Swap in the learnable quantizers (on resume: structure only, fit() restores the values)."""
     from yoloq.data.coco import calibration_loader
     batches = None
@@ -193,7 +193,7 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
         with timer.stage("eval_baselines"):
             _baselines(extra, teacher, student, evaluate, log)
     with timer.stage("init_quantizers"):
-        _init_student(student, qcfg, data_cfg, resuming)
+        init_student(student, qcfg, data_cfg, resuming)
     with timer.stage("train_and_eval"):
         result = fit(student, teacher, data.loader, qcfg, qcfg.epochs, sampler=data.sampler, evaluate=evaluate,
                      out_dir=out_dir, resume=opts.resume, fingerprint=fingerprint(qcfg, ckpt, opts), extra=extra,
