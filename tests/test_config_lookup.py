@@ -11,12 +11,11 @@ import textwrap
 
 import pytest
 
-from yoloq import config_lookup
+from yoloq.config import lookup as config_lookup
 from yoloq.config import ConfigError, load_config, load_data_config
 from yoloq.config.lookup import (CONFIG_DIR, DATA_DIR, available_configs, expand_path_vars, find_config,
                                  find_data_config, shared_dir)
 from conftest import REPO, SHARED  # noqa: E402
-
 
 
 def test_bare_names_resolve_to_the_shipped_configs(tmp_path, monkeypatch):
