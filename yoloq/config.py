@@ -37,9 +37,12 @@ LSQInit = Literal["amax", "mse"]
 Backend = Literal["pycocotools", "faster-coco-eval"]
 AnnKey = Literal["val_ann", "val_ann_official"]
 NMSKind = Literal["trt", "onnx"]
+Switch = Literal[False, True, "auto"]                           # a PTQ transform: off, on, or chosen by auto
+ChannelScale = Literal["off", "depthwise", "all", "auto"]
 
 CALIB_METHODS = ("max", "percentile", "entropy", "mse")         # one range rule each
 AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
+CHANNEL_SCALE_ALPHAS = (0.5, 0.65, 0.8, 0.9)                  # candidates of channel_scale: auto
 # img_size must be a multiple of this: the stride of the coarsest level both families concatenate
 # with an upsampled one (Lite's extra stride-64 level rounds up, so 32 suffices there too)
 IMG_SIZE_MULTIPLE = 32
@@ -79,9 +82,10 @@ class Section:
         for f in dataclasses.fields(self):
             choices = _literal_choices(hints.get(f.name))
             value = getattr(self, f.name)
-            if choices and value not in choices and not (value is None and _is_optional(hints.get(f.name))):
-                hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-                raise ConfigError(f"{self.section}.{f.name}: '{value}' is not one of {', '.join(map(str, choices))}"
+            if choices and not _is_choice(value, choices) and not (value is None and _is_optional(hints.get(f.name))):
+                names = [_yaml_name(c) for c in choices]
+                hint = difflib.get_close_matches(str(value), names, n=1)
+                raise ConfigError(f"{self.section}.{f.name}: '{_yaml_name(value)}' is not one of {', '.join(names)}"
                                   + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         self.rules()
 
@@ -98,6 +102,16 @@ def _literal_choices(hint) -> tuple:
         if typing.get_origin(arg) is Literal:
             return typing.get_args(arg)
     return ()
+
+
+def _yaml_name(value) -> str:
+    """How a YAML file spells a value (true / false for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _is_choice(value, choices: tuple) -> bool:
+    """``value in choices`` with types compared too (so 1 is not accepted for True)."""
+    return any(type(value) is type(c) and value == c for c in choices)
 
 
 def _is_optional(hint) -> bool:
@@ -173,11 +187,27 @@ class QuantConfig(Section):
     confirm_top: int = 5                # layers confirmed with mAP when sensitivity == "map"
     select_images: int = 128            # labeled train images measured by max_drop / sensitivity map
     diagnose: bool = True               # per-layer range / SQNR diagnosis in the report
+    # PTQ transforms (yoloq.recipes.transforms), in this order around prepare / calibrate:
+    # equalize -> channel_scale -> calibrate -> bias_correction; "auto" decides on calibration images
+    equalize: Switch = False            # exact cross-layer equalization (data-free)
+    channel_scale: ChannelScale = "off"  # per-channel input scaling: depthwise convs only, or all convs
+    channel_scale_alpha: Optional[float] = None   # migration strength for dense convs in [0, 1]; null:
+    #                                     chosen among channel_scale_alphas on calibration images
+    channel_scale_alphas: list = field(default_factory=lambda: list(CHANNEL_SCALE_ALPHAS))   # auto's candidates
+    bias_correction: Switch = False     # empirical, sequential bias correction
+    se_float: Switch = False            # squeeze-excite convs (1x1 pooled maps) in float
+    transform_images: int = 64          # calibration images for channel ranges, bias means, auto scoring
 
     def rules(self) -> None:
         self._require(0.0 < self.percentile <= 100.0, "percentile", "in (0, 100]")
+        alpha = self.channel_scale_alpha
+        self._require(alpha is None or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                        and 0.0 <= alpha <= 1.0), "channel_scale_alpha", "in [0, 1] or null")
+        self._require(bool(self.channel_scale_alphas) and all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0
+            for a in self.channel_scale_alphas), "channel_scale_alphas", "a non-empty list of numbers in [0, 1]")
         for key in ("calib_images", "batch_size", "num_bins", "auto_images", "sensitivity_images",
-                    "confirm_top", "select_images"):
+                    "confirm_top", "select_images", "transform_images"):
             self._require(getattr(self, key) >= 1, key, ">= 1")
         self._require(self.workers >= 0, "workers", ">= 0")
         self._require(self.max_drop is None or self.max_drop >= 0, "max_drop", ">= 0 (mAP points) or null")
@@ -329,6 +359,13 @@ def _check_type(name: str, value: Any, default: Any, where: str) -> Any:
     return value
 
 
+def _onoff(value: Any, choices: tuple) -> Any:
+    """YAML 1.1 reads a bare ``off`` / ``on`` as false / true: give a choice of 'off' / 'on' back."""
+    if isinstance(value, bool) and ("on" if value else "off") in choices:
+        return "on" if value else "off"
+    return value
+
+
 def from_dict(cls, data: Optional[dict], where: str):
     """Build dataclass ``cls`` from ``data``; unknown keys and invalid values raise ConfigError
     naming ``where`` and the key."""
@@ -339,12 +376,16 @@ def from_dict(cls, data: Optional[dict], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in fields.values()}
+    hints = typing.get_type_hints(cls)
+    for name in fields:                 # true / false / "auto": the class's exact Literal check decides
+        if len({type(c) for c in _literal_choices(hints.get(name))}) > 1:
+            defaults[name] = None
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{where}: unknown key '{key}'{_closest(key, fields)}; "
                               f"valid keys: {', '.join(sorted(fields))}")
-        kwargs[key] = _check_type(key, value, defaults[key], where)
+        kwargs[key] = _check_type(key, _onoff(value, _literal_choices(hints.get(key))), defaults[key], where)
     try:
         return cls(**kwargs)
     except ConfigError as err:
