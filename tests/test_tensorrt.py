@@ -567,3 +567,49 @@ def test_explicit_qdq_int8_engine_from_export_onnx(trt_gpu, tmp_path):
     ref = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert got.shape == ref.shape
     assert np.corrcoef(got[..., 4:].ravel(), ref[..., 4:].ravel())[0, 1] > 0.98
+
+
+def _scaling_muls(graph) -> list[str]:
+    """Names of the per-channel input-scaling Muls: a Mul by a constant whose output a
+    QuantizeLinear of an activation reads (yoloq.quant.channel_scale)."""
+    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    q_inputs = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    return [n.name for n in graph.node
+            if n.op_type == "Mul" and n.output[0] in q_inputs and any(i in consts for i in n.input)]
+
+
+def _engine_layer_names(trt, engine_path: Path) -> list[str]:
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    return [layer if isinstance(layer, str) else layer.get("Name", "") for layer in info.get("Layers", [])]
+
+
+@pytest.mark.gpu
+def test_channel_scaling_mul_fuses_into_the_engine(trt_gpu, tmp_path):
+    """Not measured on the CPU machine (docs/ptq_transforms.md): the per-channel Mul that
+    channel scaling puts before a QuantizeLinear should not be a layer of its own in the INT8
+    engine; TensorRT should fuse it with the producer's pointwise epilogue or the Q. Every such
+    Mul must appear inside a fused layer name (' + ' or a PWN(...) group), never alone."""
+    export = pytest.importorskip("yoloq.runtime.onnx_export")
+    from yoloq.quant.calibrate import calibrate
+    from yoloq.quant.channel_scale import apply_channel_scaling
+    from yoloq.quant.prepare import prepare
+
+    model, _cfg, _real = _lite_s_model()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand(4, 3, 320, 320, generator=gen) for _ in range(2)]
+    qmodel = prepare(model)
+    apply_channel_scaling(qmodel, model, batches, "all", alpha=0.8)
+    calibrate(qmodel, batches, "max", progress=False)
+    onnx_path = tmp_path / "scaled.onnx"
+    export.export_onnx(qmodel, onnx_path, img_size=320, batch=1)
+    muls = _scaling_muls(onnx.load(str(onnx_path)).graph)
+    assert muls, "the export has no input-scaling Mul"
+    engine = tmp_path / "scaled.engine"
+    yt.build_engine(onnx_path, engine, precision="int8", max_batch=1)
+    layers = _engine_layer_names(trt_gpu, engine)
+    alone = [m for m in muls if any(name == m for name in layers)]
+    missing = [m for m in muls if not any(m in name for name in layers)]
+    assert not alone, f"{len(alone)} of {len(muls)} scaling Muls run as layers of their own, e.g. {alone[:3]}"
+    assert len(missing) < len(muls), "no scaling Mul name found in the engine's layer information"

@@ -6,6 +6,8 @@ INT8 on val, report the drop, per-layer sensitivity and diagnosis, save the quan
     yoloq ptq --cfg configs/yolov6lite_s.yaml --sensitivity fast --skip-layers 3
     yoloq ptq --cfg configs/yolov6lite_s.yaml --max-drop 1.0        # fewest float layers with drop <= 1 point
     yoloq ptq --cfg configs/yolov6lite_s.yaml --max-images 50 --calib-images 32   # quick run
+    yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize on --channel-scale all --bias-correction on
+    yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize auto --channel-scale auto --bias-correction auto
 
 (``python tools/ptq.py ...`` is the same command.) Output: <out>/<name>/ with report.md,
 report.json, stats.png, sensitivity.png, diagnosis.png and quant.pt (for qat / export). Written to
@@ -20,7 +22,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from yoloq.cli.common import parser, positive_int
-from yoloq.config import AnnKey, CalibMethod, Sensitivity, SensitivityMode, choices, load_config
+from yoloq.config import AnnKey, CalibMethod, ChannelScale, Sensitivity, SensitivityMode, choices, load_config
+
+SWITCH = {"on": True, "off": False, "auto": "auto"}      # --equalize / --bias-correction / --se-float
 
 
 def build_parser(prog: str = "yoloq ptq"):
@@ -39,6 +43,18 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--seed", type=int, help="seed choosing the calibration images")
     g.add_argument("--auto-methods", nargs="+", metavar="METHOD", help="candidates of --calib auto")
     g.add_argument("--auto-images", type=positive_int, help="calibration images scoring the --calib auto candidates")
+    g = p.add_argument_group("PTQ transforms (auto: chosen by detector-output SQNR on calibration images)")
+    g.add_argument("--equalize", choices=tuple(SWITCH), help="exact cross-layer equalization")
+    g.add_argument("--channel-scale", choices=choices(ChannelScale),
+                   help="per-channel input scaling: of depthwise convs, of all convs, or auto")
+    g.add_argument("--channel-scale-alpha", type=float, metavar="A",
+                   help="migration strength for dense convs in [0, 1] (config null: chosen among the candidates)")
+    g.add_argument("--channel-scale-alphas", type=float, nargs="+", metavar="A",
+                   help="candidates of the alpha choice")
+    g.add_argument("--bias-correction", choices=tuple(SWITCH), help="empirical bias correction after calibration")
+    g.add_argument("--se-float", choices=tuple(SWITCH), help="keep the squeeze-excite convs in float")
+    g.add_argument("--transform-images", type=positive_int,
+                   help="calibration images for channel ranges, bias means and the auto scoring")
     g = p.add_argument_group("partial quantization / sensitivity")
     g.add_argument("--sensitivity", choices=choices(Sensitivity),
                    help="per-layer sensitivity: fast (output SQNR on calibration images) or map (fast + "
@@ -75,6 +91,10 @@ def quant_overrides(a, cfg) -> dict:
                 sensitivity_mode=a.sensitivity_mode, sensitivity_images=a.sensitivity_images,
                 max_drop=a.max_drop, max_skip=a.max_skip, select_images=a.select_images,
                 diagnose=False if a.no_diagnose else None,
+                equalize=SWITCH.get(a.equalize), channel_scale=a.channel_scale,
+                channel_scale_alpha=a.channel_scale_alpha, channel_scale_alphas=a.channel_scale_alphas,
+                bias_correction=SWITCH.get(a.bias_correction), se_float=SWITCH.get(a.se_float),
+                transform_images=a.transform_images,
                 skip_layers=list(cfg.quant.skip_layers) + list(a.skip) if a.skip else None)
 
 

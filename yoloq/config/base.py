@@ -11,9 +11,10 @@ from typing import Any, Literal, Optional
 
 from yoloq.errors import YoloqError
 
-__all__ = ["AUTO_METHODS", "AnnKey", "Arch", "Backbone", "Backend", "Block", "CALIB_METHODS", "CalibMethod",
-           "ConfigError", "EvalSplit", "IMG_SIZE_MULTIPLE", "IouType", "LSQInit", "LSQMode", "NMSKind", "Neck",
-           "Optimizer", "QATLoss", "QATQuantizer", "Section", "Sensitivity", "SensitivityMode", "WeightDecayMode", "choices",
+__all__ = ["AUTO_METHODS", "AnnKey", "Arch", "Backbone", "Backend", "Block", "CALIB_METHODS", "CHANNEL_SCALE_ALPHAS",
+           "CalibMethod", "ChannelScale", "ConfigError", "EvalSplit", "IMG_SIZE_MULTIPLE", "IouType", "LSQInit",
+           "LSQMode", "NMSKind", "Neck", "Optimizer", "QATLoss", "QATQuantizer", "RECON_METHODS", "ReconDevice",
+           "Reconstruct", "Section", "Sensitivity", "SensitivityMode", "Switch", "WeightDecayMode", "choices",
            "from_dict", "parse_method"]
 
 Arch = Literal["yolov6", "lite"]
@@ -34,9 +35,15 @@ NMSKind = Literal["trt", "onnx"]
 WeightDecayMode = Literal["plain", "custom_l2"]
 EvalSplit = Literal["val", "train"]
 IouType = Literal["giou", "siou"]
+Switch = Literal[False, True, "auto"]                           # a PTQ transform: off, on, or chosen by auto
+ChannelScale = Literal["off", "depthwise", "all", "auto"]
+Reconstruct = Literal["off", "adaround", "brecq", "qdrop"]      # yoloq.quant.reconstruct
+ReconDevice = Literal["auto", "cpu", "cuda"]
 
 CALIB_METHODS = ("max", "percentile", "entropy", "mse")         # one range rule each
 AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
+CHANNEL_SCALE_ALPHAS = (0.5, 0.65, 0.8, 0.9)                  # candidates of channel_scale: auto
+RECON_METHODS = tuple(m for m in typing.get_args(Reconstruct) if m != "off")
 # img_size must be a multiple of this: the stride of the coarsest level both families concatenate
 # with an upsampled one (Lite's extra stride-64 level rounds up, so 32 suffices there too)
 IMG_SIZE_MULTIPLE = 32
@@ -76,9 +83,10 @@ class Section:
         for f in dataclasses.fields(self):
             choices = _literal_choices(hints.get(f.name))
             value = getattr(self, f.name)
-            if choices and value not in choices and not (value is None and _is_optional(hints.get(f.name))):
-                hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-                raise ConfigError(f"{self.section}.{f.name}: '{value}' is not one of {', '.join(map(str, choices))}"
+            if choices and not _is_choice(value, choices) and not (value is None and _is_optional(hints.get(f.name))):
+                names = [_yaml_name(c) for c in choices]
+                hint = difflib.get_close_matches(str(value), names, n=1)
+                raise ConfigError(f"{self.section}.{f.name}: '{_yaml_name(value)}' is not one of {', '.join(names)}"
                                   + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         self.rules()
 
@@ -95,6 +103,23 @@ def _literal_choices(hint) -> tuple:
         if typing.get_origin(arg) is Literal:
             return typing.get_args(arg)
     return ()
+
+
+def _yaml_name(value) -> str:
+    """How a YAML file spells a value (true / false for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _is_choice(value, choices: tuple) -> bool:
+    """``value in choices`` with types compared too (so 1 is not accepted for True)."""
+    return any(type(value) is type(c) and value == c for c in choices)
+
+
+def _onoff(value: Any, choices: tuple) -> Any:
+    """YAML 1.1 reads a bare ``off`` / ``on`` as false / true: give a choice of 'off' / 'on' back."""
+    if isinstance(value, bool) and ("on" if value else "off") in choices:
+        return "on" if value else "off"
+    return value
 
 
 def _is_optional(hint) -> bool:
@@ -139,12 +164,16 @@ def from_dict(cls, data: Optional[dict], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in fields.values()}
+    hints = typing.get_type_hints(cls)
+    for name in fields:                 # true / false / "auto": the class's exact Literal check decides
+        if len({type(c) for c in _literal_choices(hints.get(name))}) > 1:
+            defaults[name] = None
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{where}: unknown key '{key}'{closest_hint(key, fields)}; "
                               f"valid keys: {', '.join(sorted(fields))}")
-        kwargs[key] = _check_type(key, value, defaults[key], where)
+        kwargs[key] = _check_type(key, _onoff(value, _literal_choices(hints.get(key))), defaults[key], where)
     try:
         return cls(**kwargs)
     except ConfigError as err:

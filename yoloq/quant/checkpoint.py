@@ -7,6 +7,11 @@ used by ``prepare``), the placement (sharing groups), the skipped layers, every 
 Loading rebuilds the model with ``build_model(cfg).fuse()``, ``prepare`` and restores amax and
 sharing; a placement that no longer matches the saved one is an error (model code changed).
 
+Per-channel input scales (``yoloq.quant.channel_scale``) are stored as ``input_scales`` (layer ->
+scale); the weights already hold w * s, so a file with scales is format version 2 (a version-1
+reader must refuse it rather than build a model without the division). Files without scales stay
+version 1; both versions are read.
+
 Quantizers other than pytorch-quantization's ``TensorQuantizer`` (PACT / LSQ+) are saved as
 their class path (must live under ``yoloq.``) and ``state_dict()``; on load the class is rebuilt
 with ``cls.from_checkpoint(state)`` when it defines it, else ``cls()`` + ``load_state_dict``.
@@ -31,7 +36,9 @@ from yoloq.quant.scheme import TensorQuantizer, is_quantizer
 from yoloq.quant.state import quant_state
 
 FORMAT = "yoloq-quantized"
-VERSION = 1
+VERSION = 2                 # written when input_scales are present
+BASE_VERSION = 1            # everything else
+READABLE_VERSIONS = (1, 2)
 _REQUIRED = ("format", "version", "model_config", "fold_bn", "weights", "placement", "skip_layers",
              "input_quantizers", "weight_amax", "calib_method", "meta")
 
@@ -93,9 +100,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: dict | None 
         raise ValueError("save_quantized: the model has no ModelConfig in .cfg (build it with build_model)")
     meta = dict(meta or {})
     _check_plain(meta, "meta")
+    from yoloq.quant.channel_scale import input_scales
+    scales = input_scales(model)
     ckpt = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if scales else BASE_VERSION,
         "model_config": dataclasses.asdict(cfg),
         "fold_bn": bool(state.fold_bn),
         "weights": _fp32_weights(model),
@@ -108,6 +117,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: dict | None 
         "calib_method": state.calib.method,
         "meta": meta,
     }
+    if scales:
+        ckpt["input_scales"] = scales
     _check_plain(ckpt, "checkpoint")
     atomic_torch_save(ckpt, path)
 
@@ -123,8 +134,9 @@ def _read(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise QuantCheckpointError(f"{path}: not a yoloq quantized checkpoint (no format '{FORMAT}'); if these are "
                                    f"FP32 weights, quantize them first: yoloq ptq --cfg <config> --weights {path}")
-    if ckpt.get("version") != VERSION:
-        raise QuantCheckpointError(f"{path}: format version {ckpt.get('version')!r}, this code reads {VERSION}")
+    if ckpt.get("version") not in READABLE_VERSIONS:
+        raise QuantCheckpointError(f"{path}: format version {ckpt.get('version')!r}, this code reads "
+                                   f"{' and '.join(map(str, READABLE_VERSIONS))}")
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise QuantCheckpointError(f"{path}: missing key(s) {', '.join(missing)}")
@@ -200,6 +212,7 @@ def _rebuild(ckpt: dict, path: Path) -> tuple[nn.Module, dict]:
     if saved.to_dict() != quant_state(qmodel).placement.to_dict():
         raise QuantCheckpointError(f"{path}: the quantizer placement of the rebuilt model differs from the saved "
                                    f"one (model code changed since saving?)")
+    _restore_input_scales(qmodel, ckpt, path)
     _restore_quantizers(qmodel, ckpt, path)
     quant_state(qmodel).calib.method = ckpt["calib_method"]
     return qmodel, dict(ckpt["meta"])
@@ -231,3 +244,25 @@ def _restore_quantizers(model: nn.Module, ckpt: dict, path: Path) -> None:
         amax = _checked_amax(amax, f"{path}: weight_amax.{name}", out_channels)
         if amax is not None:
             set_amax(layers[name]._weight_quantizer, amax)
+
+
+def _restore_input_scales(model: nn.Module, ckpt: dict, path: Path) -> None:
+    """Per-channel input scales (version 2); the stored weights already hold w * s."""
+    from yoloq.quant.channel_scale import set_input_scale
+    scales = ckpt.get("input_scales", {})
+    if scales and ckpt["version"] < VERSION:
+        raise QuantCheckpointError(f"{path}: input_scales in a version-{ckpt['version']} file (written as "
+                                   f"version {VERSION}); was it edited?")
+    if not isinstance(scales, dict):
+        raise QuantCheckpointError(f"{path}: input_scales must be a dict layer -> tensor")
+    layers = quant_layers(model)
+    for name, scale in scales.items():
+        where = f"{path}: input_scales.{name}"
+        if name not in layers:
+            raise QuantCheckpointError(f"{where}: not a quantized layer of the rebuilt model")
+        if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+            raise QuantCheckpointError(f"{where}: expected a float tensor, got {type(scale).__name__}")
+        try:
+            set_input_scale(model, name, scale, fold_into_weight=False)
+        except (ValueError, TypeError) as err:
+            raise QuantCheckpointError(f"{where}: {err}") from None

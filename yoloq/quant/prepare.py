@@ -38,7 +38,7 @@ from yoloq.errors import InputError
 from yoloq.quant.placement import Placement, PlacementTracer, ResidualSlot, analyze, is_add
 from yoloq.quant.scheme import (DEAD_AMAX, TensorQuantizer, activation_descriptor, new_input_quantizer,
                                 weight_descriptor)
-from yoloq.quant.state import QuantState, attach_state, quant_state
+from yoloq.quant.state import QuantState, attach_state, has_quant_state, quant_state
 from pytorch_quantization import nn as quant_nn
 
 
@@ -212,7 +212,10 @@ def fix_dead_channels(model: nn.Module, floor: float = DEAD_AMAX) -> int:
     """Replace zero / tiny / NaN / inf amax values (dead channels, unseen tensors) by ``floor``.
     Returns how many values were replaced."""
     fixed = 0
-    for module in model.modules():
+    modules = list(model.modules())
+    if has_quant_state(model):      # site quantizers of skipped layers are held by no module
+        modules += list(quant_state(model).quantizers.values())
+    for module in {id(m): m for m in modules}.values():
         amax = getattr(module, "_amax", None) if isinstance(module, TensorQuantizer) else None
         if isinstance(amax, torch.Tensor):
             bad = ~torch.isfinite(amax) | (amax <= 2.0 ** -24)

@@ -1,9 +1,12 @@
 """Post-training quantization, end to end: ``run_ptq(cfg, ...) -> PTQResult``.
 
-    load cfg + weights -> fuse -> prepare -> calibrate (train images) -> FP32 eval (val)
+    load cfg + weights -> fuse -> [equalize] -> prepare -> [SE float, channel scaling]
+      -> calibrate (train images) -> [bias correction] -> FP32 eval (val)
       -> [sensitivity -> partial quantization] -> diagnosis -> INT8 eval (val)
       -> runs/ptq/<name>/{report.md, report.json, *.png, quant.pt}
 
+The bracketed transforms (``yoloq.recipes.transforms``) are switched by ``cfg.quant`` (``equalize``,
+``se_float``, ``channel_scale``, ``bias_correction``; ``auto`` decides on calibration images).
 Every quantization setting lives in ``cfg.quant`` (command-line flags arrive as overrides of it);
 ``PTQOptions`` only says what one run reads and writes. Data discipline: calibration, the automatic
 method choice, the sensitivity ranking and the ``max_drop`` search only ever see *train* images
@@ -87,6 +90,7 @@ class PTQRun:
     partial: dict = field(default_factory=lambda: {"mode": None})
     selection: Optional[dict] = None
     diagnosis: Optional[dict] = None
+    transforms: dict = field(default_factory=dict)
     qmodel: Optional[nn.Module] = None
 
 
@@ -189,17 +193,40 @@ def _choose_float_layers(run: PTQRun, fp32: nn.Module, scratch: Path) -> None:
             confirm_with_map(run.qmodel, run.sensitivity, selection, qcfg.confirm_top, opts.progress)
 
 
+def _quantize(run: PTQRun, fp32: nn.Module) -> None:
+    """[equalize] -> prepare -> [SE float, channel scaling] -> calibrate -> [bias correction]."""
+    from yoloq.recipes import transforms as tf
+    qcfg, timer, log = run.cfg.quant, run.timer, _logger(run.opts)
+    images = torch.cat(run.calib.first(qcfg.transform_images))
+    steps = tf.Transforms(fp32, qcfg, images, timer, progress=run.opts.progress)
+    plan, trials = tf.plan_from_config(qcfg), []
+    if tf.needs_search(qcfg):
+        with timer.stage("transforms_auto"):
+            plan, trials = steps.search(qcfg)
+        log(f"transforms auto: {plan.label()}")
+
+    def prepare_timed(source: nn.Module) -> nn.Module:
+        with timer.stage("prepare"):
+            _prepare(run, source)
+        return run.qmodel
+
+    steps.build(plan, prepare_timed)
+    with timer.stage("calibrate"):          # before the FP32 evaluation: NaN / inf activations fail in seconds
+        _calibrate(run, fp32)
+    log(f"calibration: {run.calib_info['method']} on {run.calib.images} train images")
+    if plan.bias_correction:
+        steps.records["bias_correction"] = steps.correct_biases(run.qmodel, plan)
+    run.transforms = tf.report_record(plan, qcfg, steps.records, trials, timer.times)
+
+
 def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
     cfg, qcfg, timer, log = run.cfg, run.cfg.quant, run.timer, _logger(run.opts)
     with timer.stage("load"):
         fp32 = load_model(cfg.model, random_weights=run.opts.random_weights, seed=cfg.quant.seed)
-        _prepare(run, fp32)
     with timer.stage("load_calibration_images"):
         run.calib = load_calibration_set(run.data_cfg, qcfg.calib_images, cfg.model.img_size, qcfg.batch_size,
                                          cfg.eval.workers, qcfg.seed)
-    with timer.stage("calibrate"):          # before the FP32 evaluation: NaN / inf activations fail in seconds
-        _calibrate(run, fp32)
-    log(f"calibration: {run.calib_info['method']} on {run.calib.images} train images")
+    _quantize(run, fp32)
     with timer.stage("eval_fp32"):
         run.fp32_eval = _evaluate(run, fp32)
     log(f"FP32 AP {run.fp32_eval.stats['AP'] * 100:.2f} on {run.fp32_eval.n_images} images")
@@ -255,7 +282,8 @@ def _save_model(run: PTQRun, path: Path) -> None:
         save_quantized(run.qmodel, path, meta={
             "name": run.name, "calib_method": run.calib_info["method"], "config": str(run.cfg.path),
             "fp32_AP": run.fp32_eval.stats["AP"], "int8_AP": run.int8_eval.stats["AP"],
-            "calib_images": run.calib.images, "seed": run.cfg.quant.seed})
+            "calib_images": run.calib.images, "seed": run.cfg.quant.seed,
+            "transforms": run.transforms.get("plan", "none")})
 
 
 def build_report(run: PTQRun) -> dict:
@@ -288,6 +316,7 @@ def build_report(run: PTQRun) -> dict:
         "int8": stats(int8_eval.stats),
         "drop": stat_drop(fp32_eval.stats, int8_eval.stats),
         "skipped_layers": list(state.skip_layers),
+        "transforms": run.transforms,
         "partial": run.partial,
         "selection": run.selection,
         "sensitivity": run.sensitivity,

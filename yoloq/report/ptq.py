@@ -42,6 +42,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
                 for m, e in errors.items()]
         out += [md_table(("method", "SQNR dB", "score SQNR dB", "box SQNR dB"), rows), ""]
 
+    out += transforms_section(report.get("transforms") or {})
     out += _partial_section(report)
     out += _sensitivity_section(report.get("sensitivity") or {})
     out += _diagnosis_section(report.get("diagnosis") or {})
@@ -59,10 +60,58 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
+STEP_TITLES = {"equalize": "cross-layer equalization", "se_float": "squeeze-excite convs in float",
+               "channel_scale": "per-channel input scaling", "bias_correction": "bias correction"}
+
+
+def _step_details(step: str, d: dict) -> str:
+    if not d:
+        return "-"
+    if step == "equalize":
+        return f"{d.get('pairs')} conv pairs, {d.get('readers')} compensating convs, {d.get('sweeps')} sweeps"
+    if step == "se_float":
+        return f"{d.get('count')} convs, {pct(d.get('flop_share'))} % of conv MACs"
+    if step == "channel_scale":
+        return (f"{d.get('tensors')} tensors, {d.get('layers')} convs ({d.get('depthwise_layers')} depthwise, "
+                f"{d.get('dense_layers')} dense); widest input channel spread {num(d.get('max_channel_spread'), '{:.0f}')}x")
+    if step == "bias_correction":
+        return f"{d.get('layers')} convs on {d.get('images')} images, mean |shift| {num(d.get('mean_abs_shift'), '{:.3g}')}"
+    return "-"
+
+
+def transforms_section(tr: dict) -> list[str]:
+    """The PTQ transforms: per step what was asked, what was applied, details and seconds."""
+    steps = tr.get("steps") or {}
+    if not steps:
+        return []
+    out = ["## PTQ transforms", "", f"Applied: **{tr.get('plan')}** (order: equalization, prepare, SE float, "
+           "channel scaling, calibration, bias correction).", ""]
+    rows = []
+    for step, st in steps.items():
+        applied = st.get("applied")
+        shown = ("yes" if applied is True else "no" if applied is False else str(applied))
+        if step == "channel_scale" and applied:
+            shown += f", alpha {num(st.get('alpha'), '{:g}')}"
+        rows.append((STEP_TITLES.get(step, step), str(st.get("asked")).lower(), shown,
+                     _step_details(step, st.get("details") or {}), num(st.get("seconds"), "{:.1f}")))
+    out += [md_table(("step", "config", "applied", "details", "seconds"), rows), ""]
+    trials = tr.get("auto_trials") or []
+    if trials:
+        out += [f"Automatic choice ({num(tr.get('auto_seconds'), '{:.1f}')} s; metric: {tr.get('auto_metric')}; "
+                "greedy, step by step; steps whose work ran during the search show no seconds of their own):", "",
+                md_table(("candidate", "SQNR dB"), [(t["plan"], num(t["sqnr_db"])) for t in trials]), ""]
+    return out
+
+
 def _partial_section(report: dict) -> list[str]:
     skipped = report.get("skipped_layers") or []
     partial = report.get("partial") or {}
+    se = set(((((report.get("transforms") or {}).get("steps") or {}).get("se_float") or {}).get("details") or {})
+             .get("layers") or [])
     out = ["## Partial quantization", ""]
+    if se:
+        out.append(f"Squeeze-excite convs in float (se_float, not counted below): {len(se)}.")
+        skipped = [s for s in skipped if s not in se]
     out.append(f"Layers kept in floating point ({len(skipped)}): "
                + (", ".join(f"`{s}`" for s in skipped) if skipped else "none") + ".")
     if partial.get("mode"):
@@ -212,7 +261,11 @@ def load_report(path: str | os.PathLike) -> dict:
 def format_summary(report: dict) -> str:
     """Two-line console summary."""
     fp32, int8, drop = report.get("fp32", {}), report.get("int8", {}), report.get("drop", {})
+    se = ((((report.get("transforms") or {}).get("steps") or {}).get("se_float") or {}).get("details") or {})
+    n_se = len(se.get("layers") or [])
+    plan = (report.get("transforms") or {}).get("plan")
     return (f"{report.get('name')}: FP32 AP {pct(fp32.get('AP'))}  INT8 AP {pct(int8.get('AP'))}  "
             f"drop {num(drop.get('AP'))} points (AP50 {pct(fp32.get('AP50'))} -> {pct(int8.get('AP50'))}); "
             f"calib {report.get('calibration', {}).get('method')}, "
-            f"{len(report.get('skipped_layers') or [])} layers in FP")
+            f"{len(report.get('skipped_layers') or []) - n_se} layers in FP"
+            + (f" + {n_se} SE convs" if n_se else "") + (f"; transforms: {plan}" if plan and plan != "none" else ""))

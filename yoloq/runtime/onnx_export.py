@@ -53,6 +53,7 @@ NMS_KINDS = choices(NMSKind)
 INPUT_NAME = "images"
 OUTPUT_NAME = "outputs"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+SLIM_SKIP = ["FusionConvMul"]
 
 
 class ExportError(YoloqError, ValueError):
@@ -239,7 +240,9 @@ def _simplify(model, notes: list[str]):
         return model
     before = count_qdq(model)
     try:
-        slim = onnxslim.slim(copy.deepcopy(model))
+        # Conv -> Mul folding would have to re-quantize a DequantizeLinear weight (onnxslim crashes
+        # on one); the per-channel input-scaling Mul of yoloq.quant.channel_scale stays as written
+        slim = onnxslim.slim(copy.deepcopy(model), skip_fusion_patterns=SLIM_SKIP)
     except Exception as err:  # noqa: BLE001 - onnxslim raises assorted errors; the raw graph is still valid
         msg = f"onnxslim failed ({type(err).__name__}: {str(err)[:200]}); kept the unsimplified graph"
         warnings.warn(msg, stacklevel=3)
