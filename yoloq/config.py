@@ -37,9 +37,12 @@ LSQInit = Literal["amax", "mse"]
 Backend = Literal["pycocotools", "faster-coco-eval"]
 AnnKey = Literal["val_ann", "val_ann_official"]
 NMSKind = Literal["trt", "onnx"]
+Reconstruct = Literal["off", "adaround", "brecq", "qdrop"]      # yoloq.quant.reconstruct
+ReconDevice = Literal["auto", "cpu", "cuda"]
 
 CALIB_METHODS = ("max", "percentile", "entropy", "mse")         # one range rule each
 AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
+RECON_METHODS = tuple(m for m in typing.get_args(Reconstruct) if m != "off")
 # img_size must be a multiple of this: the stride of the coarsest level both families concatenate
 # with an upsampled one (Lite's extra stride-64 level rounds up, so 32 suffices there too)
 IMG_SIZE_MULTIPLE = 32
@@ -173,6 +176,14 @@ class QuantConfig(Section):
     confirm_top: int = 5                # layers confirmed with mAP when sensitivity == "map"
     select_images: int = 128            # labeled train images measured by max_drop / sensitivity map
     diagnose: bool = True               # per-layer range / SQNR diagnosis in the report
+    # block reconstruction after calibration (yoloq.quant.reconstruct; docs/ptq_reconstruction.md)
+    reconstruct: Reconstruct = "off"    # adaround (per layer) | brecq (per block) | qdrop (per block + drop)
+    recon_iters: int = 300              # steps per block (Lite-S qdrop: ~15 min on 2 quiet CPU cores)
+    recon_images: Optional[int] = None  # calibration images used (None: all of them)
+    recon_batch_size: int = 8           # images per step
+    recon_drop_prob: float = 0.5        # qdrop: chance an activation element skips quantization
+    recon_lambda: float = 0.01          # weight of the AdaRound rounding regularizer
+    recon_device: ReconDevice = "auto"  # auto: cuda when available
 
     def rules(self) -> None:
         self._require(0.0 < self.percentile <= 100.0, "percentile", "in (0, 100]")
@@ -180,6 +191,11 @@ class QuantConfig(Section):
                     "confirm_top", "select_images"):
             self._require(getattr(self, key) >= 1, key, ">= 1")
         self._require(self.workers >= 0, "workers", ">= 0")
+        for key in ("recon_iters", "recon_batch_size"):
+            self._require(getattr(self, key) >= 1, key, ">= 1")
+        self._require(self.recon_images is None or (isinstance(self.recon_images, int) and self.recon_images >= 1), "recon_images", ">= 1 or null (all)")
+        self._require(0.0 <= self.recon_drop_prob < 1.0, "recon_drop_prob", "in [0, 1)")
+        self._require(self.recon_lambda >= 0, "recon_lambda", ">= 0")
         self._require(self.max_drop is None or self.max_drop >= 0, "max_drop", ">= 0 (mAP points) or null")
         self._require(self.max_skip is None or self.max_skip >= 0, "max_skip", ">= 0 or null")
         self._require(all(isinstance(s, str) for s in self.skip_layers), "skip_layers", "a list of layer names")

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from yoloq.cli.common import parser, positive_int
-from yoloq.config import AnnKey, CalibMethod, Sensitivity, SensitivityMode, choices, load_config
+from yoloq.config import (AnnKey, CalibMethod, ReconDevice, Reconstruct, Sensitivity, SensitivityMode, choices,
+                          load_config)
 
 
 def build_parser(prog: str = "yoloq ptq"):
@@ -36,6 +37,16 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--seed", type=int, help="seed choosing the calibration images")
     g.add_argument("--auto-methods", nargs="+", metavar="METHOD", help="candidates of --calib auto")
     g.add_argument("--auto-images", type=positive_int, help="calibration images scoring the --calib auto candidates")
+    g = p.add_argument_group("block reconstruction after calibration (docs/ptq_reconstruction.md)")
+    g.add_argument("--reconstruct", choices=choices(Reconstruct),
+                   help="adaround: per layer; brecq: per block; qdrop: per block with random activation-"
+                        "quantization dropping (default: the config's quant.reconstruct, off)")
+    g.add_argument("--recon-iters", type=positive_int, help="optimisation steps per block")
+    g.add_argument("--recon-images", type=positive_int, help="calibration images used (default: all)")
+    g.add_argument("--recon-batch-size", type=positive_int, help="images per optimisation step")
+    g.add_argument("--recon-drop-prob", type=float, help="qdrop: probability an activation skips quantization")
+    g.add_argument("--recon-lambda", type=float, help="weight of the AdaRound rounding regularizer")
+    g.add_argument("--recon-device", choices=choices(ReconDevice), help="auto (cuda when available), cpu or cuda")
     g = p.add_argument_group("partial quantization / sensitivity")
     g.add_argument("--sensitivity", choices=choices(Sensitivity),
                    help="per-layer sensitivity: fast (output SQNR on calibration images) or map (fast + "
@@ -72,6 +83,9 @@ def quant_overrides(a, cfg) -> dict:
                 sensitivity_mode=a.sensitivity_mode, sensitivity_images=a.sensitivity_images,
                 max_drop=a.max_drop, max_skip=a.max_skip, select_images=a.select_images,
                 diagnose=False if a.no_diagnose else None,
+                reconstruct=a.reconstruct, recon_iters=a.recon_iters, recon_images=a.recon_images,
+                recon_batch_size=a.recon_batch_size, recon_drop_prob=a.recon_drop_prob,
+                recon_lambda=a.recon_lambda, recon_device=a.recon_device,
                 skip_layers=list(cfg.quant.skip_layers) + list(a.skip) if a.skip else None)
 
 

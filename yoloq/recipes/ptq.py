@@ -85,6 +85,7 @@ class PTQRun:
     partial: dict = field(default_factory=lambda: {"mode": None})
     selection: Optional[dict] = None
     diagnosis: Optional[dict] = None
+    reconstruction: Optional[dict] = None
     qmodel: Optional[nn.Module] = None
 
 
@@ -143,6 +144,15 @@ def _calibrate(run: PTQRun, fp32: nn.Module) -> None:
         run.calib_info = {"requested": qcfg.calib, "method": quant_state(run.qmodel).calib.method}
 
 
+def _reconstruct(run: PTQRun, fp32: nn.Module) -> None:
+    """AdaRound / BRECQ / QDrop on the calibration images (yoloq.quant.reconstruct)."""
+    from yoloq.quant.reconstruct import ReconOptions, reconstruct
+    qcfg = run.cfg.quant
+    images = min(qcfg.recon_images or run.calib.images, run.calib.images)
+    run.reconstruction = reconstruct(run.qmodel, fp32, run.calib.first(images),
+                                     ReconOptions.from_quant_config(qcfg, run.opts.progress))
+
+
 def _evaluate(run: PTQRun, model: nn.Module) -> EvalResult:
     return evaluate_model(model, run.data_cfg, run.cfg.eval, run.cfg.model.img_size, max_images=run.opts.max_images,
                           progress=run.opts.progress)
@@ -193,6 +203,12 @@ def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
     with timer.stage("calibrate"):          # before the FP32 evaluation: NaN / inf activations fail in seconds
         _calibrate(run, fp32)
     log(f"calibration: {run.calib_info['method']} on {run.calib.images} train images")
+    if qcfg.reconstruct != "off":
+        with timer.stage("reconstruct"):
+            _reconstruct(run, fp32)
+        rec = run.reconstruction
+        log(f"reconstruction: {rec['method']}, {len(rec['blocks'])} blocks ({rec['improved']} improved) "
+            f"on {rec['images']} train images")
     with timer.stage("eval_fp32"):
         run.fp32_eval = _evaluate(run, fp32)
     log(f"FP32 AP {run.fp32_eval.stats['AP'] * 100:.2f} on {run.fp32_eval.n_images} images")
@@ -248,7 +264,8 @@ def _save_model(run: PTQRun, path: Path) -> None:
         save_quantized(run.qmodel, path, meta={
             "name": run.name, "calib_method": run.calib_info["method"], "config": str(run.cfg.path),
             "fp32_AP": run.fp32_eval.stats["AP"], "int8_AP": run.int8_eval.stats["AP"],
-            "calib_images": run.calib.images, "seed": run.cfg.quant.seed})
+            "calib_images": run.calib.images, "seed": run.cfg.quant.seed,
+            "reconstruct": run.cfg.quant.reconstruct})
 
 
 def build_report(run: PTQRun) -> dict:
@@ -283,6 +300,7 @@ def build_report(run: PTQRun) -> dict:
         "selection": run.selection,
         "sensitivity": run.sensitivity,
         "diagnosis": run.diagnosis,
+        "reconstruction": run.reconstruction,
         "placement": {"sites": len(placement.sites), "quantized_layers": len(placement.layers),
                       "float_layers": dict(placement.float_layers)},
         "timings": dict(run.timer.times),
