@@ -89,6 +89,25 @@ def test_regularizer_schedule_warmup_then_20_to_2():
     assert 2.0 < annealed_beta(60, 100, 0.2) < 20.0
 
 
+def test_learned_step_matches_lsq_gradients_and_the_deployed_quantizer():
+    from yoloq.quant.learnable import LSQFunction
+    from yoloq.quant.prepare import set_amax
+    from yoloq.quant.scheme import new_input_quantizer
+    x = (torch.randn(4, 3, 8, 8) * 2).requires_grad_()
+    q = LearnedStepQuantizer(torch.tensor(3.0), learn=True)
+    y = q(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    s_ref = torch.tensor(3.0 / 127, requires_grad=True)
+    y_ref = LSQFunction.apply(x_ref, s_ref, None, -128, 127, 1.0, False)
+    (y_ref * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    assert float(q.scale.grad) == pytest.approx(float(s_ref.grad), rel=1e-5)
+    deployed = new_input_quantizer()
+    set_amax(deployed, q.amax())
+    assert torch.equal(deployed(x.detach()), y.detach())          # bit for bit after the hand-over
+
+
 def test_qdrop_keeps_about_p_of_the_elements_in_float():
     x = torch.randn(64, 8, 16, 16)
     q = LearnedStepQuantizer(torch.tensor(2.0), learn=True, drop_prob=0.5)
@@ -101,6 +120,19 @@ def test_qdrop_keeps_about_p_of_the_elements_in_float():
     share = float(kept_float.sum()) / float((quantized != x).sum())
     assert 0.45 < share < 0.55
     assert torch.equal(torch.where(mixed == x, quantized, mixed), quantized)   # the rest is quantized
+    # gradients: 1 for every element kept in float, and only the quantized ones move the step
+    q.generator = torch.Generator().manual_seed(1)
+    xg = (x * 100).requires_grad_()                      # many elements clipped
+    y = q(xg)
+    y.sum().backward()
+    v = (xg / q.scale).detach()
+    outside = (v < -128) | (v > 127)
+    kept, quantized = y == xg, y != xg
+    assert (kept & outside).any() and bool((xg.grad[kept] == 1).all())
+    assert bool((xg.grad[quantized & outside] == 0).all()) and bool((xg.grad[quantized & ~outside] == 1).all())
+    expected = float(torch.where(quantized & outside, torch.clamp(torch.round(v), -128, 127), 0.).sum()
+                     + torch.where(quantized & ~outside, torch.round(v) - v, 0.).sum())
+    assert float(q.scale.grad) == pytest.approx(expected, rel=1e-3)
 
 
 # --------------------------------------------------------------------------- on a small model
@@ -129,7 +161,7 @@ def test_block_error_is_measured_on_the_given_inputs(toy):
         target = fp32.head(torch.cat((fp32.left(fp32.stem(x)), fp32.right(fp32.stem(x))), 1))
         feats = torch.cat((fp32.left(fp32.stem(x)), fp32.right(fp32.stem(x))), 1)
     err = block_error(before.head, (feats,), {}, target, chunk=5)
-    expected = float(((before.head(feats) - target) ** 2).sum()) / x.shape[0]
+    expected = float(((before.head(feats) - target) ** 2).sum()) / (x.shape[0] * 16 * 16)   # per image, position
     assert err["loss"] == pytest.approx(expected, rel=1e-5)
 
 

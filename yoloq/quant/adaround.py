@@ -10,9 +10,14 @@ the regularizer f_reg(V) = sum(1 - |2 h(V) - 1|^beta), beta annealed from 20 to 
 warm-up, pushes every h to 0 or 1. The hard result rounds up where h >= 0.5, i.e. V >= 0.
 
 Activations: ``LearnedStepQuantizer`` is the per-tensor symmetric INT8 quantizer (levels
--128..127) with a trainable step s (LSQ's gradients, ``yoloq.quant.learnable.LSQFunction``); the
-deployed amax is 127 * s. With ``drop_prob`` p > 0 and ``dropping`` on, each element passes
-unquantized with probability p (QDrop, Wei et al. 2022).
+-128..127) with a trainable step s and LSQ's gradients (Esser et al. 2020): dy/dx = 1 inside the
+range, 0 where clipped; dy/ds = round(x/s) - x/s inside, -128 or 127 where clipped (LSQ's
+gradient scale is left out: Adam, which trains it, normalises it away). The deployed
+amax is 127 * s. With ``drop_prob`` p > 0 and ``dropping`` on, each element passes unquantized
+with probability p (QDrop, Wei et al. 2022): y = x there, dy/dx = 1, dy/ds = 0. Both are one
+autograd function (``DroppableFakeQuant``) that touches each activation element as few times as
+it can: the element-wise passes over the activations, not the convs, dominate the cost of a
+reconstruction step on CPU.
 
 Both compute their levels exactly as pytorch-quantization does (x * (127 / amax), round, clamp,
 divide), so the values they leave behind -- the rounded weights and 127 * s -- are reproduced
@@ -20,12 +25,9 @@ bit for bit by the ordinary ``TensorQuantizer`` fake quantization.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from yoloq.quant.learnable import LSQFunction
 from yoloq.quant.scheme import ACT_RANGE, QMAX, WEIGHT_RANGE
 
 ZETA, GAMMA = 1.1, -0.1          # rectified sigmoid stretch (AdaRound paper)
@@ -110,6 +112,34 @@ class AdaRoundWeight(nn.Module):
         return self.hard_levels() / self.multiplier
 
 
+class DroppableFakeQuant(torch.autograd.Function):
+    """y = lerp(q(x), x, keep), q(x) = clamp(round(x * m), n, p) / m, m = 127 / (127 * scale);
+    ``keep`` is a float 0/1 mask (or None). Float masks and arithmetic instead of ``torch.where`` /
+    ``masked_fill``: on CPU those boolean-mask kernels are ~10x slower than a multiply."""
+
+    @staticmethod
+    def forward(ctx, x, scale, keep, n: int, p: int):
+        inv = torch.full_like(scale, float(QMAX)) / (scale * QMAX)     # pytorch-quantization's 127 / amax
+        v = x * inv
+        y = torch.round(v).clamp_(n, p).div_(inv)
+        if keep is not None:
+            y = torch.lerp(y, x, keep)           # exactly x where keep == 1, exactly q(x) where 0
+        ctx.save_for_backward(v, keep if keep is not None else v.new_empty(0))
+        ctx.n, ctx.p, ctx.has_keep = n, p, keep is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, keep = ctx.saved_tensors
+        inside = ((v >= ctx.n) & (v <= ctx.p)).to(v.dtype)
+        d_scale = torch.round(v).clamp_(ctx.n, ctx.p).sub_(v * inside)   # round(v) - v inside, n / p outside
+        if ctx.has_keep:
+            d_scale.mul_(1.0 - keep)
+            inside = torch.maximum(inside, keep)
+        grad_scale = (grad * d_scale).sum().reshape(())
+        return grad * inside, grad_scale, None, None, None
+
+
 class LearnedStepQuantizer(nn.Module):
     """Per-tensor symmetric INT8 activation quantizer with step ``scale`` (amax = 127 * scale),
     trainable when ``learn`` and randomly dropped (QDrop) while ``dropping``."""
@@ -126,10 +156,7 @@ class LearnedStepQuantizer(nn.Module):
         return self.scale.detach() * QMAX
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, p = ACT_RANGE
-        grad_scale = 1.0 / math.sqrt(max(1, x[0].numel()) * p)      # LSQ's g (Adam is insensitive to it)
-        q = LSQFunction.apply(x, self.scale.to(x.dtype), None, n, p, grad_scale, False)
+        keep = None
         if self.dropping and self.drop_prob > 0:
-            keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
-            q = torch.where(keep_float, x, q)
-        return q
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype).lt_(self.drop_prob)
+        return DroppableFakeQuant.apply(x, self.scale.to(x.dtype), keep, *ACT_RANGE)

@@ -8,7 +8,8 @@ calibration images (train split). Blocks are processed in execution order
 (``yoloq.quant.recon_blocks``); for each block the inputs come from the *quantized* model with
 every earlier block already reconstructed, the target is the FP32 model's block output, and the
 objective is the squared error summed over the block's output elements, averaged over images
-(AdaRound's ||W x - W~ x~||_F^2), plus lambda * f_reg (``yoloq.quant.adaround``).
+(AdaRound's ||W x - W~ x~||_F^2, here per output position: squared error summed over channels,
+averaged over images and positions), plus lambda * f_reg (``yoloq.quant.adaround``).
 
 - ``adaround``: per layer (blocks of one quantized conv), Nagel et al. 2020;
 - ``brecq``: per block (modules of up to ``max_convs`` convs), Li et al. 2021; the loss is the
@@ -110,10 +111,14 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def squared_error(output: Any, target: Any) -> torch.Tensor:
-    """Squared error summed over every output element, averaged over images."""
-    outs, refs = _tensors(output), _tensors(target)
-    n = refs[0].shape[0]
-    return sum(((o - r) ** 2).sum() for o, r in zip(outs, refs)) / n
+    """Squared error summed over channels, averaged over images and output positions (summed over
+    the outputs of a block with several). Per position, so that lambda weighs the rounding
+    regularizer the same against a 160x160 map and a 5x5 one."""
+    total = 0.0
+    for o, r in zip(_tensors(output), _tensors(target)):
+        positions = r[0, 0].numel() if r.dim() > 2 else 1
+        total = total + ((o - r) ** 2).sum() / (r.shape[0] * positions)
+    return total
 
 
 @torch.no_grad()
@@ -121,7 +126,7 @@ def block_error(block: nn.Module, args: tuple, kwargs: dict, target: Any, chunk:
     """Reconstruction loss (per image) and output SQNR of ``block`` on all images."""
     out = run_chunked(block, args, kwargs, chunk)
     err = float(squared_error(out, target))
-    signal = sum(float((r.double() ** 2).sum()) for r in _tensors(target)) / _tensors(target)[0].shape[0]
+    signal = float(squared_error([torch.zeros_like(r) for r in _tensors(target)], target))
     return {"loss": err, "sqnr_db": power_ratio_db(signal, err)}
 
 
@@ -304,6 +309,9 @@ def reconstruct(qmodel: nn.Module, fp32_model: nn.Module, batches: Iterable, opt
     state = quant_state(qmodel)
     if not state.calib.method:
         raise ReconstructionError("reconstruction needs a calibrated model: run calibrate() first")
+    if state.qat_kind:
+        raise ReconstructionError(f"reconstruction works on PTQ models (pytorch-quantization TensorQuantizers); "
+                                  f"this one carries QAT quantizers ({state.qat_kind})")
     images = _images(batches)
     images = images[:max_images] if max_images else images
     device = resolve_device(opts.device)

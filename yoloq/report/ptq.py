@@ -73,7 +73,8 @@ def _reconstruction_section(rec: dict) -> list[str]:
            + f"; {rec.get('device')}, {num(rec.get('seconds'), '{:.1f}')} s "
            f"({num(rec.get('cpu_seconds'), '{:.1f}')} s CPU). {rec.get('improved')} blocks improved; a block whose "
            "loss did not go down keeps its calibrated weights and ranges.",
-           "Loss: squared error of the block output vs FP32 summed over the output, per image, on the "
+           "Loss: squared error of the block output vs FP32 (summed over channels, mean over images and "
+           "positions) on the "
            "calibration images (inputs from the quantized model with earlier blocks reconstructed).", ""]
     header = ("block", "convs", "act steps learned / shared", "loss before", "loss after",
               "SQNR dB before -> after", "weights re-rounded", "kept")
