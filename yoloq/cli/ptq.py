@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from yoloq.cli.common import parser, positive_int
-from yoloq.config import AnnKey, CalibMethod, ChannelScale, Sensitivity, SensitivityMode, choices, load_config
+from yoloq.config import (AnnKey, CalibMethod, ChannelScale, ReconDevice, Reconstruct, Sensitivity, SensitivityMode,
+                          choices, load_config)
 
 SWITCH = {"on": True, "off": False, "auto": "auto"}      # --equalize / --bias-correction / --se-float
 
@@ -55,6 +56,16 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--se-float", choices=tuple(SWITCH), help="keep the squeeze-excite convs in float")
     g.add_argument("--transform-images", type=positive_int,
                    help="calibration images for channel ranges, bias means and the auto scoring")
+    g = p.add_argument_group("block reconstruction after calibration (docs/ptq_reconstruction.md)")
+    g.add_argument("--reconstruct", choices=choices(Reconstruct),
+                   help="adaround: per layer; brecq: per block; qdrop: per block with random activation-"
+                        "quantization dropping (default: the config's quant.reconstruct, off)")
+    g.add_argument("--recon-iters", type=positive_int, help="optimisation steps per block")
+    g.add_argument("--recon-images", type=positive_int, help="calibration images used (default: all)")
+    g.add_argument("--recon-batch-size", type=positive_int, help="images per optimisation step")
+    g.add_argument("--recon-drop-prob", type=float, help="qdrop: probability an activation skips quantization")
+    g.add_argument("--recon-lambda", type=float, help="weight of the AdaRound rounding regularizer")
+    g.add_argument("--recon-device", choices=choices(ReconDevice), help="auto (cuda when available), cpu or cuda")
     g = p.add_argument_group("partial quantization / sensitivity")
     g.add_argument("--sensitivity", choices=choices(Sensitivity),
                    help="per-layer sensitivity: fast (output SQNR on calibration images) or map (fast + "
@@ -95,6 +106,9 @@ def quant_overrides(a, cfg) -> dict:
                 channel_scale_alpha=a.channel_scale_alpha, channel_scale_alphas=a.channel_scale_alphas,
                 bias_correction=SWITCH.get(a.bias_correction), se_float=SWITCH.get(a.se_float),
                 transform_images=a.transform_images,
+                reconstruct=a.reconstruct, recon_iters=a.recon_iters, recon_images=a.recon_images,
+                recon_batch_size=a.recon_batch_size, recon_drop_prob=a.recon_drop_prob,
+                recon_lambda=a.recon_lambda, recon_device=a.recon_device,
                 skip_layers=list(cfg.quant.skip_layers) + list(a.skip) if a.skip else None)
 
 

@@ -1,12 +1,13 @@
 """Post-training quantization, end to end: ``run_ptq(cfg, ...) -> PTQResult``.
 
     load cfg + weights -> fuse -> [equalize] -> prepare -> [SE float, channel scaling]
-      -> calibrate (train images) -> [bias correction] -> FP32 eval (val)
+      -> calibrate (train images) -> [bias correction] -> [block reconstruction] -> FP32 eval (val)
       -> [sensitivity -> partial quantization] -> diagnosis -> INT8 eval (val)
       -> runs/ptq/<name>/{report.md, report.json, *.png, quant.pt}
 
 The bracketed transforms (``yoloq.recipes.transforms``) are switched by ``cfg.quant`` (``equalize``,
-``se_float``, ``channel_scale``, ``bias_correction``; ``auto`` decides on calibration images).
+``se_float``, ``channel_scale``, ``bias_correction``; ``auto`` decides on calibration images);
+reconstruction (``yoloq.quant.reconstruct``) by ``cfg.quant.reconstruct``.
 Every quantization setting lives in ``cfg.quant`` (command-line flags arrive as overrides of it);
 ``PTQOptions`` only says what one run reads and writes. Data discipline: calibration, the automatic
 method choice, the sensitivity ranking and the ``max_drop`` search only ever see *train* images
@@ -91,6 +92,7 @@ class PTQRun:
     selection: Optional[dict] = None
     diagnosis: Optional[dict] = None
     transforms: dict = field(default_factory=dict)
+    reconstruction: Optional[dict] = None
     qmodel: Optional[nn.Module] = None
 
 
@@ -154,6 +156,15 @@ def _calibrate(run: PTQRun, fp32: nn.Module) -> None:
         run.calib_info = {"requested": qcfg.calib, "method": quant_state(run.qmodel).calib.method}
 
 
+def _reconstruct(run: PTQRun, fp32: nn.Module) -> None:
+    """AdaRound / BRECQ / QDrop on the calibration images (yoloq.quant.reconstruct)."""
+    from yoloq.quant.reconstruct import ReconOptions, reconstruct
+    qcfg = run.cfg.quant
+    images = min(qcfg.recon_images or run.calib.images, run.calib.images)
+    run.reconstruction = reconstruct(run.qmodel, fp32, run.calib.first(images),
+                                     ReconOptions.from_quant_config(qcfg, run.opts.progress))
+
+
 def _evaluate(run: PTQRun, model: nn.Module) -> EvalResult:
     return evaluate_model(model, run.data_cfg, run.cfg.eval, run.cfg.model.img_size, max_images=run.opts.max_images,
                           progress=run.opts.progress)
@@ -194,7 +205,8 @@ def _choose_float_layers(run: PTQRun, fp32: nn.Module, scratch: Path) -> None:
 
 
 def _quantize(run: PTQRun, fp32: nn.Module) -> None:
-    """[equalize] -> prepare -> [SE float, channel scaling] -> calibrate -> [bias correction]."""
+    """[equalize] -> prepare -> [SE float, channel scaling] -> calibrate -> [bias correction]
+    -> [reconstruction]."""
     from yoloq.recipes import transforms as tf
     qcfg, timer, log = run.cfg.quant, run.timer, _logger(run.opts)
     images = torch.cat(run.calib.first(qcfg.transform_images))
@@ -217,6 +229,12 @@ def _quantize(run: PTQRun, fp32: nn.Module) -> None:
     if plan.bias_correction:
         steps.records["bias_correction"] = steps.correct_biases(run.qmodel, plan)
     run.transforms = tf.report_record(plan, qcfg, steps.records, trials, timer.times)
+    if qcfg.reconstruct != "off":
+        with timer.stage("reconstruct"):
+            _reconstruct(run, steps.source(plan))      # the FP32 model the quantized one was prepared from
+        rec = run.reconstruction
+        log(f"reconstruction: {rec['method']}, {len(rec['blocks'])} blocks ({rec['improved']} improved) "
+            f"on {rec['images']} train images")
 
 
 def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
@@ -283,7 +301,8 @@ def _save_model(run: PTQRun, path: Path) -> None:
             "name": run.name, "calib_method": run.calib_info["method"], "config": str(run.cfg.path),
             "fp32_AP": run.fp32_eval.stats["AP"], "int8_AP": run.int8_eval.stats["AP"],
             "calib_images": run.calib.images, "seed": run.cfg.quant.seed,
-            "transforms": run.transforms.get("plan", "none")})
+            "transforms": run.transforms.get("plan", "none"),
+            "reconstruct": run.cfg.quant.reconstruct})
 
 
 def build_report(run: PTQRun) -> dict:
@@ -321,6 +340,7 @@ def build_report(run: PTQRun) -> dict:
         "selection": run.selection,
         "sensitivity": run.sensitivity,
         "diagnosis": run.diagnosis,
+        "reconstruction": run.reconstruction,
         "placement": {"sites": len(placement.sites), "quantized_layers": len(placement.layers),
                       "float_layers": dict(placement.float_layers)},
         "timings": dict(run.timer.times),

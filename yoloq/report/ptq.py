@@ -43,6 +43,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
         out += [md_table(("method", "SQNR dB", "score SQNR dB", "box SQNR dB"), rows), ""]
 
     out += transforms_section(report.get("transforms") or {})
+    out += _reconstruction_section(report.get("reconstruction") or {})
     out += _partial_section(report)
     out += _sensitivity_section(report.get("sensitivity") or {})
     out += _diagnosis_section(report.get("diagnosis") or {})
@@ -101,6 +102,31 @@ def transforms_section(tr: dict) -> list[str]:
                 "greedy, step by step; steps whose work ran during the search show no seconds of their own):", "",
                 md_table(("candidate", "SQNR dB"), [(t["plan"], num(t["sqnr_db"])) for t in trials]), ""]
     return out
+
+
+def _reconstruction_section(rec: dict) -> list[str]:
+    blocks = rec.get("blocks") or []
+    if not blocks:
+        return []
+    st = rec.get("settings", {})
+    out = ["## Block reconstruction", "",
+           f"Method **{rec.get('method')}** ({'per layer' if rec.get('block_size') == 1 else 'per block'}), "
+           f"{len(blocks)} blocks, {rec.get('images')} train images, {st.get('iters')} steps per block of "
+           f"{st.get('batch_size')} images, lambda {st.get('reg_weight')}"
+           + (f", drop probability {st.get('drop_prob')}" if rec.get("method") == "qdrop" else "")
+           + f"; {rec.get('device')}, {num(rec.get('seconds'), '{:.1f}')} s "
+           f"({num(rec.get('cpu_seconds'), '{:.1f}')} s CPU). {rec.get('improved')} blocks improved; a block whose "
+           "loss did not go down keeps its calibrated weights and ranges.",
+           "Loss: squared error of the block output vs FP32 (summed over channels, mean over images and "
+           "positions) on the "
+           "calibration images (inputs from the quantized model with earlier blocks reconstructed).", ""]
+    header = ("block", "convs", "act steps learned / shared", "loss before", "loss after",
+              "SQNR dB before -> after", "weights re-rounded", "kept")
+    rows = [(f"`{b['block']}`", b.get("layers"), f"{b.get('learned_act')} / {b.get('shared_act')}",
+             num(b.get("loss_before"), "{:.4g}"), num(b.get("loss_after"), "{:.4g}"),
+             f"{num(b.get('sqnr_before_db'))} -> {num(b.get('sqnr_after_db'))}",
+             pct(b.get("changed_weights")), "yes" if b.get("kept") else "no") for b in blocks]
+    return out + [md_table(header, rows), ""]
 
 
 def _partial_section(report: dict) -> list[str]:
