@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import COCO, LITE_S_CFG, LITE_S_WEIGHTS, REPO, needs_coco, needs_shared
+from conftest import COCO, LITE_S_CFG, REPO, needs_coco, needs_shared
 from yoloq.cli import main as yoloq_main
 from yoloq.config import load_config
 

@@ -20,13 +20,13 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 from yoloq.config import ConfigError, QuantConfig, from_dict, load_config  # noqa: E402
 from yoloq.models import build_model, load_model  # noqa: E402
 from yoloq.models.common import fold_remaining_bn  # noqa: E402
-from yoloq.quant.bias_correct import bias_correction, fp32_output_means, quantizers_off  # noqa: E402
+from yoloq.quant.bias_correct import bias_correction, quantizers_off  # noqa: E402
 from yoloq.quant.calibrate import calibrate  # noqa: E402
 from yoloq.quant.channel_scale import (InputScaledConv2d, apply_channel_scaling, input_scales,  # noqa: E402
                                        scale_groups, set_input_scale)
 from yoloq.quant.checkpoint import QuantCheckpointError, load_quantized, save_quantized  # noqa: E402
 from yoloq.quant.equalize import equalize, find_pairs  # noqa: E402
-from yoloq.quant.prepare import prepare  # noqa: E402
+from yoloq.quant.prepare import prepare, set_layers_quantized  # noqa: E402
 from yoloq.quant.squeeze_excite import conv_macs, flop_share, pooled_map_convs  # noqa: E402
 from yoloq.quant.state import quant_state  # noqa: E402
 from yoloq.recipes.transforms import Transforms, TransformPlan, needs_search  # noqa: E402
@@ -195,52 +195,68 @@ def test_bad_input_scale_is_refused():
 # --------------------------------------------------------------------------- bias correction
 
 
-@torch.no_grad()
-def _mean_error(qmodel: nn.Module, fp32: nn.Module, x: torch.Tensor) -> float:
-    """Mean over output channels of |E[y_int8] - E[y_fp32]|."""
-    return float((qmodel(x) - fp32(x)).mean(dim=(0, 2, 3)).abs().mean())
+def _weight_error_means(qmodel: nn.Module, x: torch.Tensor) -> dict:
+    """Per layer, the per-channel mean of (W_q - W) x_q on ``x`` as the quantized model runs it."""
+    from yoloq.quant.bias_correct import weight_rounding_shift
+    found = {}
+    hooks = [qmodel.get_submodule(n).register_forward_hook(
+        lambda m, i, y, n=n: found.__setitem__(n, weight_rounding_shift(m, i[0])))
+        for n in quant_state(qmodel).placement.layers]
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    return found
 
 
-def test_bias_correction_lowers_the_output_mean_error():
-    """Toy net whose conv 2 rounds most weights to zero (conftest): a strongly biased output. The
-    correction is measured on calibration images and checked on other images."""
+def test_bias_correction_removes_the_weight_rounding_shift():
+    """Toy net whose conv 2 rounds most weights to zero (conftest): a strongly biased output. After
+    the correction, the output mean error of every conv that weight rounding causes is cancelled by
+    its bias (sequentially, so later layers see corrected inputs): on the calibration images the
+    corrected biases and the measured shifts agree, and on held-out images the network's output
+    mean error falls."""
     fp32 = toy_convnet()
     qmodel = prepare(fp32)
     gen = torch.Generator().manual_seed(0)
-    calib = [torch.rand(8, 3, 16, 16, generator=gen) for _ in range(2)]
-    calibrate(qmodel, calib, "max", progress=False)
+    calib = torch.cat([torch.rand(8, 3, 16, 16, generator=gen) for _ in range(2)])
+    calibrate(qmodel, [calib], "max", progress=False)
     held_out = torch.rand(32, 3, 16, 16, generator=gen)
-    before = _mean_error(qmodel, fp32, held_out)
-    biases = [qmodel.get_submodule(n).bias.clone() for n in quant_state(qmodel).placement.layers]
-    record = bias_correction(qmodel, torch.cat(calib))
-    after = _mean_error(qmodel, fp32, held_out)
-    assert record["layers"] == 4 and after < 0.1 * before, (before, after)
-    changed = [not torch.equal(b, qmodel.get_submodule(n).bias) for b, n in zip(biases, quant_state(qmodel).placement.layers)]
-    assert all(changed)
+    layers = quant_state(qmodel).placement.layers
+
+    def output_mean_error(x):
+        with torch.no_grad():
+            return float((qmodel(x) - fp32(x)).mean(dim=(0, 2, 3)).abs().mean())
+
+    before_error = output_mean_error(held_out)
+    biases = {n: qmodel.get_submodule(n).bias.clone() for n in layers}
+    record = bias_correction(qmodel, calib)
+    assert record["layers"] == 4 and record["images"] == 16 and record["mean_abs_shift"] > 0
+    assert output_mean_error(held_out) < 0.5 * before_error
+    # what the correction moved into each bias is the shift the conv's rounding put on its
+    # output, measured with every earlier layer already corrected
+    corrected = copy.deepcopy(qmodel)
+    expected = {}
+    with torch.no_grad():
+        for n in layers:
+            corrected.get_submodule(n).bias.copy_(biases[n])
+        for n in layers:           # re-measure layer by layer, correcting as we go
+            expected[n] = _weight_error_means(corrected, calib)[n]
+            corrected.get_submodule(n).bias.sub_(expected[n].float())
+    for n in layers:
+        moved = (biases[n] - qmodel.get_submodule(n).bias).double()
+        assert torch.allclose(moved, expected[n], rtol=1e-4, atol=1e-6), n
 
 
-def test_bias_correction_reuses_the_source_means():
-    """QARepVGG keeps a post-add BN until prepare folds it: the FP32 means Transforms takes from its
-    (folded) source must be the prepared model's own, (equal up to float rounding of the fold)."""
-    fp32 = _MODELS.get("yolov6n_qarepvgg_unfolded")
-    if fp32 is None:
-        torch.manual_seed(0)
-        cfg = load_config(CONFIGS / "yolov6n_qarepvgg.yaml").model
-        fp32 = _MODELS["yolov6n_qarepvgg_unfolded"] = bn_from_data(build_model(cfg), images(4, seed=99)).fuse().eval()
-    assert any(isinstance(m, nn.BatchNorm2d) for m in fp32.modules())
-    qcfg = QuantConfig(calib="max")
-    x = images(4, seed=8)
-    plan = TransformPlan(channel_scale="all", alpha=0.5, bias_correction=True)
-    steps = Transforms(fp32, qcfg, x)
-    a = steps.build(plan, lambda m: prepare(m, qcfg))
-    calibrate(a, [x], "max", progress=False)
-    layers = list(quant_state(a).placement.layers)
-    _, from_source = steps.statistics(plan, [])
-    own = fp32_output_means(a, layers, x)
-    for name in layers:
-        assert torch.allclose(from_source[name], own[name], rtol=1e-3, atol=1e-3), name
-    record = steps.correct_biases(a, plan)
-    assert record["layers"] == len(layers) and record["mean_abs_shift"] > 0
+def test_bias_correction_leaves_skipped_layers_alone():
+    fp32 = toy_convnet()
+    qmodel = prepare(fp32)
+    layers = quant_state(qmodel).placement.layers
+    set_layers_quantized(qmodel, [layers[1]], False)
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    calibrate(qmodel, [x], "max", progress=False)
+    before = qmodel.get_submodule(layers[1]).bias.clone()
+    record = bias_correction(qmodel, x)
+    assert record["layers"] == 3 and torch.equal(qmodel.get_submodule(layers[1]).bias, before)
 
 
 # --------------------------------------------------------------------------- squeeze-excite

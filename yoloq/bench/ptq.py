@@ -25,11 +25,13 @@ from yoloq.quant.prepare import prepare
 from yoloq.eval.coco_eval import evaluate_model
 from yoloq.models import load_model
 from yoloq.recipes.common import load_calibration_set, seed_everything
-from yoloq.recipes.ptq import resolve
+from yoloq.recipes.ptq import quantize, resolve
 from yoloq.io import atomic_write_bytes, atomic_write_text, to_json
 from yoloq.report.common import md_table, stat_drop
 
-YOLOQ_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse", "auto")
+YOLOQ_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse", "auto", "pipeline")
+# "pipeline": the config's whole quant section (PTQ transforms, calibration, bias correction,
+# reconstruction) as ``yoloq ptq`` runs it, evaluated fake-quantized and as its exported Q/DQ ONNX
 # "<calibration>_<activation/weight types>[_conv]": _conv quantizes only Conv / ConvTranspose (inputs,
 # weights, outputs), leaving the decode (boxes in pixels and scores in 0..1 concatenated into one
 # tensor, which one per-tensor scale wipes out) in float, as TensorRT placement does.
@@ -133,17 +135,14 @@ class Bench:
         print(f"{tool:12s} {variant:20s} AP {result.stats['AP'] * 100:6.2f}  calib {calib_s:7.1f} s", flush=True)
 
     def yoloq_rows(self) -> None:
-        """Every calibration method from one statistics pass, then auto."""
+        """The config's pipeline, every calibration method from one statistics pass, then auto."""
         qcfg, batches = self.cfg.quant, self.calib.batches
-        qmodel = prepare(self.fp32, qcfg)
-        start = time.perf_counter()
-        collect_statistics(qmodel, batches, num_bins=qcfg.num_bins, progress=self.progress)
-        collect_s = time.perf_counter() - start
-        for method in [m for m in self.args.methods if m != "auto"]:
-            start = time.perf_counter()
-            apply_calibration(qmodel, method)
-            self.add("yoloq", method_key(method), self.fp32_eval.stats, self.evaluate(qmodel),
-                     collect_s + time.perf_counter() - start)
+        if "pipeline" in self.args.methods:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.pipeline_rows(Path(tmp))
+        methods = [m for m in self.args.methods if m not in ("auto", "pipeline")]
+        if methods:
+            self.method_rows(methods)
         if "auto" in self.args.methods:
             auto_model = prepare(self.fp32, qcfg)
             start = time.perf_counter()
@@ -153,6 +152,32 @@ class Bench:
             done = {r["variant"]: r for r in self.rows if r["tool"] == "yoloq"}
             result = _as_result(done[info["method"]]) if info["method"] in done else self.evaluate(auto_model)
             self.add("yoloq", "auto", self.fp32_eval.stats, result, calib_s, note=f"chose {info['method']}")
+
+    def method_rows(self, methods: list[str]) -> None:
+        """Plain calibration (no transforms) with each range rule, from one statistics pass."""
+        qmodel = prepare(self.fp32, self.cfg.quant)
+        start = time.perf_counter()
+        collect_statistics(qmodel, self.calib.batches, num_bins=self.cfg.quant.num_bins, progress=self.progress)
+        collect_s = time.perf_counter() - start
+        for method in methods:
+            start = time.perf_counter()
+            apply_calibration(qmodel, method)
+            self.add("yoloq", method_key(method), self.fp32_eval.stats, self.evaluate(qmodel),
+                     collect_s + time.perf_counter() - start)
+
+    def pipeline_rows(self, tmp: Path) -> None:
+        """The config's quant section end to end; the exported Q/DQ ONNX through onnxruntime too."""
+        from yoloq.runtime import export_onnx
+        start = time.perf_counter()
+        run = quantize(self.cfg, self.data_cfg, self.fp32, self.calib, progress=self.progress)
+        quant_s = time.perf_counter() - start
+        plan = run.transforms.get("plan", "none")
+        note = f"{plan}; calib {run.calib_info['method']}" + (
+            f"; {self.cfg.quant.reconstruct}" if self.cfg.quant.reconstruct != "off" else "")
+        self.add("yoloq", "pipeline", self.fp32_eval.stats, self.evaluate(run.qmodel), quant_s, note=note)
+        info = export_onnx(run.qmodel, tmp / "pipeline.onnx", img_size=self.cfg.model.img_size, batch=None)
+        self.add("yoloq", "pipeline_onnx", self.fp32_eval.stats, self.evaluate(Path(info.path)), quant_s,
+                 note="its Q/DQ ONNX export, evaluated with onnxruntime")
 
     def onnx_rows(self, tmp: Path) -> None:
         """onnxruntime's quantize_static variants and the peers, all from the same FP32 ONNX."""

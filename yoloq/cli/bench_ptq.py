@@ -6,7 +6,10 @@ same calibration (train) images, evaluated through the same COCO pipeline.
 
 yoloq: TensorRT placement (Q/DQ on conv inputs and weights, shared scales), per-channel weights,
 every calibration method from one statistics pass (its time = that pass + the method's amax search),
-and ``auto`` (picks by detector-output SQNR on calibration images). onnxruntime: the fused FP32
+and ``auto`` (picks by detector-output SQNR on calibration images), all without PTQ transforms; and
+``pipeline``: the config's whole quant section as ``yoloq ptq`` runs it (transforms, calibration,
+reconstruction), evaluated fake-quantized and as its exported Q/DQ ONNX in onnxruntime
+(``pipeline_onnx``). onnxruntime: the fused FP32
 model exported with ``torch.onnx.export(..., dynamo=False)``, then ``quantize_static`` (QDQ,
 per_channel=True) with MinMax / Entropy / Percentile (S8S8) and MinMax U8S8 over every op (ORT's
 default), and MinMax / Entropy / Percentile S8S8 restricted to Conv (``_conv``: decode left float, a
@@ -33,7 +36,7 @@ def build_parser(prog: str = "yoloq bench-ptq"):
     p.add_argument("--max-images", type=int, help="evaluate only the first N val images")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
-    p.add_argument("--methods", nargs="+", default=list(YOLOQ_METHODS), help="yoloq methods (default: all + auto)")
+    p.add_argument("--methods", nargs="+", default=list(YOLOQ_METHODS), help="yoloq rows (default: every range rule, auto and pipeline)")
     p.add_argument("--ort-variants", nargs="+", default=list(ORT_VARIANTS), choices=ORT_VARIANTS)
     p.add_argument("--skip-yoloq", action="store_true")
     p.add_argument("--skip-ort", action="store_true")

@@ -36,6 +36,15 @@ def build_parser(prog: str = "yoloq ptq"):
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
     p.add_argument("--img-size", type=positive_int, help="input size (default: model.img_size; a multiple of 32)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
+    _calibration_flags(p)
+    _transform_flags(p)
+    _reconstruction_flags(p)
+    _partial_flags(p)
+    _output_flags(p)
+    return p
+
+
+def _calibration_flags(p) -> None:
     g = p.add_argument_group("calibration (defaults: the config's quant section)")
     g.add_argument("--calib", choices=choices(CalibMethod),
                    help="activation range method; auto picks the one closest to FP32 on calibration images")
@@ -44,6 +53,9 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--seed", type=int, help="seed choosing the calibration images")
     g.add_argument("--auto-methods", nargs="+", metavar="METHOD", help="candidates of --calib auto")
     g.add_argument("--auto-images", type=positive_int, help="calibration images scoring the --calib auto candidates")
+
+
+def _transform_flags(p) -> None:
     g = p.add_argument_group("PTQ transforms (auto: chosen by detector-output SQNR on calibration images)")
     g.add_argument("--equalize", choices=tuple(SWITCH), help="exact cross-layer equalization")
     g.add_argument("--channel-scale", choices=choices(ChannelScale),
@@ -56,6 +68,9 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--se-float", choices=tuple(SWITCH), help="keep the squeeze-excite convs in float")
     g.add_argument("--transform-images", type=positive_int,
                    help="calibration images for channel ranges, bias means and the auto scoring")
+
+
+def _reconstruction_flags(p) -> None:
     g = p.add_argument_group("block reconstruction after calibration (docs/ptq_reconstruction.md)")
     g.add_argument("--reconstruct", choices=choices(Reconstruct),
                    help="adaround: per layer; brecq: per block; qdrop: per block with random activation-"
@@ -66,6 +81,9 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--recon-drop-prob", type=float, help="qdrop: probability an activation skips quantization")
     g.add_argument("--recon-lambda", type=float, help="weight of the AdaRound rounding regularizer")
     g.add_argument("--recon-device", choices=choices(ReconDevice), help="auto (cuda when available), cpu or cuda")
+
+
+def _partial_flags(p) -> None:
     g = p.add_argument_group("partial quantization / sensitivity")
     g.add_argument("--sensitivity", choices=choices(Sensitivity),
                    help="per-layer sensitivity: fast (output SQNR on calibration images) or map (fast + "
@@ -82,6 +100,9 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--select-images", type=positive_int,
                    help="labeled train images measured by --max-drop / --sensitivity map")
     g.add_argument("--no-diagnose", action="store_true", help="skip the per-layer range / SQNR diagnosis")
+
+
+def _output_flags(p) -> None:
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--ann", choices=choices(AnnKey), help="ground truth (default eval.val_ann)")
     g.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
@@ -93,7 +114,6 @@ def build_parser(prog: str = "yoloq ptq"):
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--print-placement", action="store_true", help="print the quantizer placement table")
     g.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def quant_overrides(a, cfg) -> dict:

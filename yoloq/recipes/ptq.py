@@ -237,6 +237,17 @@ def _quantize(run: PTQRun, fp32: nn.Module) -> None:
             f"on {rec['images']} train images")
 
 
+def quantize(cfg: Config, data_cfg: DataConfig, fp32: nn.Module, calib: CalibrationSet,
+             progress: bool = False) -> PTQRun:
+    """Only the quantization stages of ``cfg.quant`` (transforms, calibration, bias correction,
+    reconstruction) on ``calib``: ``run.qmodel`` and the stage records, no evaluation or report
+    (what ``yoloq bench-ptq`` compares with other tools)."""
+    run = PTQRun(name=cfg.model.name, cfg=cfg, data_cfg=data_cfg, opts=PTQOptions(progress=progress))
+    run.calib = calib
+    _quantize(run, fp32)
+    return run
+
+
 def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
     cfg, qcfg, timer, log = run.cfg, run.cfg.quant, run.timer, _logger(run.opts)
     with timer.stage("load"):

@@ -11,7 +11,8 @@ Order of a PTQ run (reconstruction, when present, comes after bias correction)::
 - ``channel_scale`` (``yoloq.quant.channel_scale``): per-channel input scaling from per-channel
   input ranges on ``transform_images`` calibration images; ``channel_scale_alpha: null`` picks the
   migration strength among ``channel_scale_alphas``;
-- ``bias_correction`` (``yoloq.quant.bias_correct``): after calibration, on the same images.
+- ``bias_correction`` (``yoloq.quant.bias_correct``): after calibration, the weight-rounding
+  shift of each conv output measured on the same images, removed through the bias.
 
 ``auto`` (any of the switches) decides greedily in that order: each candidate is prepared,
 calibrated with a proxy range rule on the ``transform_images`` images and scored by the detector
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloq.config import QuantConfig
-from yoloq.quant.bias_correct import bias_correction, output_sum_hook
+from yoloq.quant.bias_correct import bias_correction
 from yoloq.quant.calibrate import apply_calibration, collect_statistics
 from yoloq.quant.channel_scale import absmax_hook, apply_channel_scaling, scale_groups, selected
 from yoloq.quant.equalize import equalize
@@ -120,27 +121,21 @@ class Transforms:
         return self._se
 
     @torch.no_grad()
-    def statistics(self, plan: TransformPlan, range_layers: list[str]) -> tuple[dict, dict]:
-        """(per-channel input absmax of ``range_layers``, per-channel FP32 output mean of every conv)
-        of the source model on the transform images, from one pass (cached per source): channel
-        scaling needs the first, bias correction the second (channel scaling leaves conv outputs
-        unchanged, so the source's are the prepared model's FP32 means)."""
-        ranges, means = self._ranges.setdefault(plan.equalize, ({}, {}))
-        missing = [n for n in range_layers if n not in ranges]
-        if missing or not means:
+    def ranges(self, plan: TransformPlan, layers: list[str]) -> dict:
+        """Per-channel input absmax of ``layers`` in the source model on the transform images
+        (cached per source; one pass for the layers not measured yet)."""
+        ranges = self._ranges.setdefault(plan.equalize, {})
+        missing = [n for n in layers if n not in ranges]
+        if missing:
             model = self.source(plan)
-            convs = [] if means else [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
-            found: dict = {}
             handles = [model.get_submodule(n).register_forward_pre_hook(absmax_hook(ranges, n)) for n in missing]
-            handles += [model.get_submodule(n).register_forward_hook(output_sum_hook(found, n)) for n in convs]
             try:
                 for batch in self.images.split(self.qcfg.batch_size):
                     model(batch)
             finally:
                 for h in handles:
                     h.remove()
-            means.update({n: v / self.images.shape[0] for n, v in found.items()})
-        return ranges, means
+        return ranges
 
     def after_prepare(self, qmodel: nn.Module, plan: TransformPlan, alpha: float) -> dict:
         """SE convs to float, then channel scaling (prepared, uncalibrated ``qmodel``)."""
@@ -154,7 +149,7 @@ class Transforms:
                 source = self.source(plan)
                 state = quant_state(qmodel)
                 groups = selected(scale_groups(source, state.placement.layers), plan.channel_scale, state.skip_layers)
-                ranges, _ = self.statistics(plan, [g.readers[0] for g in groups])
+                ranges = self.ranges(plan, [g.readers[0] for g in groups])
                 records["channel_scale"] = apply_channel_scaling(qmodel, source, [], plan.channel_scale, alpha,
                                                                  ranges)
         return records
@@ -165,11 +160,9 @@ class Transforms:
                 "note": "squeeze-excite convs (1x1 pooled maps) kept in float; not part of partial quantization"}
 
     def correct_biases(self, qmodel: nn.Module, plan: TransformPlan) -> dict:
-        """Bias correction of the calibrated ``qmodel`` built from ``plan`` (FP32 means reused when
-        channel scaling already ran the source over the same images)."""
+        """Bias correction of the calibrated ``qmodel`` on the transform images."""
         with self.timer.stage("bias_correction"):
-            _, means = self.statistics(plan, [])
-            return bias_correction(qmodel, self.images, means)
+            return bias_correction(qmodel, self.images)
 
     # ----------------------------------------------------------------- the automatic choice
 
