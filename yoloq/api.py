@@ -88,15 +88,16 @@ def ptq(model: nn.Module, data: Optional[str | os.PathLike | DataConfig] = None,
         **quant: object) -> QuantizedModel:
     """Calibrate ``model`` (an FP32 model from :func:`load`) on ``calib_images`` train images of
     ``data`` with ``method`` (max, percentile, entropy, mse, auto); other keywords are ``quant``
-    config fields. Returns the :class:`QuantizedModel`."""
-    from yoloq.quant import quantize
+    config fields (``equalize=True``, ``channel_scale="all"``, ``reconstruct="brecq"``, ...), applied
+    as ``yoloq ptq`` applies them. Returns the :class:`QuantizedModel`."""
     from yoloq.recipes.common import load_calibration_set
+    from yoloq.recipes.ptq import quantize
     cfg = getattr(model, "yoloq_config", None) or Config(model=model.cfg)
     cfg = cfg.with_overrides(quant={"calib": method, "calib_images": calib_images, "batch_size": batch_size, **quant})
     data_cfg = _data(data, cfg)
     calib = load_calibration_set(data_cfg, calib_images, cfg.model.img_size, batch_size, workers, cfg.quant.seed)
-    qmodel = quantize(model, calib.batches, cfg.quant, progress=progress)
-    return QuantizedModel(qmodel, cfg, data_cfg)
+    run = quantize(cfg, data_cfg, model, calib, progress=progress)     # the PTQ transforms too, as yoloq ptq
+    return QuantizedModel(run.qmodel, cfg, data_cfg)
 
 
 def evaluate(model: nn.Module, data: Optional[str | os.PathLike | DataConfig], config: Optional[Config] = None,

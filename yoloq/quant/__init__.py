@@ -28,11 +28,20 @@ __all__ = ["QuantConfig", "QuantState", "apply_calibration", "calibrate", "calib
            "prepare", "quant_state", "quantize", "save_quantized", "set_layers_quantized"]
 
 
+TRANSFORM_KEYS = {"equalize": False, "channel_scale": "off", "bias_correction": False, "se_float": False,
+                  "reconstruct": "off"}      # QuantConfig fields and their "not asked" values
+
+
 def quantize(model: nn.Module, batches: Iterable, qcfg: Optional[QuantConfig] = None, progress: bool = True) -> nn.Module:
     """``prepare`` + calibration of a deploy-form FP32 ``model`` on ``batches`` (train images,
     ``[B,3,S,S]`` in 0..1). ``qcfg.calib == "auto"`` picks the range rule whose detector output is
-    closest to ``model``'s on the first ``auto_images`` images. Returns the quantized copy."""
+    closest to ``model``'s on the first ``auto_images`` images. Returns the quantized copy. The PTQ
+    transforms and reconstruction are not run here (``yoloq.recipes.ptq.quantize`` runs them)."""
     qcfg = qcfg or QuantConfig()
+    asked = [k for k, off in TRANSFORM_KEYS.items() if getattr(qcfg, k) != off]
+    if asked:        # they need the FP32 model, calibration images and a search: the recipe runs them
+        raise ValueError(f"quantize() only prepares and calibrates; quant.{', quant.'.join(asked)} ask for PTQ "
+                         f"transforms: use yoloq.recipes.ptq.quantize (or yoloq.ptq / yoloq ptq)")
     batches = list(batches)
     qmodel = prepare(model, qcfg)
     if qcfg.calib == "auto":

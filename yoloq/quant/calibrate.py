@@ -402,6 +402,7 @@ def calibrate_auto(model: nn.Module, batches: Iterable, fp32_model: nn.Module,
         apply_calibration(model, m)
         errors[m] = _batched_error(model, kept, refs)
     best = max(methods, key=lambda m: errors[m]["sqnr_db"])    # first of equals wins (stable order)
-    apply_calibration(model, best)
+    if best != methods[-1]:         # the last one is still applied (mse, the slowest, comes last)
+        apply_calibration(model, best)
     return {"method": best, "errors": errors, "images": sum(x.shape[0] for x in kept),
             "metric": "detector output SQNR vs FP32 (dB, higher is better) on calibration images"}
