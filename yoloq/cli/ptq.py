@@ -64,7 +64,7 @@ def _transform_flags(p) -> None:
                    help="migration strength for dense convs in [0, 1] (config null: chosen among the candidates)")
     g.add_argument("--channel-scale-alphas", type=float, nargs="+", metavar="A",
                    help="candidates of the alpha choice")
-    g.add_argument("--bias-correction", choices=tuple(SWITCH), help="empirical bias correction after calibration")
+    g.add_argument("--bias-correction", choices=tuple(SWITCH), help="after calibration, remove the mean shift weight rounding puts on each conv output")
     g.add_argument("--se-float", choices=tuple(SWITCH), help="keep the squeeze-excite convs in float")
     g.add_argument("--transform-images", type=positive_int,
                    help="calibration images for channel ranges, bias means and the auto scoring")

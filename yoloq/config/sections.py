@@ -89,7 +89,7 @@ class QuantConfig(Section):
     channel_scale_alpha: Optional[float] = None   # migration strength for dense convs in [0, 1]; null:
     #                                     chosen among channel_scale_alphas on calibration images
     channel_scale_alphas: list = field(default_factory=lambda: list(CHANNEL_SCALE_ALPHAS))   # auto's candidates
-    bias_correction: Switch = False     # empirical, sequential bias correction
+    bias_correction: Switch = False     # remove the weight-rounding shift of each conv output (sequential)
     se_float: Switch = False            # squeeze-excite convs (1x1 pooled maps) in float
     transform_images: int = 64          # calibration images for channel ranges, bias means, auto scoring
     # block reconstruction after calibration (yoloq.quant.reconstruct; docs/ptq_reconstruction.md)

@@ -58,18 +58,9 @@ class ScalePair:
 
 
 def _is_homogeneous(g: TracedGraph, node: fx.Node) -> bool:
-    m = g.module(node)
-    if m is not None:
-        if isinstance(m, nn.Upsample):
-            return m.mode == "nearest"
-        return isinstance(m, HOMOGENEOUS_MODULES)
-    if node.op == "call_function":
-        if node.target is F.interpolate:
-            return node.kwargs.get("mode", "nearest") == "nearest"
-        return node.target in HOMOGENEOUS_FUNCTIONS
     if node.op == "call_method" and node.target in SPATIAL_REDUCTIONS:
         return _spatial_only(node)
-    return node.op == "call_method" and node.target in HOMOGENEOUS_METHODS
+    return g.is_one_of(node, HOMOGENEOUS_MODULES, HOMOGENEOUS_FUNCTIONS, HOMOGENEOUS_METHODS)
 
 
 def _spatial_only(node: fx.Node) -> bool:

@@ -177,16 +177,21 @@ class TracedGraph:
         return isinstance(self.module(node), QUANTIZABLE_LAYERS)
 
     def is_identity(self, node: fx.Node) -> bool:
+        return self.is_one_of(node, IDENTITY_MODULES, IDENTITY_FUNCTIONS, IDENTITY_METHODS)
+
+    def is_one_of(self, node: fx.Node, modules: tuple, functions, methods) -> bool:
+        """Is ``node`` a call of one of these module types / functions / tensor methods? Nearest
+        upsampling (module or ``F.interpolate``) counts with them: it only repeats values."""
         m = self.module(node)
         if m is not None:
             if isinstance(m, nn.Upsample):
                 return m.mode == "nearest"
-            return isinstance(m, IDENTITY_MODULES)
+            return isinstance(m, modules)
         if node.op == "call_function":
             if node.target is F.interpolate:
                 return node.kwargs.get("mode", "nearest") == "nearest"
-            return node.target in IDENTITY_FUNCTIONS
-        return node.op == "call_method" and node.target in IDENTITY_METHODS
+            return node.target in functions
+        return node.op == "call_method" and node.target in methods
 
     @staticmethod
     def is_concat(node: fx.Node) -> bool:
