@@ -309,8 +309,8 @@ def test_run_qat_end_to_end_on_lite_s(tmp_path):
     ptq_dir = tmp_path / "ptq" / "lite_max"
     save_quantized(qmodel, ptq_dir / "quant.pt", meta={"name": "lite_max"})
 
-    result = run_qat(cfg, from_dir=str(ptq_dir), quantizer="pact", epochs=1, images=8, batch_size=4,
-                     max_images=4, workers=0, out=str(tmp_path / "qat"), progress=False)
+    result = run_qat(cfg, from_dir=str(ptq_dir), max_images=4, out=str(tmp_path / "qat"), progress=False,
+                     qat={"quantizer": "pact", "epochs": 1, "images": 8, "batch_size": 4, "workers": 0})
     out = tmp_path / "qat" / "lite_max_pact"
     for f in ("report.md", "report.json", "curves.csv", "curves.png", "quant.pt", "last.pt", "best.pt"):
         assert (out / f).is_file(), f
@@ -322,5 +322,5 @@ def test_run_qat_end_to_end_on_lite_s(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), result.model(x))
     with pytest.raises(ValueError, match="--resume"):
-        run_qat(cfg, from_dir=str(ptq_dir), quantizer="pact", epochs=1, images=8, out=str(tmp_path / "qat"),
-                progress=False)
+        run_qat(cfg, from_dir=str(ptq_dir), out=str(tmp_path / "qat"), progress=False,
+                qat={"quantizer": "pact", "epochs": 1, "images": 8})

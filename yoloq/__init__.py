@@ -7,7 +7,7 @@
 
 See ``yoloq.api`` (the Python API) and ``yoloq.cli`` (the ``yoloq`` command).
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API = ("load", "ptq", "qat", "evaluate", "QuantizedModel")
 
