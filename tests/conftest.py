@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import ast
 import json
 import warnings
 from pathlib import Path
@@ -76,3 +77,17 @@ def tiny_coco(root: Path) -> Path:
         (root / f"{name}.yaml").write_text(yaml.safe_dump({
             "train_images": "train", "train_ann": ann, "val_images": "val", "val_ann": "val.json", "nc": 80}))
     return root / "data.yaml"
+
+
+def read_spec(name: str) -> list[tuple[str, tuple]]:
+    """An upstream key list (``SPEC_KEYS/<name>``) as (state-dict key, shape) rows; skips the test
+    when the file is not there."""
+    path = SPEC_KEYS / name
+    if not path.is_file():
+        pytest.skip(f"upstream key list {path} not available")
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#") and not line.startswith("deploy keys"):
+            key, shape = line.split(" ", 1)
+            rows.append((key, tuple(ast.literal_eval(shape))))
+    return rows

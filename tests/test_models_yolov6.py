@@ -7,7 +7,6 @@ Tolerance: max |fused - unfused| <= 1e-4 * max(1, max |unfused|) per output tens
 """
 from __future__ import annotations
 
-import ast
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from yoloq.models.blocks import (BottleRep, ConvBNReLU, ConvBNSiLU, LinearAddBlo
 from yoloq.models.common import fuse_blocks
 from yoloq.models.detector import Decode
 from yoloq.models.yolov6 import YOLOv6, build_yolov6
-from conftest import REPO, SPEC_KEYS as SPEC_DIR  # noqa: E402
+from conftest import REPO, read_spec  # noqa: E402
 TOL = 1e-4
 
 # config file -> upstream key list stem (``<stem>_train.txt`` / ``<stem>_deploy.txt``)
@@ -48,19 +47,6 @@ STRUCTURES = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def read_spec(name: str) -> list[tuple[str, tuple]]:
-    path = SPEC_DIR / name
-    if not path.is_file():
-        pytest.skip(f"upstream key list {path} not available")
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#") or line.startswith("deploy keys"):
-            continue
-        key, shape = line.split(" ", 1)
-        rows.append((key, tuple(ast.literal_eval(shape))))
-    return rows
 
 
 def keys_and_shapes(model: nn.Module) -> list[tuple[str, tuple]]:

@@ -5,7 +5,6 @@ the structure and values of the upstream files they name (meituan/YOLOv6 configs
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 from pathlib import Path
 
@@ -16,10 +15,9 @@ from yoloq.config import Config, ConfigError, load_config
 from yoloq.config.lookup import DEFAULT_DATA
 from yoloq.models import build_model
 from yoloq.config.upstream import read_upstream_config
-from conftest import REPO, SHARED  # noqa: E402
+from conftest import REPO, SHARED, read_spec  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "upstream_configs"
-SPEC_DIR = SHARED / "spec" / "yolov6_keys"
 
 # upstream config (fixture) -> the shipped YAML describing the same model
 SAME_MODEL = {
@@ -60,18 +58,6 @@ def test_config_sections_besides_the_model_are_defaults():
     assert cfg.data == str(DEFAULT_DATA) and cfg.model.weights is None
     assert cfg.eval == Config().eval and cfg.quant == Config().quant and cfg.qat == Config().qat
     assert cfg.model.img_size == 640 and load_config(fixture("yolov6_lite/yolov6_lite_s")).model.img_size == 320
-
-
-def read_spec(name: str) -> list[tuple[str, tuple]]:
-    path = SPEC_DIR / name
-    if not path.is_file():
-        pytest.skip(f"upstream key list {path} not available")
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.startswith("#") and not line.startswith("deploy keys"):
-            key, shape = line.split(" ", 1)
-            rows.append((key, tuple(ast.literal_eval(shape))))
-    return rows
 
 
 @pytest.mark.parametrize("upstream, spec, training_only", [

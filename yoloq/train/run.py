@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,7 +31,7 @@ from yoloq.train.errors import TrainError
 from yoloq.io import atomic_write_text
 from yoloq.train.losses import DetectionLoss
 from yoloq.train.repopt import check_scales, load_scales, reinit_from_scales
-from yoloq.train.trainer import FitResult, fit
+from yoloq.train.trainer import FitResult, fit, resolve_device
 
 PRIOR_PROB = 0.01           # initial class probability of the head (focal-loss style prior)
 
@@ -96,14 +95,6 @@ def init_head_for_training(detect: nn.Module, prior_prob: float = PRIOR_PROB) ->
     for conv in detect.reg_preds:
         conv.weight.zero_()
         conv.bias.fill_(1.0)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def _resolve(cfg, opts: TrainOptions):
@@ -173,7 +164,7 @@ def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> Train
     out_dir = Path(opts.out) / name
     if (out_dir / "last.pt").is_file() and not opts.resume:
         raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,15 @@ class FitResult:
     model_state: dict                   # final raw weights (CPU)
     out_dir: Optional[Path] = None
     extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is there, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
 
 
 def _world() -> tuple[int, int]:

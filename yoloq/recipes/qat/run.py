@@ -36,6 +36,7 @@ from yoloq.recipes.common import StageTimer
 from yoloq.recipes.qat import QATError
 from yoloq.recipes.qat.data import QATData, qat_data
 from yoloq.recipes.qat.trainer import FitExtras, FitResult, fit, is_main_process, make_teacher
+from yoloq.train.trainer import resolve_device
 from yoloq.report.qat import STATS, write_qat_report
 
 
@@ -87,14 +88,6 @@ def _resolve(cfg: Config | str | os.PathLike, opts: QATOptions, overrides: dict)
     if opts.max_images is not None and opts.max_images < 1:
         raise QATError(f"--max-images must be >= 1, got {opts.max_images}")
     return cfg, data_cfg, ckpt
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def run_name(qcfg: QATConfig, ckpt: Path) -> str:
@@ -172,7 +165,7 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
     check_output_dir(out_dir, "--out")
     if (out_dir / "last.pt").is_file() and not opts.resume:
         raise QATError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
-    device, main = _device(opts.device), is_main_process()
+    device, main = resolve_device(opts.device), is_main_process()
     log = print if (opts.progress and main) else (lambda *a, **k: None)
     torch.manual_seed(qcfg.seed)
     timer = StageTimer()
