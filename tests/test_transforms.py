@@ -20,7 +20,8 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 from yoloq.config import ConfigError, QuantConfig, from_dict, load_config  # noqa: E402
 from yoloq.models import build_model, load_model  # noqa: E402
 from yoloq.models.common import fold_remaining_bn  # noqa: E402
-from yoloq.quant.bias_correct import bias_correction, quantizers_off  # noqa: E402
+from yoloq.quant.bias_correct import bias_correction  # noqa: E402
+from yoloq.quant.scheme import quantizers_off  # noqa: E402
 from yoloq.quant.calibrate import calibrate  # noqa: E402
 from yoloq.quant.channel_scale import (InputScaledConv2d, apply_channel_scaling, input_scales,  # noqa: E402
                                        scale_groups, set_input_scale)

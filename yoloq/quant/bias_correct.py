@@ -19,33 +19,11 @@ convs outside the placement (DFL) and skipped layers.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yoloq.quant.scheme import QUANTIZER_TYPES, TensorQuantizer
 from yoloq.quant.state import quant_state
-
-
-@contextmanager
-def quantizers_off(model: nn.Module) -> Iterator[None]:
-    """Every quantizer of ``model`` passes values through (the FP32 network) for the block."""
-    saved = []
-    for m in {id(m): m for m in model.modules() if isinstance(m, QUANTIZER_TYPES)}.values():
-        if isinstance(m, TensorQuantizer):
-            saved.append((m, "_disabled", m._disabled))
-            m._disabled = True
-        elif hasattr(m, "enabled"):
-            saved.append((m, "enabled", m.enabled))
-            m.enabled = False
-    try:
-        yield
-    finally:
-        for m, attr, value in saved:
-            setattr(m, attr, value)
 
 
 def quantized_input(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:

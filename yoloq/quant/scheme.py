@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from absl import logging as absl_logging
@@ -78,6 +78,24 @@ QUANTIZER_TYPES = (TensorQuantizer, LearnableQuantizer)
 
 def is_quantizer(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZER_TYPES)
+
+
+@contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Every quantizer of ``model`` passes values through (the FP32 network) for the block."""
+    saved = []
+    for m in {id(m): m for m in model.modules() if isinstance(m, QUANTIZER_TYPES)}.values():
+        if isinstance(m, TensorQuantizer):
+            saved.append((m, "_disabled", m._disabled))
+            m._disabled = True
+        elif hasattr(m, "enabled"):
+            saved.append((m, "enabled", m.enabled))
+            m.enabled = False
+    try:
+        yield
+    finally:
+        for m, attr, value in saved:
+            setattr(m, attr, value)
 
 
 @dataclass

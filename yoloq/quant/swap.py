@@ -20,7 +20,7 @@ from yoloq.quant.learnable import (KINDS, LEARNABLE, LSQ_MODES, PACT_VARIANTS, Z
                                    LSQWeightQuantizer, PACTQuantizer)
 from yoloq.quant.prepare import set_amax
 from yoloq.quant.scheme import (ACT_RANGE, QMAX, TensorQuantizer, activation_descriptor, is_enabled,
-                                weight_descriptor)
+                                quantizers_off, weight_descriptor)
 from yoloq.quant.state import Slot, has_quant_state, quant_state, quantizer_slots, replace_quantizers
 
 
@@ -58,24 +58,19 @@ def collect_activation_samples(model: nn.Module, batches: Iterable, quantizers: 
     """FP32 inputs of the given TensorQuantizers (by id) over ``batches`` (quantizers switched off
     meanwhile, as in calibration). Batches are tensors or ``(images, ...)`` tuples."""
     samples = {key: _Samples() for key in quantizers}
-    all_tq = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    saved = [(m, m._disabled) for m in all_tq]
     hooks = [q.register_forward_pre_hook(lambda mod, args, key=key: samples[key].add(args[0]))
              for key, q in quantizers.items()]
     was_training = model.training
     try:
-        for m in all_tq:
-            m._disabled = True
         model.eval()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        for batch in batches:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(images.to(device))
+        with quantizers_off(model):
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(images.to(device))
     finally:
         for h in hooks:
             h.remove()
-        for m, disabled in saved:
-            m._disabled = disabled
         model.train(was_training)
     return samples
 
