@@ -303,7 +303,7 @@ def transformed_lite(tmp_path_factory):
     plan = TransformPlan(True, True, "all", 0.5, True)
     qmodel = steps.build(plan, lambda m: prepare(m, qcfg))
     calibrate(qmodel, [images(4, seed=5)], "max", progress=False)
-    steps.correct_biases(qmodel, plan)
+    steps.correct_biases(qmodel)
     path = tmp_path_factory.mktemp("ckpt") / "quant.pt"
     save_quantized(qmodel, path, {"transforms": "all"})
     return qmodel, path
@@ -372,7 +372,7 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
     plan = TransformPlan(True, False, "all", 0.5, True)
     qmodel = steps.build(plan, lambda m: prepare(m, qcfg))
     calibrate(qmodel, [images(4, seed=5)], "max", progress=False)
-    steps.correct_biases(qmodel, plan)
+    steps.correct_biases(qmodel)
     info = export_onnx(qmodel, tmp_path / "scaled.onnx", img_size=SIZE, batch=None)
     assert not any("onnxslim failed" in n for n in info.notes), info.notes
     graph = onnx.load(info.path).graph

@@ -227,7 +227,7 @@ def _quantize(run: PTQRun, fp32: nn.Module) -> None:
         _calibrate(run, fp32)
     log(f"calibration: {run.calib_info['method']} on {run.calib.images} train images")
     if plan.bias_correction:
-        steps.records["bias_correction"] = steps.correct_biases(run.qmodel, plan)
+        steps.records["bias_correction"] = steps.correct_biases(run.qmodel)
     run.transforms = tf.report_record(plan, qcfg, steps.records, trials, timer.times)
     if qcfg.reconstruct != "off":
         with timer.stage("reconstruct"):

@@ -159,7 +159,7 @@ class Transforms:
         return {"layers": layers, "count": len(layers), "flop_share": flop_share(macs, layers),
                 "note": "squeeze-excite convs (1x1 pooled maps) kept in float; not part of partial quantization"}
 
-    def correct_biases(self, qmodel: nn.Module, plan: TransformPlan) -> dict:
+    def correct_biases(self, qmodel: nn.Module) -> dict:
         """Bias correction of the calibrated ``qmodel`` on the transform images."""
         with self.timer.stage("bias_correction"):
             return bias_correction(qmodel, self.images)
@@ -213,7 +213,7 @@ class Transforms:
                            progress=False)
         apply_calibration(qmodel, proxy_method(self.qcfg))
         if plan.bias_correction:
-            self.correct_biases(qmodel, plan)
+            self.correct_biases(qmodel)
         with torch.no_grad():
             return output_error(refs, qmodel(images))["sqnr_db"]
 
