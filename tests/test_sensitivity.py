@@ -102,3 +102,24 @@ def test_diagnose_flags_the_broken_layer():
     clean, images = calibrated(toy(sensitive=False))
     assert all(not r["flags"] for r in diagnose(clean, images)["layers"])
     assert quant_state(q).skip_layers == []
+
+
+def test_diagnose_reads_what_a_channel_scaled_quantizer_sees():
+    """A conv whose input is divided per channel (channel scaling) is diagnosed on x / s, the
+    tensor its quantizer calibrated on: with max calibration on the same images the measured
+    absmax equals the amax, and the near-dead channel no longer spreads the range."""
+    from yoloq.quant.channel_scale import set_input_scale
+    fp32 = toy()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(2, 3, 16, 16, generator=g) for _ in range(3)]
+    plain, _ = calibrated(fp32)
+    before = {r["layer"]: r for r in diagnose(plain, images)["layers"]}["2"]
+    q = prepare(fp32)
+    with torch.no_grad():
+        x = torch.cat(images)
+        conv2_input = fp32[1](fp32[0](x))
+    set_input_scale(q, "2", conv2_input.abs().amax(dim=(0, 2, 3)).clamp_min(1e-3))
+    calibrate(q, images, "max", progress=False)
+    row = {r["layer"]: r for r in diagnose(q, images)["layers"]}["2"]
+    assert row["act_absmax"] == pytest.approx(row["act_amax"], rel=1e-3)
+    assert before["act_channel_spread"] > 100 * row["act_channel_spread"]

@@ -260,6 +260,28 @@ def test_bias_correction_leaves_skipped_layers_alone():
     assert record["layers"] == 3 and torch.equal(qmodel.get_submodule(layers[1]).bias, before)
 
 
+def test_layers_kept_in_float_get_their_original_bias_back():
+    """The correction compensates a layer's weight rounding: with every layer in float the model is
+    FP32 again (not FP32 plus every correction), one layer quantized carries only its own correction."""
+    fp32 = toy_convnet()
+    qmodel = prepare(fp32)
+    layers = quant_state(qmodel).placement.layers
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    calibrate(qmodel, [x], "max", progress=False)
+    original = {n: qmodel.get_submodule(n).bias.clone() for n in layers}
+    bias_correction(qmodel, x)
+    corrected = {n: qmodel.get_submodule(n).bias.clone() for n in layers}
+    assert all(not torch.equal(original[n], corrected[n]) for n in layers)
+    with torch.no_grad():
+        set_layers_quantized(qmodel, layers, False)
+        assert torch.allclose(qmodel(x), fp32(x), atol=1e-6)
+        set_layers_quantized(qmodel, [layers[2]], True)
+        set_layers_quantized(qmodel, [layers[2]], True)            # idempotent
+    bias = {n: qmodel.get_submodule(n).bias for n in layers}
+    assert torch.allclose(bias[layers[2]], corrected[layers[2]], atol=1e-7)
+    assert all(torch.allclose(bias[n], original[n], atol=1e-7) for n in layers if n != layers[2])
+
+
 # --------------------------------------------------------------------------- squeeze-excite
 
 
@@ -320,6 +342,13 @@ def test_transformed_checkpoint_round_trip(transformed_lite):
     x = images(2, seed=6)
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
+    # the bias corrections travel too: a layer kept in float after loading gets its bias back
+    shifts = quant_state(qmodel).bias_shifts
+    assert shifts and set(raw["bias_shifts"]) == set(shifts)
+    layer = next(iter(shifts))
+    corrected = loaded.get_submodule(layer).bias.clone()
+    set_layers_quantized(loaded, [layer], False)
+    assert torch.allclose(loaded.get_submodule(layer).bias, corrected + shifts[layer])
 
 
 def test_checkpoint_versions(transformed_lite, tmp_path):
@@ -333,7 +362,9 @@ def test_checkpoint_versions(transformed_lite, tmp_path):
     for edit, match in ((lambda r: r.update(version=1), "version-1"),
                         (lambda r: r["input_scales"].update({"no.such.layer": torch.ones(3)}), "no.such.layer"),
                         (lambda r: r["input_scales"].update({k: -v for k, v in list(r["input_scales"].items())[:1]}),
-                         "finite values > 0")):
+                         "finite values > 0"),
+                        (lambda r: r["bias_shifts"].update({k: v[:1] for k, v in list(r["bias_shifts"].items())[:1]}),
+                         r"bias_shifts\..*: expected a float tensor of shape")):
         bad = copy.deepcopy(raw)
         edit(bad)
         torch.save(bad, tmp_path / "bad.pt")

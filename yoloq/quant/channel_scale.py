@@ -50,7 +50,14 @@ class InputScaledConv2d(QuantConv2d):
     quantizer (exported as one ``Mul`` by 1/s before ``QuantizeLinear``). The weight holds w * s."""
 
     def forward(self, input):
-        return super().forward(input * self.input_scale.reciprocal().view(1, -1, 1, 1))
+        return super().forward(scaled_input(self, input))
+
+
+def scaled_input(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``conv``'s input quantizer sees: ``x`` divided by the conv's per-channel input scale
+    when it has one, else ``x`` itself."""
+    scale = getattr(conv, "input_scale", None)
+    return x if scale is None else x * scale.reciprocal().view(1, -1, 1, 1)
 
 
 def is_depthwise(conv: nn.Module) -> bool:

@@ -10,7 +10,9 @@ sharing; a placement that no longer matches the saved one is an error (model cod
 Per-channel input scales (``yoloq.quant.channel_scale``) are stored as ``input_scales`` (layer ->
 scale); the weights already hold w * s, so a file with scales is format version 2 (a version-1
 reader must refuse it rather than build a model without the division). Files without scales stay
-version 1; both versions are read.
+version 1; both versions are read. Bias-correction shifts (``QuantState.bias_shifts``: what a
+layer gets back when it is later kept in float) are an optional ``bias_shifts`` entry; a file
+without it loads with none recorded.
 
 Quantizers other than pytorch-quantization's ``TensorQuantizer`` (PACT / LSQ+) are saved as
 their class path (must live under ``yoloq.``) and ``state_dict()``; on load the class is rebuilt
@@ -119,6 +121,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: dict | None 
     }
     if scales:
         ckpt["input_scales"] = scales
+    if state.bias_shifts:
+        ckpt["bias_shifts"] = {name: t.detach().cpu().clone() for name, t in state.bias_shifts.items()}
     _check_plain(ckpt, "checkpoint")
     atomic_torch_save(ckpt, path)
 
@@ -214,6 +218,7 @@ def _rebuild(ckpt: dict, path: Path) -> tuple[nn.Module, dict]:
                                    f"one (model code changed since saving?)")
     _restore_input_scales(qmodel, ckpt, path)
     _restore_quantizers(qmodel, ckpt, path)
+    quant_state(qmodel).bias_shifts = _checked_bias_shifts(qmodel, ckpt, path)
     quant_state(qmodel).calib.method = ckpt["calib_method"]
     return qmodel, dict(ckpt["meta"])
 
@@ -244,6 +249,22 @@ def _restore_quantizers(model: nn.Module, ckpt: dict, path: Path) -> None:
         amax = _checked_amax(amax, f"{path}: weight_amax.{name}", out_channels)
         if amax is not None:
             set_amax(layers[name]._weight_quantizer, amax)
+
+
+def _checked_bias_shifts(model: nn.Module, ckpt: dict, path: Path) -> dict:
+    shifts = ckpt.get("bias_shifts", {})
+    if not isinstance(shifts, dict):
+        raise QuantCheckpointError(f"{path}: bias_shifts must be a dict layer -> tensor")
+    layers = quant_layers(model)
+    for name, shift in shifts.items():
+        where = f"{path}: bias_shifts.{name}"
+        if name not in layers or layers[name].bias is None:
+            raise QuantCheckpointError(f"{where}: not a quantized layer with a bias in the rebuilt model")
+        bias = layers[name].bias
+        if not isinstance(shift, torch.Tensor) or not shift.is_floating_point() or shift.shape != bias.shape:
+            raise QuantCheckpointError(f"{where}: expected a float tensor of shape {tuple(bias.shape)}, got "
+                                       f"{getattr(shift, 'shape', type(shift).__name__)}")
+    return dict(shifts)
 
 
 def _restore_input_scales(model: nn.Module, ckpt: dict, path: Path) -> None:

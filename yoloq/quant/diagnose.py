@@ -11,7 +11,8 @@ every quantized conv of a calibrated model (fused, BN folded as ``prepare`` left
   with per-channel scales (what TensorRT runs) and with one per-tensor scale (what the spread
   would cost without per-channel scales);
 - input activations (one float pass over a few calibration batches): the amax of the layer's input
-  quantizer, per-channel range spread, and INT8 SQNR with that amax.
+  quantizer, per-channel range spread, and INT8 SQNR with that amax, all of what the quantizer
+  sees (a channel-scaled conv's input divided by its per-channel scale).
 
 Layers are flagged when a SQNR is below ``sqnr_db`` or a spread exceeds ``spread``.
 """
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from yoloq.quant.channel_scale import scaled_input
 from yoloq.quant.metrics import power_ratio_db
 from yoloq.quant.prepare import quant_layers, set_layers_quantized
 from yoloq.quant.scheme import ACT_RANGE, fake_quant, quiet_pytorch_quantization
@@ -91,7 +93,7 @@ class _InputStats:
         self.noise = 0.0
 
     def __call__(self, module, args):
-        x = args[0].detach()
+        x = scaled_input(module, args[0].detach())
         cmax = x.abs().transpose(0, 1).flatten(1).amax(1).double()
         self.channel_max = cmax if self.channel_max is None else torch.maximum(self.channel_max, cmax)
         if self.amax is not None:

@@ -19,6 +19,8 @@ Skipped layers (``skip_layers`` / ``qcfg.skip_layers`` / ``set_layers_quantized(
 weight quantizer disabled and the layer gets its *own disabled* input quantizer, so it reads the
 float tensor while the other readers of a shared site stay quantized; in the exported graph the
 skipped conv then has no Q/DQ in front of it. A residual quantizer follows the conv it fuses with.
+A bias-corrected layer (``QuantState.bias_shifts``) kept in float gets its original bias back: the
+correction compensates its weight rounding, which a float layer does not have.
 
 The prepared model carries its ``QuantState`` (``yoloq.quant.state``): placement, site ->
 quantizer object, skipped layers (model order), whether BNs were folded, calibration results.
@@ -170,12 +172,23 @@ def set_layers_quantized(model: nn.Module, names: Iterable[str], enabled: bool) 
     for name in changed:
         wq = model.get_submodule(name)._weight_quantizer
         wq.enable() if enabled else wq.disable()
+    _move_bias_shifts(model, state, [n for n in changed if (n in state.skip_layers) == enabled], enabled)
     for site, holder, attr, layer in state.site_slots(model):
         if layer in changed:
             setattr(holder, attr, state.quantizers[site.name] if enabled else new_input_quantizer(disabled=True))
     skipped = set(state.skip_layers)
     skipped = skipped - changed if enabled else skipped | changed
     state.skip_layers = [n for n in placement.layers if n in skipped]
+
+
+@torch.no_grad()
+def _move_bias_shifts(model: nn.Module, state: QuantState, layers: Iterable[str], quantized: bool) -> None:
+    """Apply (``quantized``) or take back the bias correction of ``layers`` whose status changes."""
+    for name in layers:
+        shift = state.bias_shifts.get(name)
+        if shift is not None:
+            bias = model.get_submodule(name).bias
+            bias.sub_(shift.to(bias)) if quantized else bias.add_(shift.to(bias))
 
 
 def replace_input_quantizer(model: nn.Module, site_name: str, new: nn.Module) -> None:

@@ -8,7 +8,9 @@ later stage reads and updates that one object instead of loose attributes:
 - ``skip_layers``: layers kept in floating point, in model order;
 - ``fold_bn``: whether BNs surviving ``fuse()`` were folded before quantization;
 - ``calib``: calibration statistics, the method used and how many images it saw;
-- ``qat_kind``: the learnable quantizers swapped in by QAT (``pact``, ``lsqplus-symmetric`` ...).
+- ``qat_kind``: the learnable quantizers swapped in by QAT (``pact``, ``lsqplus-symmetric`` ...);
+- ``bias_shifts``: layer -> what bias correction subtracted from its bias (``yoloq.quant.bias_correct``);
+  the correction belongs to the layer's weight rounding, so a layer kept in float gets it back.
 
 A deep copy of the model copies its state consistently (the site map points at the copied
 quantizers), which is what ``copy.deepcopy`` of an ``nn.Module`` attribute does.
@@ -48,6 +50,7 @@ class QuantState:
     fold_bn: bool = True
     calib: CalibrationState = field(default_factory=CalibrationState)
     qat_kind: Optional[str] = None
+    bias_shifts: dict = field(default_factory=dict)   # layer -> tensor subtracted from its bias
 
     def site_slots(self, model: nn.Module) -> Iterator[tuple[QuantSite, nn.Module, str, str]]:
         """Every place a site quantizer is held: (site, holder module, attribute, the layer whose
