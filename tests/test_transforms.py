@@ -446,3 +446,18 @@ def test_yaml_off_and_auto_values():
     import yaml
     q = from_dict(QuantConfig, yaml.safe_load("channel_scale: off\nequalize: on\nbias_correction: auto"), "q")
     assert (q.channel_scale, q.equalize, q.bias_correction) == ("off", True, "auto")
+
+
+def test_cli_alpha_auto_searches_even_when_the_config_fixes_it():
+    from yoloq.cli.ptq import build_parser, load_ptq_config, quant_overrides
+    parser = build_parser()
+    assert load_config("yolov6lite_l").quant.channel_scale_alpha == 0.8
+    a = parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", "auto"])
+    cfg = load_ptq_config(a)
+    assert cfg.quant.channel_scale_alpha is None and quant_overrides(a, cfg)["channel_scale_alpha"] is None
+    assert needs_search(cfg.quant)
+    a = parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", "0.9"])
+    assert load_ptq_config(a).quant.channel_scale_alpha == 0.8 and quant_overrides(a, cfg)["channel_scale_alpha"] == 0.9
+    for bad in ("1.5", "high"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", bad])

@@ -19,6 +19,8 @@ Calibration, --calib auto, the sensitivity ranking and the --max-drop search use
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from typing import Optional, Sequence
 
 from yoloq.cli.common import parser, positive_int
@@ -55,13 +57,26 @@ def _calibration_flags(p) -> None:
     g.add_argument("--auto-images", type=positive_int, help="calibration images scoring the --calib auto candidates")
 
 
+def alpha_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got '{text}'")
+    return value
+
+
 def _transform_flags(p) -> None:
     g = p.add_argument_group("PTQ transforms (auto: chosen by detector-output SQNR on calibration images)")
     g.add_argument("--equalize", choices=tuple(SWITCH), help="exact cross-layer equalization")
     g.add_argument("--channel-scale", choices=choices(ChannelScale),
                    help="per-channel input scaling: of depthwise convs, of all convs, or auto")
-    g.add_argument("--channel-scale-alpha", type=float, metavar="A",
-                   help="migration strength for dense convs in [0, 1] (config null: chosen among the candidates)")
+    g.add_argument("--channel-scale-alpha", type=alpha_or_auto, metavar="A",
+                   help="migration strength for dense convs in [0, 1], or auto: chosen among the candidates "
+                        "on calibration images (config: null)")
     g.add_argument("--channel-scale-alphas", type=float, nargs="+", metavar="A",
                    help="candidates of the alpha choice")
     g.add_argument("--bias-correction", choices=tuple(SWITCH), help="after calibration, remove the mean shift weight rounding puts on each conv output")
@@ -123,7 +138,8 @@ def quant_overrides(a, cfg) -> dict:
                 max_drop=a.max_drop, max_skip=a.max_skip, select_images=a.select_images,
                 diagnose=False if a.no_diagnose else None,
                 equalize=SWITCH.get(a.equalize), channel_scale=a.channel_scale,
-                channel_scale_alpha=a.channel_scale_alpha, channel_scale_alphas=a.channel_scale_alphas,
+                channel_scale_alpha=None if a.channel_scale_alpha == "auto" else a.channel_scale_alpha,
+                channel_scale_alphas=a.channel_scale_alphas,
                 bias_correction=SWITCH.get(a.bias_correction), se_float=SWITCH.get(a.se_float),
                 transform_images=a.transform_images,
                 reconstruct=a.reconstruct, recon_iters=a.recon_iters, recon_images=a.recon_images,
@@ -132,11 +148,20 @@ def quant_overrides(a, cfg) -> dict:
                 skip_layers=list(cfg.quant.skip_layers) + list(a.skip) if a.skip else None)
 
 
+def load_ptq_config(a):
+    """The config of ``--cfg``; ``--channel-scale-alpha auto`` sets its alpha to null (the other
+    flags are overrides applied by ``run_ptq``, where None means "not given")."""
+    cfg = load_config(a.cfg)
+    if a.channel_scale_alpha == "auto":
+        cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, channel_scale_alpha=None))
+    return cfg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.recipes.ptq import PTQOptions, run_ptq
     from yoloq.report.ptq import format_summary
     a = build_parser().parse_args(argv)
-    cfg = load_config(a.cfg)
+    cfg = load_ptq_config(a)
     opts = PTQOptions(skip_count=a.skip_layers, random_weights=a.random_weights, max_images=a.max_images, name=a.name, out=a.out,
                       save_model=not a.no_save, plots=not a.no_plots, print_placement=a.print_placement,
                       progress=not a.no_progress)
