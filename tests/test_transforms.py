@@ -184,6 +184,23 @@ def test_every_reader_of_a_scaled_tensor_gets_the_same_scale():
     assert not any(r in scales for g in groups if g.skip for r in g.readers)     # the stem
 
 
+def test_channels_dead_on_the_scaling_images_keep_their_raw_values():
+    """A channel that never fired on the scaling images gets s = 1, not a floored s ~ 1e-5^alpha
+    that would multiply it by ~10^4 once it fires on another image (the SE inputs of Lite)."""
+    from yoloq.quant.channel_scale import smooth_scale
+    r = torch.tensor([0.0, 1e-7, 0.5, 2.0])
+    w = torch.tensor([1.0, 1.0, 0.2, 0.1])
+    for weights, alpha in ((None, 1.0), (w, 0.8)):
+        s = smooth_scale(r, weights, alpha)
+        assert torch.equal(s[:2], torch.ones(2))
+        assert float((r[2:] / s[2:]).max()) == pytest.approx(2.0)        # live channels: the old range
+        if weights is None:
+            assert torch.allclose(r[2:] / s[2:], torch.full((2,), 2.0))    # depthwise: every live channel full
+    # a dead channel firing later stays inside the tensor's range instead of dominating it
+    fired = torch.tensor([0.4, 0.4, 0.5, 2.0])
+    assert float((fired / smooth_scale(r, None, 1.0)).max()) == pytest.approx(2.0)
+
+
 def test_bad_input_scale_is_refused():
     qmodel = prepare(fp32_model("yolov6n_repvgg"))
     layer = quant_state(qmodel).placement.layers[3]

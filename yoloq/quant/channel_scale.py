@@ -160,15 +160,25 @@ def input_absmax(model: nn.Module, layers: Iterable[str], batches: Iterable[torc
 
 
 def smooth_scale(r: torch.Tensor, w: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s = r^alpha / w^(1-alpha) (s = r without weights), dead channels floored, normalised so
-    max_c r_c / s_c = max_c r_c (the scaled tensor keeps the range of the original)."""
-    r = r.float().clamp(min=float(r.max()) * RANGE_FLOOR + 1e-12)
+    """s = r^alpha / w^(1-alpha) (s = r without weights), normalised so max_c r_c / s_c = max_c r_c
+    (the scaled tensor keeps the range of the original).
+
+    A channel that never fired on the scaling images (r below ``RANGE_FLOOR`` of the largest) keeps
+    s = 1, i.e. its raw values. Its range is unknown, not small: the SE convs' inputs (ReLU of one
+    pooled value per channel and image) have channels that are exactly 0 on 64 images and fire on
+    a few others, and a floored s (~1e-5^alpha) would blow those up ~10^4 x past every other
+    channel, so the per-tensor amax grows with them and the live channels round to zero (Lite-M:
+    one SE conv's calibrated amax 19596 for live inputs <= 6.6)."""
+    r = r.float()
+    dead = r <= float(r.max()) * RANGE_FLOOR
+    r = r.clamp(min=float(r.max()) * RANGE_FLOOR + 1e-12)
     if w is None:
         s = r.clone()
     else:
         w = w.float().clamp(min=float(w.max()) * RANGE_FLOOR + 1e-12)
         s = r.pow(alpha) / w.pow(1.0 - alpha)
-    return s * (r / s).max() / r.max()
+    s = s * (r / s).max() / r.max()
+    return torch.where(dead, torch.ones_like(s), s)
 
 
 def group_scale(model: nn.Module, group: ScaleGroup, r: torch.Tensor, alpha: float) -> torch.Tensor:
