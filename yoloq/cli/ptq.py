@@ -58,14 +58,16 @@ def _calibration_flags(p) -> None:
 
 
 def alpha_or_auto(text: str):
+    """``--channel-scale-alpha``: a number in [0, 1] or ``auto``."""
+    problem = argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got '{text}'")
     if text == "auto":
         return text
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
+        raise problem from None
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got '{text}'")
+        raise problem
     return value
 
 

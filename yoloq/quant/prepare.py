@@ -188,7 +188,10 @@ def _move_bias_shifts(model: nn.Module, state: QuantState, layers: Iterable[str]
         shift = state.bias_shifts.get(name)
         if shift is not None:
             bias = model.get_submodule(name).bias
-            bias.sub_(shift.to(bias)) if quantized else bias.add_(shift.to(bias))
+            if quantized:
+                bias.sub_(shift.to(bias))
+            else:
+                bias.add_(shift.to(bias))
 
 
 def replace_input_quantizer(model: nn.Module, site_name: str, new: nn.Module) -> None:
