@@ -64,7 +64,7 @@ def bias_correction(qmodel: nn.Module, images: torch.Tensor) -> dict:
         def correct(module, inputs, y):
             delta = weight_rounding_shift(module, inputs[0]).to(y.dtype)
             module.bias.sub_(delta)
-            recorded[name] = recorded[name] + delta.detach().cpu() if name in recorded else delta.detach().cpu()
+            recorded[name] = recorded.get(name, 0) + delta.detach().cpu()
             shifts[name] = float(delta.abs().mean())
             return y - delta.view(1, -1, *([1] * (y.dim() - 2)))
         return correct
