@@ -121,3 +121,30 @@ def test_unpaired_inputs_are_refused(tmp_path):
     dets = _detections(anns, len(ids), noise=0.05, seed=9)
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap(match_table(str(gt_path), dets, ids), match_table(str(gt_path), dets, ids[:5]))
+
+
+def test_weighted_recall_thresholds_are_compared_exactly(tmp_path):
+    """Recall = 3/10 must not reach the recall point 0.3 (COCO compares the float values as they
+    are); a vectorised shortcut that shifted rows by a constant changed such ties."""
+    gt_path, anns, ids = _synthetic(tmp_path, n_images=40, seed=11)
+    dets = _detections(anns, len(ids), noise=0.06, seed=12)
+    table = match_table(str(gt_path), dets, ids)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids)).astype(float)
+        expected = []
+        for cat in table.categories:
+            n_gt = float(np.dot(w, cat.gt_per_image))
+            if n_gt == 0:
+                continue
+            wd = w[cat.image_index]
+            values = []
+            for tp_row, fp_row in zip(np.cumsum(cat.true_pos * wd, 1), np.cumsum(cat.false_pos * wd, 1)):
+                rc = tp_row / n_gt
+                pr = list(tp_row / (fp_row + tp_row + np.spacing(1)))
+                for i in range(len(pr) - 1, 0, -1):          # COCOeval.accumulate's loop, as written there
+                    pr[i - 1] = max(pr[i - 1], pr[i])
+                q = [pr[i] if i < len(pr) else 0.0 for i in np.searchsorted(rc, table.recall_points, side="left")]
+                values.append(np.mean(q))
+            expected.append(np.mean(values))
+        assert table.ap(w) == pytest.approx(np.mean(expected), abs=1e-12)

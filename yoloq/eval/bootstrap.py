@@ -67,14 +67,11 @@ def _category_ap(cat: _Category, w: np.ndarray, recall_points: np.ndarray,
     precision = tp_sum / (fp_sum + tp_sum + np.spacing(1))
     # COCO: precision made non-increasing from the right, read at the first recall >= each point
     precision = np.flip(np.maximum.accumulate(np.flip(precision, 1), axis=1), 1)
-    # one searchsorted for every threshold: row t is shifted by 2t (recall lies in [0, 1])
-    n_rows, n_det = recall.shape
-    shift = 2.0 * np.arange(n_rows)[:, None]
-    idx = np.searchsorted((recall + shift).ravel(), (recall_points[None, :] + shift).ravel(), side="left")
-    idx = idx.reshape(n_rows, -1) - (np.arange(n_rows) * n_det)[:, None]
-    inside = idx < n_det                                 # recall points beyond the last recall count 0
-    rows = np.broadcast_to(np.arange(n_rows)[:, None], idx.shape)
-    return float(precision[rows[inside], idx[inside]].sum()) / idx.size
+    total = 0.0
+    for rc, pr in zip(recall, precision):
+        idx = np.searchsorted(rc, recall_points, side="left")
+        total += pr[idx[idx < len(pr)]].sum()            # points beyond the last recall count 0
+    return total / (len(recall) * len(recall_points))
 
 
 def match_table(ann_file: str, detections: list, image_ids: Sequence[int]) -> MatchTable:
