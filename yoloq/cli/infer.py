@@ -71,13 +71,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.device import resolve_device
     from yoloq.io import check_output_dir
     from yoloq.recipes.common import align_classes
-    from yoloq.runtime.infer import InferOptions, run_infer
+    from yoloq.runtime.infer import InferOptions, list_sources, run_infer
     a = build_parser().parse_args(argv)
     if sum(bool(x) for x in (a.ckpt, a.onnx, a.engine)) > 1:
         raise InputError("--ckpt, --onnx and --engine: give one model")
     if a.save_conf and not a.save_txt:
         raise InputError("--save-conf needs --save-txt")
     device = resolve_device(a.device)
+    list_sources(a.source)                        # a missing or unsupported source fails before the model loads
     cfg = load_config(a.cfg).with_overrides(data=a.data, model=dict(weights=a.weights),
                                             eval=dict(conf_thres=a.conf_thres, iou_thres=a.iou_thres, max_det=a.max_det))
     if not cfg.data:
