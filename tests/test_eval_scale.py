@@ -36,8 +36,8 @@ def _preds(batch=4, n=200, nc=5, seed=0, spread=600.0):
 # --------------------------------------------------------------------------- batch-wise NMS
 @pytest.mark.parametrize("max_det", [300, 7])
 def test_batched_nms_equals_one_image_at_a_time(max_det):
-    """One NMS call for the batch: every image gets exactly what it gets alone (no suppression
-    across images, max_det per image, score order kept)."""
+    """Batch-wise NMS: every image gets exactly what it gets alone (no suppression across images,
+    max_det per image, score order kept)."""
     preds = _preds()
     preds[2, :, 4:] = 0.0                                   # an image without candidates
     together = non_max_suppression(preds, 0.2, 0.5, max_det)
@@ -46,6 +46,17 @@ def test_batched_nms_equals_one_image_at_a_time(max_det):
         assert torch.equal(together[b], alone), b
     assert together[2].shape == (0, 6) and all(len(t) <= max_det for t in together)
     assert len(together[0]) == max_det if max_det == 7 else len(together[0]) > 7
+
+
+@pytest.mark.parametrize("budget", [1, 500, 10 ** 9])
+def test_nms_gives_the_same_rows_however_the_batch_is_split_into_calls(monkeypatch, budget):
+    """Images share an nms call while their candidates fit the budget; an image over it is suppressed
+    class by class: the rows are the same either way (budget 1: every image alone, class by class)."""
+    import yoloq.eval.nms as nms_module
+    preds = _preds(batch=5, n=300, nc=6, seed=2)
+    reference = non_max_suppression(preds, 0.1, 0.5, 50)
+    monkeypatch.setitem(nms_module.CALL_BUDGET, "cpu", budget)
+    assert all(torch.equal(a, b) for a, b in zip(non_max_suppression(preds, 0.1, 0.5, 50), reference))
 
 
 def test_nms_keeps_precision_far_from_the_origin():
