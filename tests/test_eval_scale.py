@@ -216,6 +216,22 @@ def test_torchrun_tools_eval_is_sharded_and_equals_one_process(tmp_path, tiny):
     assert table(two.stdout) == table(one.stdout)
 
 
+def test_gpu_evaluation_turns_tf32_off_and_restores_it():
+    """FP32 stays FP32 on a GPU: cuDNN's default TF32 convolutions are off while a model is evaluated."""
+    from yoloq.eval.coco_eval import full_fp32
+    backends = torch.backends
+    saved = backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32
+    try:
+        backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = True
+        with full_fp32(torch.device("cuda", 0)):
+            assert not backends.cudnn.allow_tf32 and not backends.cuda.matmul.allow_tf32
+        assert backends.cudnn.allow_tf32 and backends.cuda.matmul.allow_tf32
+        with full_fp32(torch.device("cpu")):
+            assert backends.cudnn.allow_tf32                   # nothing to change on the CPU
+    finally:
+        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = saved
+
+
 # --------------------------------------------------------------------------- --device
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 @pytest.mark.parametrize("command", [["eval", "--cfg", "yolov6lite_s.yaml"], ["bench-eval"]])

@@ -209,15 +209,31 @@ def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_
                       per_class=scores.per_class, pr_curve=scores.pr_curve, timing=timing)
 
 
+@contextlib.contextmanager
+def full_fp32(device: torch.device):
+    """On a GPU, convolutions and matmuls in true FP32: PyTorch lets cuDNN use TF32 (10-bit
+    mantissa) by default on Ampere and later, which is not the FP32 model. Restored afterwards."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def evaluate_model(model: torch.nn.Module, data_cfg: DataConfig, eval_cfg: EvalConfig, img_size: int,
                    **kwargs) -> EvalResult:
     """:func:`evaluate` for an nn.Module, on whatever device the model is on
-    (``yoloq.device.module_device``): eval mode, no gradients; the batches are moved there."""
+    (``yoloq.device.module_device``): eval mode, no gradients, FP32 without TF32 on a GPU; the
+    batches are moved there."""
     was_training = model.training
     model.eval()
     kwargs.setdefault("device", module_device(model))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), full_fp32(kwargs["device"]):
             return evaluate(model, data_cfg, eval_cfg, img_size, **kwargs)
     finally:
         model.train(was_training)
