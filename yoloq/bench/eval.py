@@ -10,10 +10,7 @@ from yoloq.config import load_config, load_data_config
 from yoloq.eval import evaluate_model
 from yoloq.models import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = ["configs/yolov6lite_s.yaml:320", "configs/yolov6s_repvgg.yaml:640"]
-
-
+DEFAULT_MODELS = ["yolov6lite_s.yaml:320", "yolov6s_repvgg.yaml:640"]     # shipped config names
 
 
 def build_for_bench(cfg):
@@ -28,27 +25,29 @@ def build_for_bench(cfg):
 
 def bench_one(entry: str, args) -> dict:
     cfg_path, _, size = entry.partition(":")
-    cfg = load_config(REPO / cfg_path if not Path(cfg_path).is_absolute() else cfg_path)
+    cfg = load_config(cfg_path)                  # a path or the name of a shipped config
     img_size = int(size) if size else cfg.model.img_size
     model, weights = build_for_bench(cfg)
     eval_cfg = dataclasses.replace(cfg.eval, batch_size=args.batch_size, workers=args.workers)
-    result = evaluate_model(model, load_data_config(cfg.data), eval_cfg, img_size, ann_key=args.ann,
+    result = evaluate_model(model.to(args.device), load_data_config(cfg.data), eval_cfg, img_size, ann_key=args.ann,
                             max_images=args.images, progress=False)
     return {"model": cfg.model.name, "img_size": img_size, "weights": weights, "images": result.n_images,
             "detections": len(result.detections), "seconds": result.seconds,
-            "images_per_s": result.images_per_s, "AP": result.stats["AP"]}
+            "images_per_s": result.images_per_s, "AP": result.stats["AP"], **result.timing}
 
 
 def run(args) -> int:
     """The benchmark for parsed command-line ``args`` (``yoloq bench-eval``)."""
     torch.set_num_threads(args.threads)
     rows = [bench_one(entry, args) for entry in args.models]
-    print(f"CPU, torch threads {args.threads}, batch {args.batch_size}, workers {args.workers}, "
+    print(f"device {args.device}, torch threads {args.threads}, batch {args.batch_size}, workers {args.workers}, "
           f"first {args.images} images of {args.ann}")
-    print("| model | size | weights | images | detections | seconds | images/s | AP (subset) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | size | weights | images | detections | seconds | images/s | pre-process ms/img | "
+          "inference ms/img | NMS ms/img | AP (subset) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ap = f"{r['AP'] * 100:.1f}" if r["weights"] == "yes" else "(random)"
         print(f"| {r['model']} | {r['img_size']} | {r['weights']} | {r['images']} | {r['detections']} | "
-              f"{r['seconds']:.1f} | {r['images_per_s']:.1f} | {ap} |")
+              f"{r['seconds']:.1f} | {r['images_per_s']:.1f} | {r['preprocess_ms']:.1f} | {r['inference_ms']:.1f} | "
+              f"{r['nms_ms']:.1f} | {ap} |")
     return 0

@@ -4,6 +4,7 @@
     yoloq qat --cfg ... --from runs/ptq/<name>  # quantization-aware training
     yoloq export --ckpt .../quant.pt --out m.onnx
     yoloq eval --cfg ... [--onnx m.onnx]
+    yoloq infer --cfg ... --source images/      # detections drawn on images or a video
     yoloq trt build|eval|bench ...
     yoloq train --cfg yolov6n_qarepvgg.yaml     # training (yoloq.train), RepOpt: yoloq repopt-scales
     yoloq bench-ptq | bench-ort | bench-fidelity | bench-eval ...
@@ -23,7 +24,8 @@ COMMANDS = {
     "ptq": ("yoloq.cli.ptq", "post-training INT8 quantization: calibrate, evaluate FP32 and INT8, report"),
     "qat": ("yoloq.cli.qat", "quantization-aware training of a PTQ result (PACT / LSQ+, distillation)"),
     "export": ("yoloq.cli.export", "ONNX with Q/DQ for TensorRT (or the onnxruntime fast path, FP32, FP16)"),
-    "eval": ("yoloq.cli.eval", "COCO mAP of weights or an ONNX file"),
+    "eval": ("yoloq.cli.eval", "COCO mAP of weights, a quant.pt or an ONNX file (AP per class, PR curves, timing)"),
+    "infer": ("yoloq.cli.infer", "detections drawn on images, a folder or a video (weights, quant.pt, ONNX, engine)"),
     "trt": ("yoloq.cli.trt", "TensorRT engines: build, COCO evaluation, latency"),
     "train": ("yoloq.cli.train", "train a YOLOv6 detector (RepVGG / QARepVGG / RepOpt) on labelled data"),
     "repopt-scales": ("yoloq.cli.repopt_scales", "RepOpt: the scales file of a trained hyper-search model"),

@@ -9,7 +9,8 @@ INT8 on val, report the drop, per-layer sensitivity and diagnosis, save the quan
     yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize on --channel-scale all --bias-correction on
     yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize auto --channel-scale auto --bias-correction auto
 
-(``python tools/ptq.py ...`` is the same command.) Output: <out>/<name>/ with report.md,
+(``python tools/ptq.py ...`` is the same command; ``torchrun --nproc_per_node N tools/ptq.py ...``
+shards the FP32 / INT8 evaluations over N processes, and rank 0 alone writes.) Output: <out>/<name>/ with report.md,
 report.json, stats.png, sensitivity.png, diagnosis.png and quant.pt (for qat / export). Written to
 a hidden staging folder and renamed at the end: a failed or interrupted run leaves nothing
 behind. Same inputs and seed -> same numbers. Flags override the config's quant / eval sections.
@@ -160,6 +161,8 @@ def load_ptq_config(a):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from yoloq.cli.common import init_distributed
+    from yoloq.distributed import is_main_process
     from yoloq.recipes.ptq import PTQOptions, run_ptq
     from yoloq.report.ptq import format_summary
     a = build_parser().parse_args(argv)
@@ -167,9 +170,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = PTQOptions(skip_count=a.skip_layers, random_weights=a.random_weights, max_images=a.max_images, name=a.name, out=a.out,
                       save_model=not a.no_save, plots=not a.no_plots, print_placement=a.print_placement,
                       progress=not a.no_progress)
-    result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights, "img_size": a.img_size}, data=a.data,
-                     eval=dict(val_ann=a.ann, batch_size=a.batch_size, workers=a.workers))
-    print(format_summary(result.report))
-    print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
-    print(f"wrote {result.out_dir}/")
+    started = init_distributed(getattr(a, "device", None) or "auto")     # torchrun: evaluations sharded
+    main_process = is_main_process()
+    try:
+        result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights, "img_size": a.img_size},
+                         data=a.data, eval=dict(val_ann=a.ann, batch_size=a.batch_size, workers=a.workers))
+    finally:
+        if started:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if main_process:
+        print(format_summary(result.report))
+        print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+        print(f"wrote {result.out_dir}/")
     return 0

@@ -151,13 +151,15 @@ def evaluate_engine(engine_path, data_cfg, eval_cfg, img_size: Optional[int] = N
     size = img_size or predictor.img_size
     if not size:
         raise InputError(f"{engine_path}: engine input size is dynamic; pass --img-size")
-    result = evaluate(predictor, data_cfg, eval_cfg, size, **kwargs)
+    # batches go to the engine's GPU from pinned memory, non-blocking, and are scaled there
+    result = evaluate(predictor, data_cfg, eval_cfg, size, device=predictor.device, **kwargs)
     result.extra["engine"] = str(engine_path)
     return result
 
 
 def cmd_eval(args) -> int:
     from yoloq.eval import format_stats_table, save_result
+    from yoloq.report.eval import timing_line
     engine = Path(args.engine)
     if not engine.is_file():
         raise InputError(f"TensorRT engine not found: {engine}")
@@ -172,6 +174,7 @@ def cmd_eval(args) -> int:
     print(f"{engine} at {result.img_size} on {Path(result.ann_file).name}: {result.n_images} images, "
           f"{len(result.detections)} detections, {result.images_per_s:.1f} img/s (incl. loading and NMS)")
     print(format_stats_table(result.stats))
+    print(timing_line(result.timing))
     print(f"wrote {out}")
     return 0
 

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from yoloq.errors import InputError
 
@@ -105,10 +105,14 @@ def jpeg_truncated(path: str | Path) -> bool:
     return not tail.endswith(b"\xff\xd9")
 
 
+def to_uint8_tensor(img_bgr: np.ndarray) -> torch.Tensor:
+    """HxWx3 BGR uint8 -> [3,H,W] uint8 RGB (a quarter of the float bytes to move between processes)."""
+    return torch.from_numpy(np.ascontiguousarray(img_bgr[:, :, ::-1].transpose(2, 0, 1)))
+
+
 def to_tensor(img_bgr: np.ndarray) -> torch.Tensor:
     """HxWx3 BGR uint8 -> [3,H,W] float32 RGB in 0..1."""
-    rgb = np.ascontiguousarray(img_bgr[:, :, ::-1].transpose(2, 0, 1))
-    return torch.from_numpy(rgb).float().div_(255.0)
+    return to_uint8_tensor(img_bgr).float().div_(255.0)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -157,18 +161,21 @@ class CocoDetectionDataset(Dataset):
     With ``ann_file`` the images are the JSON's ``images`` (sorted by id), without it every image
     file in ``img_dir`` (calibration needs no labels). ``files`` restricts either list to those
     file names (in the given order); without ``ann_file`` they are paths relative to ``img_dir``
-    and may lie in sub-folders. Items are ``(image [3,S,S] float32 RGB 0..1, ImageMeta)`` or
-    a :class:`FailedItem` for an unreadable file.
+    and may lie in sub-folders. Items are ``(image [3,S,S] float32 RGB 0..1, ImageMeta)`` (with
+    ``uint8``: uint8 RGB 0..255, for the consumer to scale on its device) or a :class:`FailedItem`
+    for an unreadable file.
     """
 
     def __init__(self, img_dir: str | Path, ann_file: Optional[str | Path] = None, img_size: int = 640,
-                 files: Optional[Sequence[str]] = None, interpolation: str = DEFAULT_INTERPOLATION):
+                 files: Optional[Sequence[str]] = None, interpolation: str = DEFAULT_INTERPOLATION,
+                 uint8: bool = False):
         if interpolation not in INTERPOLATIONS:
             raise InputError(f"unknown interpolation '{interpolation}'; expected one of {INTERPOLATIONS}")
         self.img_dir = Path(img_dir)
         self.ann_file = str(ann_file) if ann_file else None
         self.img_size = int(img_size)
         self.interpolation = interpolation
+        self.uint8 = uint8
         self.failed: list[str] = []          # files that could not be read (filled by the loader)
         if ann_file:
             if not self.img_dir.is_dir():
@@ -211,7 +218,7 @@ class CocoDetectionDataset(Dataset):
             return FailedItem(str(path), "cannot be decoded")
         boxed, ratio, pad = letterbox(img, self.img_size, interpolation=self.interpolation)
         meta = ImageMeta(image_id, str(path), img.shape[0], img.shape[1], ratio, pad)
-        return to_tensor(boxed), meta
+        return (to_uint8_tensor(boxed) if self.uint8 else to_tensor(boxed)), meta
 
     def record_failure(self, item: FailedItem) -> None:
         """Warn about an unreadable image and count it (called in the main process)."""
@@ -247,13 +254,17 @@ class SkippingLoader:
                 yield images, metas
 
 
-def make_loader(dataset: CocoDetectionDataset, batch_size: int, workers: int,
-                shuffle: bool = False, seed: int = 0) -> SkippingLoader:
+def make_loader(dataset: CocoDetectionDataset, batch_size: int, workers: int, shuffle: bool = False,
+                seed: int = 0, indices: Optional[Sequence[int]] = None, pin_memory: bool = False) -> SkippingLoader:
+    """Batches of ``dataset`` (only its items at ``indices`` if given: one process's shard), letterboxed
+    in ``workers`` processes; ``pin_memory`` for fast non-blocking copies to a GPU."""
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=max(0, workers),
-                        collate_fn=collate_skip_failed, generator=generator)
+    source = dataset if indices is None else Subset(dataset, list(indices))
+    loader = DataLoader(source, batch_size=batch_size, shuffle=shuffle, num_workers=max(0, workers),
+                        collate_fn=collate_skip_failed, generator=generator,
+                        pin_memory=pin_memory and torch.cuda.is_available())
     return SkippingLoader(loader, dataset)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from yoloq.config import Config, DataConfig, load_config, load_data_config
+from yoloq.distributed import output_dir_on_main
 from yoloq.errors import InputError, YoloqError
 from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import check_output_dir, staging_dir
@@ -291,7 +292,8 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     check_output_dir(final_dir, "--out")
     seed_everything(cfg.quant.seed)
     run = PTQRun(name=name, cfg=cfg, data_cfg=data_cfg, opts=opts)
-    with staging_dir(final_dir) as stage_dir, tempfile.TemporaryDirectory() as scratch:
+    # under torchrun every rank runs the pipeline (evaluations sharded) and rank 0 alone writes the run
+    with output_dir_on_main(lambda: staging_dir(final_dir)) as stage_dir, tempfile.TemporaryDirectory() as scratch:
         _quantize_and_evaluate(run, Path(scratch))
         report = build_report(run)
         if opts.save_model:
@@ -345,6 +347,9 @@ def build_report(run: PTQRun) -> dict:
         "fp32": stats(fp32_eval.stats),
         "int8": stats(int8_eval.stats),
         "drop": stat_drop(fp32_eval.stats, int8_eval.stats),
+        "per_class": {"fp32": fp32_eval.per_class, "int8": int8_eval.per_class},
+        "pr_curve": {"fp32": fp32_eval.pr_curve, "int8": int8_eval.pr_curve},
+        "eval_timing": {"fp32": fp32_eval.timing, "int8": int8_eval.timing},
         "skipped_layers": list(state.skip_layers),
         "transforms": run.transforms,
         "partial": run.partial,

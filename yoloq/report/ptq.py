@@ -32,6 +32,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     out += ["## FP32 vs INT8 (COCO bbox, %)", ""]
     rows = [(k, pct(fp32.get(k)), pct(int8.get(k)), num(drop.get(k))) for k in MAIN_STATS]
     out += [md_table(("metric", "FP32", "INT8", "drop"), rows), ""]
+    out += _per_class_section(report)
 
     errors = calib.get("auto_errors") or {}
     if errors:
@@ -59,6 +60,19 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(out)
+
+
+def _per_class_section(report: dict) -> list[str]:
+    """AP per class, FP32 next to INT8, largest drop first; the per-image evaluation times."""
+    from yoloq.report.eval import per_class_table, timing_line
+    per_class, timing = report.get("per_class") or {}, report.get("eval_timing") or {}
+    out = []
+    if per_class.get("fp32") and per_class.get("int8"):
+        out += ["## AP per class (%, largest drop first)", "", per_class_table(per_class["fp32"], per_class["int8"]), ""]
+    for label, key in (("FP32", "fp32"), ("INT8", "int8")):
+        if timing.get(key):
+            out.append(f"- {label} evaluation {timing_line(timing[key])}")
+    return out + ([""] if timing else [])
 
 
 STEP_TITLES = {"equalize": "cross-layer equalization", "se_float": "squeeze-excite convs in float",
@@ -256,6 +270,11 @@ def render_plots(report: dict) -> dict[str, bytes]:
     layers = (report.get("diagnosis") or {}).get("layers")
     if layers:
         plots["diagnosis.png"] = plot_diagnosis(layers)
+    curves = report.get("pr_curve") or {}
+    if curves.get("fp32") and curves.get("int8"):
+        from yoloq.report.eval import plot_pr_curves
+        plots["pr_curve.png"] = plot_pr_curves(curves["fp32"], f"{report.get('model', {}).get('name', '')}: "
+                                               "precision-recall", compare=curves["int8"])
     return plots
 
 

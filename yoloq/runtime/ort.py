@@ -68,15 +68,20 @@ def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quanti
 
 
 class OnnxPredictor:
-    """Runs an ONNX detector with onnxruntime (CPU): ``[B,3,S,S] -> ndarray [B,N,4+nc]``.
+    """Runs an ONNX detector with onnxruntime (CPU): ``[B,3,S,S]`` -> what ``yoloq.eval.evaluate``
+    takes (``[B,N,4+nc]``, or the rows of a model with its own NMS).
 
-    A model exported with a fixed batch size of 1 is run image by image. ``img_size`` is the
-    model's fixed input size, or None when its spatial dimensions are dynamic. ``quantize_bias``
-    (see :func:`ort_session`): None = only for yoloq's onnxruntime fast-path files, which need it to
-    run integer kernels; every other graph is run as written.
+    ``layout``: the output layout (``yoloq.runtime.layouts``; ``auto`` reads yoloq's and upstream
+    YOLOv6's exports alike), ``nc`` the number of classes it predicts. A model exported with a
+    fixed batch size of 1 is run image by image. ``img_size`` is the model's fixed input size, or
+    None when its spatial dimensions are dynamic. ``quantize_bias`` (see :func:`ort_session`):
+    None = only for yoloq's onnxruntime fast-path files, which need it to run integer kernels;
+    every other graph is run as written.
     """
 
-    def __init__(self, path: str | Path, threads: Optional[int] = None, quantize_bias: Optional[bool] = None):
+    def __init__(self, path: str | Path, threads: Optional[int] = None, quantize_bias: Optional[bool] = None,
+                 layout: str = "auto", nc: int = 80):
+        from yoloq.runtime.layouts import choose_layout
         self.path = str(path)
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
@@ -97,13 +102,31 @@ class OnnxPredictor:
             raise InputError(f"{self.path}: input '{self.input_name}' has shape {shape}; expected [B,3,H,W]")
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.img_size = shape[2] if isinstance(shape[2], int) and shape[2] == shape[3] else None
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = self.session.get_outputs()
+        self.output_names = [o.name for o in outputs]
+        self.output_name = self.output_names[0]
+        self.layout = choose_layout(layout, self.output_names, [len(o.shape) if o.shape is not None else None
+                                                                for o in outputs], self.path)
+        self.nc = nc
+        self.columns = outputs[0].shape[-1] if outputs[0].shape else None   # known when not symbolic
         self.one_by_one = False          # set when a "dynamic" batch turns out to work only as 1
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+    def _run(self, x: np.ndarray):
+        from yoloq.runtime.layouts import convert
+        values = self.session.run(self.output_names, {self.input_name: x})
+        self.columns = values[0].shape[-1]
+        return convert(self.layout, dict(zip(self.output_names, values)), x.shape[0], self.nc, self.path)
 
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
+    @property
+    def layout_name(self) -> str:
+        """The layout read (a raw output's is known from its column count, once it is known)."""
+        from yoloq.runtime.layouts import raw_layout
+        if self.layout != "raw" or not isinstance(self.columns, int):
+            return self.layout
+        return raw_layout(self.columns, self.nc) or self.layout
+
+    def __call__(self, images: torch.Tensor):
+        from yoloq.runtime.layouts import merge
         x = images.detach().cpu().numpy().astype(np.float32, copy=False)
         if self.img_size is not None and x.shape[2:] != (self.img_size, self.img_size):
             raise InputError(f"{self.path}: model input is {self.img_size}x{self.img_size}, "
@@ -111,6 +134,8 @@ class OnnxPredictor:
         if self.fixed_batch == x.shape[0] or (self.fixed_batch is None and not self.one_by_one):
             try:
                 return self._run(x)
+            except InputError:
+                raise
             except Exception as err:  # noqa: BLE001 - onnxruntime raises its own Fail/RuntimeException types
                 if self.fixed_batch is not None or x.shape[0] == 1:
                     raise
@@ -121,4 +146,4 @@ class OnnxPredictor:
         elif self.fixed_batch not in (None, 1):
             raise InputError(f"{self.path}: model has a fixed batch of {self.fixed_batch}; "
                              f"use batch size {self.fixed_batch} or 1")
-        return np.concatenate([self._run(x[i:i + 1]) for i in range(x.shape[0])], 0)
+        return merge([self._run(x[i:i + 1]) for i in range(x.shape[0])], [1] * x.shape[0])

@@ -141,7 +141,7 @@ def _evaluator(cfg: Config, data_cfg, records, out_dir: Path, img_size: int, opt
 
     def evaluate(model: nn.Module) -> dict:
         stats = evaluate_model(model.to(device), eval_data, eval_cfg, img_size, max_images=opts.max_eval_images,
-                               progress=False).stats
+                               progress=False, shard=False).stats         # rank 0 alone evaluates
         return {k: stats[k] for k in ("AP", "AP50", "AP75")}
     return evaluate
 

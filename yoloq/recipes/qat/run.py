@@ -177,7 +177,8 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
     teacher = make_teacher(student)
     img_size = student.cfg.img_size
     evaluate = lambda m: evaluate_model(m.to(device), data_cfg, cfg.eval, img_size,      # noqa: E731
-                                        max_images=opts.max_images, progress=opts.progress).stats
+                                        max_images=opts.max_images, progress=opts.progress,
+                                        shard=False).stats                # rank 0 alone evaluates
     data = qat_data(cfg, data_cfg, img_size)              # bad data fails before the baselines are evaluated
     last = out_dir / "last.pt"
     resuming = opts.resume and last.is_file()
