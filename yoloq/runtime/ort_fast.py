@@ -4,8 +4,9 @@ Why. The TensorRT variant (``export_onnx``) quantizes conv *inputs* and weights 
 the rest. onnxruntime 1.32's QDQ transformer (``qdq_selector_action_transformer.cc``) only replaces
 a Conv by ``QLinearConv`` for the exact unit ``DQ(x), DQ(w)[, DQ(b)] -> Conv -> Q`` (the Conv's only
 consumer a QuantizeLinear); otherwise it runs a float Conv on dequantized tensors, which is slower
-than FP32 (DESIGN.md §4: 1.4-1.6x). Other units it fuses: ``DQ -> {GlobalAveragePool, AveragePool,
-LeakyRelu, Sigmoid, Softmax} -> Q`` (QLinear* with lookup tables), ``DQ,DQ -> {Add, Mul} -> Q``,
+than FP32 (docs/results.md, onnxruntime CPU latency: 1.4x FP32 for YOLOv6-N/S, 1.9-2.4x for Lite).
+Other units it fuses: ``DQ -> {GlobalAveragePool, AveragePool, LeakyRelu, Sigmoid, Softmax} -> Q``
+(QLinear* with lookup tables), ``DQ,DQ -> {Add, Mul} -> Q``,
 ``DQ.. -> Concat -> Q`` (QLinearConcat), and it drops Q/DQ around MaxPool, Resize, Reshape,
 Transpose, Slice, ... when scales match. ``Relu -> Q`` is folded only when the Q's zero point is the
 type minimum (uint8 0 / int8 -128) — never for our symmetric int8 (zero point 0) quantizers — and
@@ -44,6 +45,14 @@ What :func:`make_ort_fast` changes (in this order), and what each costs in accur
    step 3's Clip): YOLOv6Lite-S exact variant 2.4-2.6x -> 1.7-2.0x FP32, YOLOv6-N exact 0.50x -> 0.42x.
    Those convs also keep a float bias (onnxruntime's int32 bias rounding only applies to convs with
    DQ weights).
+
+**Integer kernels on x86 CPUs without VNNI.** onnxruntime's uint8 x int8 kernels there (AVX2, or AVX-512
+without VNNI) add each pair of products into int16 with saturation, so a ``QLinearConv`` reading large codes
+with large weights is not exact: a plain onnxruntime session changed 96,580 of the tiny test net's 98,304
+outputs. yoloq's sessions (``yoloq.runtime.ort.ort_session``) set ``session.x64quantprecision`` on exactly
+those CPUs (``u8s8_saturates``): onnxruntime then runs such weights as uint8 with its exact uint8 x uint8
+kernels, and every rule above keeps its accuracy on every CPU. Anyone running these files in their own
+onnxruntime session on such a CPU must set that entry too; docs/results.md has the mAP without it.
 
 Measured alternatives that do not help on onnxruntime 1.32 CPU (x86, AVX512-VNNI, 2 threads):
 ConvInteger (int32 out) + Cast/Mul/Add float requantization keeps numerics exact but ran 8x slower
