@@ -230,6 +230,16 @@ def test_exact_mode_matches_the_qdq_graph(trt_onnx, tmp_path):
     np.testing.assert_allclose(_run(signed, x), _run(src, x), rtol=0, atol=1e-6)
 
 
+def test_uint8_weight_kernels_give_the_same_numbers(trt_onnx, fast):
+    """exact_int8=True (onnxruntime's uint8 x uint8 kernels, what CPUs without VNNI run) computes what this
+    CPU's default choice computes (exact on every CPU), for the Q/DQ graph and the fast path."""
+    x = trt_onnx[1].numpy()
+    for path in (trt_onnx[0], fast[0]):
+        sess = ort_session(path, quantize_bias=True, exact_int8=True)
+        forced = np.concatenate([sess.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
+        np.testing.assert_array_equal(forced, _run(path, x))
+
+
 def test_plain_onnxruntime_session_saturates_where_the_cpu_does(trt_onnx, tmp_path):
     """Why yoloq's sessions set ``session.x64quantprecision`` on CPUs without VNNI: there a session with
     onnxruntime's defaults runs the exact variant's int8 weights through ``vpmaddubsw`` and moves most
@@ -353,6 +363,11 @@ def test_lite_s_checkpoint_end_to_end(tmp_path):
     x = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
     ref, out = _run(trt, x), _run(tmp_path / "fast.onnx", x)
     assert np.abs(out[..., 4:] - ref[..., 4:]).mean() < 5e-3      # measured 1.4e-3 (scores 0..1)
+    # uint8 x uint8 kernels (what CPUs without VNNI run; forced here): the same numbers as this CPU's own
+    # exact kernels, and the export's shared weight zero points do not stop onnxruntime from loading it
+    for path in (trt, tmp_path / "fast.onnx"):
+        forced = ort_session(path, quantize_bias=True, exact_int8=True).run(None, {"images": x})[0]
+        np.testing.assert_array_equal(forced, _run(path, x))
 
 
 def test_bench_ratio_pairs_runs_of_the_same_block():

@@ -89,3 +89,34 @@ def test_yoloq_sessions_are_exact_and_keep_int8_weights_where_they_can(tmp_path)
     dtype = next(t.data_type for t in graph.initializer if t.name == weight)
     assert dtype == (TensorProto.UINT8 if u8s8_saturates() else TensorProto.INT8)
     assert ("uint8 x uint8" in integer_kernel_note()) is u8s8_saturates()
+
+
+def _two_convs_sharing_a_weight_zero_point() -> bytes:
+    """x -> QLinearConv(w1) -> QLinearConv(w2), both weights reading one zero-point initializer (as exporters
+    share equal constants). Exact codes: 126 after the first conv (as in the probe), then, read at scale 1,
+    round(32 * 126 * 127 / 4096) = 125."""
+    model = onnx.load_from_string(_probe_model())
+    graph = model.graph
+    square = numpy_helper.from_array(np.full((CHANNELS, CHANNELS, 1, 1), 127, np.int8), "w")
+    graph.initializer.remove(next(t for t in graph.initializer if t.name == "w"))
+    graph.initializer.extend([square, numpy_helper.from_array(np.full((CHANNELS, CHANNELS, 1, 1), 127, np.int8), "w2"),
+                              numpy_helper.from_array(np.array(0, np.uint8), "y1_zp")])
+    graph.node[0].output[0] = "y1"
+    graph.node[0].input[7] = "y1_zp"
+    graph.node.append(helper.make_node("QLinearConv", ["y1", "x_scale", "y1_zp", "w2", "w_scale", "w_zp", "y_scale", "y_zp"],
+                                       ["y"]))
+    return model.SerializeToString()
+
+
+def test_shared_weight_zero_points_still_load_with_exact_kernels():
+    """onnxruntime's uint8-weight conversion fails to load a graph whose convs share a weight zero point
+    ("Attempt to replace the existing tensor": the real Lite-S exports do); ort_session gives each its own.
+    Forced here (exact_int8=True) so that every x86 CPU runs that path."""
+    from yoloq.runtime.onnx_graph import own_weight_zero_points
+    model = _two_convs_sharing_a_weight_zero_point()
+    proto = onnx.load_from_string(model)
+    assert own_weight_zero_points(proto) == 1 and own_weight_zero_points(proto) == 0
+    assert len({n.input[5] for n in proto.graph.node}) == 2
+    for exact_int8 in (True, None):
+        out = _probe(ort_session(model, threads=1, exact_int8=exact_int8))
+        np.testing.assert_array_equal(out, np.full((1, CHANNELS, 4, 4), 125, np.uint8))

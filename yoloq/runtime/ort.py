@@ -75,13 +75,23 @@ def wants_integer_kernels(path: str | Path) -> bool:
     return onnx_variant(path) in INTEGER_KERNEL_VARIANTS
 
 
+def _with_own_weight_zero_points(model: str | Path | bytes) -> str | Path | bytes:
+    """``model`` with one zero-point initializer per integer-conv weight (see ``own_weight_zero_points``)."""
+    import onnx
+    from yoloq.runtime.onnx_graph import own_weight_zero_points
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    return proto.SerializeToString() if own_weight_zero_points(proto) else model
+
+
 def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quantize_bias: bool = False,
-                level: str = "all", optimized_path: Optional[str] = None, profile_prefix: Optional[str] = None):
+                level: str = "all", optimized_path: Optional[str] = None, profile_prefix: Optional[str] = None,
+                exact_int8: Optional[bool] = None):
     """An onnxruntime CPU session. ``quantize_bias=False`` disables onnxruntime's int32 bias rounding
     (``BIAS_QUANTIZATION_OPTIMIZER``) so the session computes what the Q/DQ graph says; set it for
     graphs meant to run integer kernels (``make_ort_fast`` output). On CPUs whose uint8 x int8 kernels
     saturate (``u8s8_saturates``) the integer convs run onnxruntime's exact uint8 x uint8 kernels
-    (``X64_QUANT_PRECISION``). ``level``: graph optimizations.
+    (``X64_QUANT_PRECISION``; ``exact_int8``: None = where ``u8s8_saturates``, True/False = force, e.g. to
+    test that path on any x86 CPU). ``level``: graph optimizations.
     ``profile_prefix``: turn on onnxruntime's profiler (``session.end_profiling()`` returns the JSON)."""
     import onnxruntime as ort
 
@@ -101,8 +111,9 @@ def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quanti
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
     options.log_severity_level = 3
-    if u8s8_saturates():                          # exact integer convs on CPUs without VNNI (see above)
+    if u8s8_saturates() if exact_int8 is None else exact_int8:    # exact integer convs without VNNI (above)
         options.add_session_config_entry(X64_QUANT_PRECISION, "1")
+        model = _with_own_weight_zero_points(model)
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_OPTIMIZER]
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)

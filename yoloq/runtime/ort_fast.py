@@ -52,7 +52,8 @@ with large weights is not exact: a plain onnxruntime session changed 96,580 of t
 outputs. yoloq's sessions (``yoloq.runtime.ort.ort_session``) set ``session.x64quantprecision`` on exactly
 those CPUs (``u8s8_saturates``): onnxruntime then runs such weights as uint8 with its exact uint8 x uint8
 kernels, and every rule above keeps its accuracy on every CPU. Anyone running these files in their own
-onnxruntime session on such a CPU must set that entry too; docs/results.md has the mAP without it.
+onnxruntime session on such a CPU must set that entry too (the files give each weight its own zero-point
+initializer, which onnxruntime's conversion needs to load them).
 
 Measured alternatives that do not help on onnxruntime 1.32 CPU (x86, AVX512-VNNI, 2 threads):
 ConvInteger (int32 out) + Cast/Mul/Add float requantization keeps numerics exact but ran 8x slower
@@ -82,7 +83,8 @@ from yoloq.runtime.ort import ort_session
 from yoloq.io import atomic_write_bytes
 from yoloq.quant.scheme import QMAX
 from yoloq.runtime.onnx_export import set_variant
-from yoloq.runtime.onnx_graph import (OnnxGraph, dequantized_weight, drop_dead_nodes, drop_unused_initializers, scalar_init)
+from yoloq.runtime.onnx_graph import (OnnxGraph, dequantized_weight, drop_dead_nodes, drop_unused_initializers,
+                                     own_weight_zero_points, scalar_init)
 
 
 # Ops with Q(op(x)) == op(Q(x)) for one positive scale: pure data movement, or monotone selection.
@@ -417,6 +419,7 @@ def make_ort_fast(trt_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     if fold_weights:
         info.folded_weights = _fold_float_weights(g)
     drop_unused_initializers(g)
+    own_weight_zero_points(model)        # loadable with session.x64quantprecision (CPUs without VNNI)
     set_variant(model, "ort-exact" if pre_act == "float" else "ort-fast")
     onnx.checker.check_model(model)
     atomic_write_bytes(Path(out_path), model.SerializeToString())
