@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -88,20 +90,40 @@ def test_unset_variable_is_an_error_naming_it(tmp_path, monkeypatch):
     assert expand_path_vars("$MY_WEIGHTS/a/${MY_WEIGHTS}", "x") == f"{tmp_path}/a/{tmp_path}"
 
 
+def _site_packages(python) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
 @pytest.mark.slow
 def test_non_editable_install_ships_the_configs(tmp_path):
-    """`pip install .` (not editable) into a fresh venv: configs by name from another directory,
-    shared data found as ../shared of the working folder, no source tree on the path."""
+    """`pip install` of the built wheel (not editable) into a fresh venv: configs by name from another
+    directory, shared data found as ../shared of the working folder, no source tree on the path.
+
+    Offline and independent of the base Python's packages (issue 27: a base Python with setuptools 65.5
+    and no `wheel` could not build it): the wheel is built by this interpreter's setuptools (the `dev`
+    extra brings one with bdist_wheel) and installed by this interpreter's pip into the site-packages of
+    a venv without pip. The venv reads the dependencies (PyYAML, ...) from this interpreter's
+    site-packages through a .pth file, which adds those folders without running their .pth files (so
+    not this checkout's editable install either)."""
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(REPO / "pyproject.toml", src)
     shutil.copytree(REPO / "yoloq", src / "yoloq", ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(dist), str(src)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel, = dist.glob("yoloq-*.whl")
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    pip = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                          "-q", str(src)], capture_output=True, text=True, timeout=300)
+    venv_site = _site_packages(python)
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                          str(venv_site), str(wheel)], capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
+    (venv_site / "test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     work = tmp_path / "work" / "me"
     work.mkdir(parents=True)
     (tmp_path / "work" / "shared").symlink_to(SHARED if SHARED.is_dir() else tmp_path)
@@ -122,8 +144,8 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     out = subprocess.run([str(python), "-c", probe], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
-    site = str(venv / "lib")
-    assert found["package"].startswith(site) and found["cfg"].startswith(site)
+    venv_lib = str(venv / "lib")
+    assert found["package"].startswith(venv_lib) and found["cfg"].startswith(venv_lib)
     assert found["cfg"].endswith("resources/configs/yolov6lite_s.yaml")
     shared = tmp_path / "work" / "shared"
     assert found["weights"] == str(shared.resolve() / "weights" / "yolov6lite_s.pt")

@@ -22,6 +22,7 @@ with warnings.catch_warnings():
 
 from yoloq.runtime.ort_fast import (OrtFastError, consumer_qparams, make_ort_fast, optimized_op_counts,
                                    qparams_for_range)
+from yoloq.runtime.ort import ort_session
 from yoloq.quant.prepare import activation_descriptor, new_input_quantizer, set_amax, weight_descriptor
 from yoloq.bench import ort as bench_ort  # noqa: E402
 from yoloq.cli.bench_ort import parse_args as parse_bench_ort_args  # noqa: E402
@@ -105,9 +106,9 @@ def trt_onnx(tmp_path_factory):
 
 
 def _run(path, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """yoloq's session with integer kernels (int32 biases; exact uint8 x uint8 kernels on CPUs whose int8
+    kernels saturate, see tests/test_ort_saturation.py), for the Q/DQ graph and the fast path alike."""
+    sess = ort_session(path, quantize_bias=True)
     return np.concatenate([sess.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
 
 
@@ -214,7 +215,8 @@ def test_exact_mode_matches_the_qdq_graph(trt_onnx, tmp_path):
     fast path then computes what the Q/DQ graph computes with the int32 biases integer kernels need
     (onnxruntime's bias rounding on both), and still forms integer convs. Only the float convs differ,
     by float rounding: they keep a float bias (constant weights, step 7) where the Q/DQ graph's got
-    rounded to int32 — measured 3e-8 here, no quantizer code moved."""
+    rounded to int32 — measured 3e-8 here, no quantizer code moved. On every CPU: where onnxruntime's
+    int8 kernels saturate (x86 without VNNI), ``_run``'s session runs exact uint8 x uint8 kernels."""
     src, images = trt_onnx
     out = tmp_path / "exact.onnx"
     info = make_ort_fast(src, out, pre_act="float")
@@ -226,6 +228,34 @@ def test_exact_mode_matches_the_qdq_graph(trt_onnx, tmp_path):
     signed = tmp_path / "exact_int8.onnx"           # without step 6: ReLU clips int8 codes at 0
     make_ort_fast(src, signed, pre_act="float", uint8=False)
     np.testing.assert_allclose(_run(signed, x), _run(src, x), rtol=0, atol=1e-6)
+
+
+def test_uint8_weight_kernels_give_the_same_numbers(trt_onnx, fast):
+    """exact_int8=True (onnxruntime's uint8 x uint8 kernels, what CPUs without VNNI run) computes what this
+    CPU's default choice computes (exact on every CPU), for the Q/DQ graph and the fast path."""
+    x = trt_onnx[1].numpy()
+    for path in (trt_onnx[0], fast[0]):
+        sess = ort_session(path, quantize_bias=True, exact_int8=True)
+        forced = np.concatenate([sess.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
+        np.testing.assert_array_equal(forced, _run(path, x))
+
+
+def test_plain_onnxruntime_session_saturates_where_the_cpu_does(trt_onnx, tmp_path):
+    """Why yoloq's sessions set ``session.x64quantprecision`` on CPUs without VNNI: there a session with
+    onnxruntime's defaults runs the exact variant's int8 weights through ``vpmaddubsw`` and moves most
+    outputs (measured under an emulated AVX2-only CPU: 96,580 of 98,304 values, up to 2.6e-3)."""
+    from yoloq.runtime.ort import u8s8_saturates
+    if not u8s8_saturates():
+        pytest.skip("this CPU's uint8 x int8 kernels are exact (VNNI or not x86): no saturation to show")
+    src, images = trt_onnx
+    out = tmp_path / "exact.onnx"
+    make_ort_fast(src, out, pre_act="float")
+    x = images.numpy()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    plain = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    default = np.concatenate([plain.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
+    assert (np.abs(default - _run(src, x)) > 1e-4).mean() > 0.5
 
 
 def test_float_convs_get_dequantized_weights(trt_onnx, tmp_path):
@@ -260,7 +290,6 @@ def test_float_convs_get_dequantized_weights(trt_onnx, tmp_path):
     assert len(weight_q) == info.n_conv - info.folded_weights == 2        # stem, se1: the QLinearConvs
     dq_run = optimized_op_counts(folded).get("DequantizeLinear", 0)
     assert dq_run < optimized_op_counts(unfolded).get("DequantizeLinear", 0) - 5
-    from yoloq.runtime.ort import ort_session
     x = images[:1].numpy()
     for level in ("disable", "all"):                 # float biases in both
         outs = [ort_session(p, quantize_bias=False, level=level).run(None, {"images": x})[0] for p in (folded, unfolded)]
@@ -334,6 +363,11 @@ def test_lite_s_checkpoint_end_to_end(tmp_path):
     x = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
     ref, out = _run(trt, x), _run(tmp_path / "fast.onnx", x)
     assert np.abs(out[..., 4:] - ref[..., 4:]).mean() < 5e-3      # measured 1.4e-3 (scores 0..1)
+    # uint8 x uint8 kernels (what CPUs without VNNI run; forced here): the same numbers as this CPU's own
+    # exact kernels, and the export's shared weight zero points do not stop onnxruntime from loading it
+    for path in (trt, tmp_path / "fast.onnx"):
+        forced = ort_session(path, quantize_bias=True, exact_int8=True).run(None, {"images": x})[0]
+        np.testing.assert_array_equal(forced, _run(path, x))
 
 
 def test_bench_ratio_pairs_runs_of_the_same_block():

@@ -206,8 +206,10 @@ def run(args) -> int:
         if args.random_weights:
             print("note: --map with --random-weights measures an untrained model", file=sys.stderr)
         maps = evaluate_all(paths, qmodel, cfg, data_cfg, img_size, args.map, args.threads)
+    from yoloq.runtime.ort import integer_kernel_note
     header = (f"{cfg.model.name} @ {img_size}, batch {args.batch}, {args.threads} threads, onnxruntime "
-              f"{__import__('onnxruntime').__version__} CPU; {where}" + (f"; mAP on {args.map} val images" if maps else ""))
+              f"{__import__('onnxruntime').__version__} CPU, {integer_kernel_note()}; {where}"
+              + (f"; mAP on {args.map} val images" if maps else ""))
     print(format_table(repeats, maps, header, args.rounds))
     if args.profile:
         x = np.random.default_rng(0).random((args.batch, 3, img_size, img_size), dtype=np.float32)

@@ -161,3 +161,40 @@ def drop_unused_initializers(g: OnnxGraph) -> None:
     keep = [t for t in g.g.initializer if t.name in used]
     del g.g.initializer[:]
     g.g.initializer.extend(keep)
+
+
+def own_weight_zero_points(model: onnx.ModelProto) -> int:
+    """Give every integer-conv weight zero point (of a weight DequantizeLinear, or a QLinearConv's
+    ``w_zero_point``) its own initializer; returns how many were copied. Exporters share equal constants,
+    but onnxruntime's uint8-weight conversion (``session.x64quantprecision``) adds ``<zero point>_s8_2_u8``
+    once per conv and refuses to load a graph where two convs share one ("Attempt to replace the existing
+    tensor")."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    taken = set(inits) | {o for n in model.graph.node for o in n.output}
+    seen, copied = set(), 0
+    for node in model.graph.node:
+        if node.op_type == "QLinearConv" and len(node.input) > 5:
+            slot = 5
+        elif node.op_type == "DequantizeLinear" and len(node.input) > 2:
+            src = producer.get(node.input[0])
+            weight = node.input[0] in inits or (src is not None and src.op_type == "QuantizeLinear"
+                                                 and src.input[0] in inits)
+            if not weight:
+                continue
+            slot = 2
+        else:
+            continue
+        zp = node.input[slot]
+        if zp not in inits:
+            continue
+        if zp in seen:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[zp])
+            copy.name = next(f"{zp}_own{i}" for i in range(copied, copied + len(taken) + 1) if f"{zp}_own{i}" not in taken)
+            taken.add(copy.name)
+            model.graph.initializer.append(copy)
+            node.input[slot] = copy.name
+            copied += 1
+        seen.add(zp)
+    return copied

@@ -1,9 +1,10 @@
 """onnxruntime: session settings for yoloq's ONNX files and a predictor for ``yoloq.eval.evaluate``."""
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -22,6 +23,42 @@ VARIANT_KEY = "yoloq.variant"                     # ONNX metadata written by yol
 INTEGER_KERNEL_VARIANTS = ("ort-fast", "ort-exact")
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 
+# onnxruntime session entry (``kOrtSessionOptionsAvx2PrecisionMode``). onnxruntime's x86 uint8 x int8 integer
+# kernels (MLAS) without VNNI multiply with ``vpmaddubsw``, which adds each pair of neighbouring products into
+# int16 with saturation: 255*127 + 255*127 > 32767, so an integer conv whose large input codes meet large
+# weights of one sign gets a clipped sum (issue 27: the exact fast path differed on 96,580 of 98,304 outputs
+# of the test net on an AVX2-only EPYC). With this entry onnxruntime stores such weights as uint8 (zero point
+# + 128) and runs its uint8 x uint8 kernels, which widen to 16 bits first: exact, slower. onnxruntime itself
+# turns it on for every AVX2 CPU, VNNI or not, where VNNI's int8 kernels are exact and faster, so yoloq sets
+# it only where :func:`u8s8_saturates` says the int8 kernels clip.
+X64_QUANT_PRECISION = "session.x64quantprecision"
+AVX512_CORE = ("avx512_f", "avx512_bw", "avx512_dq", "avx512_vl")
+
+
+def u8s8_saturates(caps: Optional[Mapping] = None) -> bool:
+    """Whether onnxruntime's uint8 x int8 integer kernels saturate on this CPU. ``caps``: a mapping like
+    ``torch.cpu.get_capabilities()`` (CPUID through the cpuinfo library; default: this machine's).
+
+    Follows MLAS's kernel choice (``onnxruntime/core/mlas/lib/platform.cpp``, 1.32): with AVX-512 core
+    (F/BW/DQ/VL) the AVX-512 kernels, exact only with AVX512-VNNI; else with AVX2 the AVX2 kernels, exact only
+    with AVX-VNNI; without AVX2 the SSE2 kernels, which widen to 16 bits (exact), except Windows builds' SSE4.1
+    kernel (``pmaddubsw`` again). Other architectures (ARM's kernels widen or use dot products): False."""
+    caps = torch.cpu.get_capabilities() if caps is None else caps
+    if caps.get("architecture") not in ("x86_64", "x86"):
+        return False
+    if all(caps.get(flag, False) for flag in AVX512_CORE):
+        return not caps.get("avx512_vnni", False)
+    if caps.get("avx2", False):
+        return not caps.get("avx_vnni", False)
+    return sys.platform == "win32" and bool(caps.get("sse4_1", False))
+
+
+def integer_kernel_note() -> str:
+    """Which integer conv kernels yoloq's sessions run on this CPU (for benchmark headers)."""
+    if u8s8_saturates():
+        return "integer convs uint8 x uint8 (this CPU's uint8 x int8 kernels saturate: no VNNI)"
+    return "integer convs uint8 x int8"
+
 
 def onnx_variant(path: str | Path) -> Optional[str]:
     """The ``yoloq.variant`` metadata of an ONNX file (None for files yoloq did not write)."""
@@ -38,11 +75,23 @@ def wants_integer_kernels(path: str | Path) -> bool:
     return onnx_variant(path) in INTEGER_KERNEL_VARIANTS
 
 
+def _with_own_weight_zero_points(model: str | Path | bytes) -> str | Path | bytes:
+    """``model`` with one zero-point initializer per integer-conv weight (see ``own_weight_zero_points``)."""
+    import onnx
+    from yoloq.runtime.onnx_graph import own_weight_zero_points
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    return proto.SerializeToString() if own_weight_zero_points(proto) else model
+
+
 def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quantize_bias: bool = False,
-                level: str = "all", optimized_path: Optional[str] = None, profile_prefix: Optional[str] = None):
+                level: str = "all", optimized_path: Optional[str] = None, profile_prefix: Optional[str] = None,
+                exact_int8: Optional[bool] = None):
     """An onnxruntime CPU session. ``quantize_bias=False`` disables onnxruntime's int32 bias rounding
     (``BIAS_QUANTIZATION_OPTIMIZER``) so the session computes what the Q/DQ graph says; set it for
-    graphs meant to run integer kernels (``make_ort_fast`` output). ``level``: graph optimizations.
+    graphs meant to run integer kernels (``make_ort_fast`` output). On CPUs whose uint8 x int8 kernels
+    saturate (``u8s8_saturates``) the integer convs run onnxruntime's exact uint8 x uint8 kernels
+    (``X64_QUANT_PRECISION``; ``exact_int8``: None = where ``u8s8_saturates``, True/False = force, e.g. to
+    test that path on any x86 CPU). ``level``: graph optimizations.
     ``profile_prefix``: turn on onnxruntime's profiler (``session.end_profiling()`` returns the JSON)."""
     import onnxruntime as ort
 
@@ -62,6 +111,9 @@ def ort_session(model: str | Path | bytes, threads: Optional[int] = None, quanti
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
     options.log_severity_level = 3
+    if u8s8_saturates() if exact_int8 is None else exact_int8:    # exact integer convs without VNNI (above)
+        options.add_session_config_entry(X64_QUANT_PRECISION, "1")
+        model = _with_own_weight_zero_points(model)
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_OPTIMIZER]
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)

@@ -4,8 +4,9 @@ Why. The TensorRT variant (``export_onnx``) quantizes conv *inputs* and weights 
 the rest. onnxruntime 1.32's QDQ transformer (``qdq_selector_action_transformer.cc``) only replaces
 a Conv by ``QLinearConv`` for the exact unit ``DQ(x), DQ(w)[, DQ(b)] -> Conv -> Q`` (the Conv's only
 consumer a QuantizeLinear); otherwise it runs a float Conv on dequantized tensors, which is slower
-than FP32 (DESIGN.md §4: 1.4-1.6x). Other units it fuses: ``DQ -> {GlobalAveragePool, AveragePool,
-LeakyRelu, Sigmoid, Softmax} -> Q`` (QLinear* with lookup tables), ``DQ,DQ -> {Add, Mul} -> Q``,
+than FP32 (docs/results.md, onnxruntime CPU latency: 1.4x FP32 for YOLOv6-N/S, 1.9-2.4x for Lite).
+Other units it fuses: ``DQ -> {GlobalAveragePool, AveragePool, LeakyRelu, Sigmoid, Softmax} -> Q``
+(QLinear* with lookup tables), ``DQ,DQ -> {Add, Mul} -> Q``,
 ``DQ.. -> Concat -> Q`` (QLinearConcat), and it drops Q/DQ around MaxPool, Resize, Reshape,
 Transpose, Slice, ... when scales match. ``Relu -> Q`` is folded only when the Q's zero point is the
 type minimum (uint8 0 / int8 -128) — never for our symmetric int8 (zero point 0) quantizers — and
@@ -45,6 +46,15 @@ What :func:`make_ort_fast` changes (in this order), and what each costs in accur
    Those convs also keep a float bias (onnxruntime's int32 bias rounding only applies to convs with
    DQ weights).
 
+**Integer kernels on x86 CPUs without VNNI.** onnxruntime's uint8 x int8 kernels there (AVX2, or AVX-512
+without VNNI) add each pair of products into int16 with saturation, so a ``QLinearConv`` reading large codes
+with large weights is not exact: a plain onnxruntime session changed 96,580 of the tiny test net's 98,304
+outputs. yoloq's sessions (``yoloq.runtime.ort.ort_session``) set ``session.x64quantprecision`` on exactly
+those CPUs (``u8s8_saturates``): onnxruntime then runs such weights as uint8 with its exact uint8 x uint8
+kernels, and every rule above keeps its accuracy on every CPU. Anyone running these files in their own
+onnxruntime session on such a CPU must set that entry too (the files give each weight its own zero-point
+initializer, which onnxruntime's conversion needs to load them).
+
 Measured alternatives that do not help on onnxruntime 1.32 CPU (x86, AVX512-VNNI, 2 threads):
 ConvInteger (int32 out) + Cast/Mul/Add float requantization keeps numerics exact but ran 8x slower
 than FP32 on Lite-S; a 256-entry Gather lookup for HardSwish was slower than DQ/HardSigmoid/Mul/Q.
@@ -73,7 +83,8 @@ from yoloq.runtime.ort import ort_session
 from yoloq.io import atomic_write_bytes
 from yoloq.quant.scheme import QMAX
 from yoloq.runtime.onnx_export import set_variant
-from yoloq.runtime.onnx_graph import (OnnxGraph, dequantized_weight, drop_dead_nodes, drop_unused_initializers, scalar_init)
+from yoloq.runtime.onnx_graph import (OnnxGraph, dequantized_weight, drop_dead_nodes, drop_unused_initializers,
+                                     own_weight_zero_points, scalar_init)
 
 
 # Ops with Q(op(x)) == op(Q(x)) for one positive scale: pure data movement, or monotone selection.
@@ -408,6 +419,7 @@ def make_ort_fast(trt_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     if fold_weights:
         info.folded_weights = _fold_float_weights(g)
     drop_unused_initializers(g)
+    own_weight_zero_points(model)        # loadable with session.x64quantprecision (CPUs without VNNI)
     set_variant(model, "ort-exact" if pre_act == "float" else "ort-fast")
     onnx.checker.check_model(model)
     atomic_write_bytes(Path(out_path), model.SerializeToString())
