@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quantize one FP32 ONNX with one peer PTQ library (NNCF, AMD Quark, AIMET, onnxruntime).
+"""Quantize one FP32 ONNX with one peer PTQ library (NNCF, AMD Quark, AIMET, NVIDIA ModelOpt, onnxruntime).
 
 Run as a plain file by the peer benchmark (``yoloq.bench.peers``), usually with the interpreter of
 the peer's own virtual environment, so it needs only the peer library, numpy and onnx -- never

@@ -1,5 +1,5 @@
-"""Peer PTQ libraries (NNCF, AMD Quark, AIMET, onnxruntime) on the same FP32 ONNX and the same
-calibration images as yoloq, with TensorRT-like settings, each in a child process.
+"""Peer PTQ libraries (NNCF, AMD Quark, AIMET, NVIDIA ModelOpt, onnxruntime) on the same FP32 ONNX
+and the same calibration images as yoloq, with TensorRT-like settings, each in a child process.
 
 Each peer runs ``peer_child.py`` (next to this file) as a plain script, with an interpreter the
 caller chooses per peer (peers pin conflicting onnx / onnxruntime / torch / numpy versions, so each
