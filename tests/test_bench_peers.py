@@ -22,12 +22,12 @@ class TinyDetector(nn.Module):
     """Conv -> Hardswish -> depthwise conv -> SE (pool, conv, ReLU, conv, Hardsigmoid, product) ->
     1x1 conv -> a small decode (scale + add on the box part, sigmoid on the scores)."""
 
-    def __init__(self):
+    def __init__(self, width: int = 8):
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.se_reduce, self.se_expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
-        self.head = nn.Conv2d(8, 6, 1)
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.se_reduce, self.se_expand = nn.Conv2d(width, width // 2, 1), nn.Conv2d(width // 2, width, 1)
+        self.head = nn.Conv2d(width, 6, 1)
 
     def forward(self, x):
         x = nn.functional.hardswish(self.stem(x))
@@ -40,12 +40,9 @@ class TinyDetector(nn.Module):
 N_CONVS = 5
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(FP32 ONNX path, calibration .npy path) of the tiny detector."""
-    root = tmp_path_factory.mktemp("peers")
+def _tiny_files(root: Path, width: int = 8) -> tuple[Path, Path]:
     torch.manual_seed(0)
-    model = TinyDetector().eval()
+    model = TinyDetector(width).eval()
     path = root / "tiny.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -53,6 +50,19 @@ def tiny(tmp_path_factory):
                           opset_version=13, dynamic_axes={"images": {0: "batch"}}, dynamo=False)
     calib = peers.save_calibration([torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)], root / "calib.npy")
     return path, calib
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(FP32 ONNX path, calibration .npy path) of the tiny detector."""
+    return _tiny_files(tmp_path_factory.mktemp("peers"))
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """The tiny detector 16 channels wide: ModelOpt's INT8 rules skip convs narrower than that
+    (fewer than 16 input or output channels, unless a multiple of 8 with further conditions)."""
+    return _tiny_files(tmp_path_factory.mktemp("peers16"), width=16)
 
 
 def _settings(path, peer, variant, **kw):
@@ -93,7 +103,7 @@ def test_placement_check_flags_quantizers_outside_conv_inputs(tiny, tmp_path):
 def _peer_python(peer: str) -> str | None:
     """An interpreter that has ``peer``: $YOLOQ_PEER_PYTHON_<PEER>, then <venvs>/<peer>/bin/python,
     then this one when the library imports here."""
-    module = {"ort": "onnxruntime", "nncf": "nncf", "quark": "quark", "aimet": "aimet_onnx"}[peer]
+    module = peers.PEER_MODULES[peer]
     candidates = [os.environ.get(f"YOLOQ_PEER_PYTHON_{peer.upper()}"), str(VENVS / peer / "bin" / "python")]
     for python in candidates:
         if python and Path(python).is_file():
@@ -122,6 +132,87 @@ def test_trt_like_settings_quantize_only_conv_inputs_and_weights(tiny, tmp_path,
     expected_weights = N_CONVS - 2 if peer == "nncf" else N_CONVS
     assert placement["conv_weight"] == expected_weights, placement
     assert run.info["versions"]["onnx"]
+
+
+def _modelopt_python() -> str:
+    python = _peer_python("modelopt")
+    if python is None:
+        pytest.skip(f"NVIDIA ModelOpt not installed: no $YOLOQ_PEER_PYTHON_MODELOPT, no {VENVS}/modelopt/bin/python, "
+                    f"and modelopt does not import here ({peers.PEER_INSTALL['modelopt']})")
+    return python
+
+
+def _dq_consumers(model) -> dict[str, set[str]]:
+    """Node name -> the names of the DequantizeLinear outputs it reads."""
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name: set(n.input) & dq_outputs for n in model.graph.node}
+
+
+# the tiny calibration set has 8 images: a 32-image step is cut down to all 8
+@pytest.mark.parametrize("variant, method, step", [("conv_entropy", "entropy", 1), ("conv_max", "max", 1),
+                                                   ("conv_entropy_batch32", "entropy", 8)])
+def test_modelopt_conv_variants_quantize_every_conv_and_nothing_else(tiny16, tmp_path, variant, method, step):
+    python = _modelopt_python()
+    out = tmp_path / f"{variant}.onnx"
+    run = peers.run_peer("modelopt", variant, tiny16[0], tiny16[1], _settings(tiny16[0], "modelopt", variant), out,
+                         python=python, timeout=600)
+    assert run.ok, run.error
+    assert peers.qdq_placement(out) == {"conv_input": N_CONVS, "conv_weight": N_CONVS, "other": 0, "requantized": 0,
+                                        "unsigned": 0, "other_consumers": {}}
+    used = run.info["used"]
+    assert used["calibration_method"] == method and used["high_precision_dtype"] == "fp32"
+    assert used["calibration_shapes"] == f"images:{step}x3x16x16"
+    assert run.info["versions"]["nvidia-modelopt"]
+    quantized = onnx.load(str(out))                 # high_precision_dtype fp32: nothing converted to fp16
+    assert quantized.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in quantized.graph.initializer)
+
+
+def test_modelopt_default_op_set_quantizes_beyond_conv_and_honours_exclusions(tiny16, tmp_path):
+    """ModelOpt's own placement also quantizes the HardSwish / SE products (the 'other' column);
+    a node named in exclude_nodes keeps its inputs float (exact names, not prefixes)."""
+    python = _modelopt_python()
+    settings = _settings(tiny16[0], "modelopt", "default_entropy")
+    assert settings["quantize_op_types"] is None
+    settings["exclude_nodes"] = [*settings["exclude_nodes"], "/head/Conv"]
+    out = tmp_path / "default.onnx"
+    run = peers.run_peer("modelopt", "default_entropy", tiny16[0], tiny16[1], settings, out, python=python,
+                         timeout=600)
+    assert run.ok, run.error
+    placement = peers.qdq_placement(out)
+    assert placement["other"] > 0 and "Mul" in placement["other_consumers"], placement
+    assert placement["conv_weight"] == N_CONVS - 1, placement
+    reads = _dq_consumers(onnx.load(str(out)))
+    assert not reads["/head/Conv"] and reads["/dw/Conv"]
+
+
+def test_exact_name_patterns_match_only_the_named_node():
+    import re
+    from yoloq.bench.peer_child import exact_name_patterns
+    names = ["/decode/Mul", "/decode/Mul_1", "/neck/reduce.0/Conv", "/neck/reduceX0/Conv"]
+    patterns = exact_name_patterns(["/decode/Mul", "/neck/reduce.0/Conv"])
+    matched = [n for n in names if any(re.match(p, n) for p in patterns)]
+    assert matched == ["/decode/Mul", "/neck/reduce.0/Conv"]
+
+
+def test_modelopt_missing_says_how_to_install_it(tiny, tmp_path):
+    if importlib.util.find_spec("modelopt") is not None:
+        pytest.skip("modelopt imports in this interpreter: it is not missing here")
+    rows = peers.peer_rows(tiny[0], tiny[1], [("modelopt", "conv_entropy")],
+                           evaluate_onnx=lambda p: pytest.fail("not reached"), fp32_stats={"AP": 0.3},
+                           work_dir=tmp_path, pythons={"modelopt": sys.executable}, timeout=120,
+                           progress_print=lambda *_: None)
+    assert [(r["tool"], r["variant"]) for r in rows] == [("NVIDIA ModelOpt", "conv_entropy")]
+    error = rows[0]["error"]
+    assert f"nvidia-modelopt is not installed for {sys.executable}" in error
+    assert 'pip install "nvidia-modelopt[onnx]"' in error and "--peer-python modelopt=" in error
+    assert "ModuleNotFoundError: No module named 'modelopt'" in error
+
+
+def test_version_note_names_the_onnxruntime_package_the_peer_has():
+    assert peers._version_note("modelopt", {"nvidia-modelopt": "0.47.0", "onnxruntime-gpu": "1.24.4"}) == \
+        "nvidia-modelopt 0.47.0, onnxruntime-gpu 1.24.4"
+    assert peers._version_note("nncf", {"nncf": "3.4.0", "onnxruntime": "1.32.0"}) == "nncf 3.4.0, onnxruntime 1.32.0"
 
 
 def _missing_peer() -> str:
@@ -154,6 +245,7 @@ def test_crashing_child_gives_its_exception_and_leaves_no_output(tiny, tmp_path)
     out = tmp_path / "q.onnx"
     run = peers.run_peer("ort", "minmax", tiny[0], bad, _settings(tiny[0], "ort", "minmax"), out, timeout=120)
     assert not run.ok and "expected calibration images [N,3,H,W]" in run.error
+    assert "is not installed" not in run.error          # the install hint is only for a missing library
     assert not out.exists()
 
 
@@ -167,6 +259,9 @@ def test_peer_requests_are_checked():
     assert peers.parse_peer_specs(["nncf:default", "aimet"]) == [("nncf", "default")] + [
         ("aimet", v) for v in peers.PEER_VARIANTS["aimet"]]
     assert peers.parse_peer_specs(["default"]) == [tuple(s.split(":")) for s in peers.DEFAULT_PEERS]
+    assert peers.parse_peer_specs(["modelopt"]) == [("modelopt", v) for v in
+                                                    ("conv_entropy", "conv_max", "default_entropy", "default_max",
+                                                     "conv_entropy_batch32")]
     with pytest.raises(peers.PeerError, match="unknown peer 'tensorrt'"):
         peers.parse_peer_specs(["tensorrt"])
     with pytest.raises(peers.PeerError, match="unknown variant 'fast' of peer 'nncf'"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quantize one FP32 ONNX with one peer PTQ library (NNCF, AMD Quark, AIMET, onnxruntime).
+"""Quantize one FP32 ONNX with one peer PTQ library (NNCF, AMD Quark, AIMET, NVIDIA ModelOpt, onnxruntime).
 
 Run as a plain file by the peer benchmark (``yoloq.bench.peers``), usually with the interpreter of
 the peer's own virtual environment, so it needs only the peer library, numpy and onnx -- never
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-PEER_PACKAGES = {"nncf": "nncf", "quark": "amd-quark", "aimet": "aimet-onnx", "ort": "onnxruntime"}
+PEER_PACKAGES = {"nncf": "nncf", "quark": "amd-quark", "aimet": "aimet-onnx", "ort": "onnxruntime",
+                 "modelopt": "nvidia-modelopt"}
 
 
 def calibration_feeds(calib: np.ndarray, input_name: str, batch_size: int) -> list[dict]:
@@ -205,12 +206,45 @@ def quantize_aimet(model_path: str, feeds: list[dict], settings: dict, out: str)
             "config": AIMET_CONFIG, "activation_quantizers_kept": kept}
 
 
-QUANTIZERS = {"ort": quantize_ort, "nncf": quantize_nncf, "quark": quantize_quark, "aimet": quantize_aimet}
+# --------------------------------------------------------------------------- NVIDIA ModelOpt
+
+
+def exact_name_patterns(names) -> list[str]:
+    """Node names as patterns that match only themselves: ModelOpt reads ``nodes_to_exclude`` as
+    regular expressions with ``re.match`` (a prefix match), and ONNX names hold '.' and '/'."""
+    import re
+    return [re.escape(name) + "$" for name in names]
+
+
+def quantize_modelopt(model_path: str, calib: np.ndarray, settings: dict, out: str) -> dict:
+    """``modelopt.onnx.quantization.quantize`` in INT8 mode, calibrated with onnxruntime's CPU
+    provider, the model kept in float32 around the Q/DQ. Its own TensorRT rules decide the rest:
+    symmetric int8, per-channel conv weights, no output quantizers, its conv size filter and, with
+    ``quantize_op_types`` None, its default op set and fusion-pattern placement (Add, pools, ... too)."""
+    from modelopt.onnx.quantization import quantize
+
+    options = {"quantize_mode": "int8", "calibration_method": settings["calibration"],
+               "calibration_eps": ["cpu"], "high_precision_dtype": "fp32",
+               "op_types_to_quantize": settings["quantize_op_types"],
+               "nodes_to_exclude": exact_name_patterns(settings["exclude_nodes"]),
+               "calibrate_per_node": settings.get("calibrate_per_node", False), "log_level": "WARNING"}
+    # ModelOpt cuts calibration_data [N,3,H,W] into steps of calibration_shapes' batch (its default
+    # for a dynamic batch dim: 1); entropy merges one histogram per step, so the step size matters
+    batch = max(1, min(int(settings.get("batch_size", 1)), len(calib)))
+    options["calibration_shapes"] = f"{settings['input_name']}:" + "x".join(map(str, (batch, *calib.shape[1:])))
+    quantize(model_path, calibration_data=np.ascontiguousarray(calib, dtype=np.float32), output_path=out, **options)
+    return {**options, "nodes_to_exclude": f"{len(options['nodes_to_exclude'])} decode nodes (exact names)"}
+
+
+QUANTIZERS = {"ort": quantize_ort, "nncf": quantize_nncf, "quark": quantize_quark, "aimet": quantize_aimet,
+              "modelopt": quantize_modelopt}
+# quantizers that take the calibration array itself instead of onnxruntime feeds
+ARRAY_QUANTIZERS = frozenset({"modelopt"})
 
 
 def versions(peer: str) -> dict:
     found = {}
-    for package in (PEER_PACKAGES[peer], "onnx", "onnxruntime", "numpy", "torch"):
+    for package in (PEER_PACKAGES[peer], "onnx", "onnxruntime", "onnxruntime-gpu", "numpy", "torch"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -228,7 +262,7 @@ def run(peer: str, model: str, calib_path: str, settings: dict, out: str) -> dic
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp.onnx")
     start = time.perf_counter()
-    used = QUANTIZERS[peer](model, feeds, settings, str(tmp))
+    used = QUANTIZERS[peer](model, calib if peer in ARRAY_QUANTIZERS else feeds, settings, str(tmp))
     seconds = time.perf_counter() - start
     onnx.checker.check_model(str(tmp))
     os.replace(tmp, out_path)

@@ -1,5 +1,5 @@
-"""Peer PTQ libraries (NNCF, AMD Quark, AIMET, onnxruntime) on the same FP32 ONNX and the same
-calibration images as yoloq, with TensorRT-like settings, each in a child process.
+"""Peer PTQ libraries (NNCF, AMD Quark, AIMET, NVIDIA ModelOpt, onnxruntime) on the same FP32 ONNX
+and the same calibration images as yoloq, with TensorRT-like settings, each in a child process.
 
 Each peer runs ``peer_child.py`` (next to this file) as a plain script, with an interpreter the
 caller chooses per peer (peers pin conflicting onnx / onnxruntime / torch / numpy versions, so each
@@ -56,10 +56,31 @@ PEER_VARIANTS: dict[str, dict[str, dict]] = {
         "cle": {"calibration": "minmax", "algorithms": ["cle"]},
         "cle_adaround": {"calibration": "minmax", "algorithms": ["cle", "adaround"]},
     },
+    # NVIDIA ModelOpt's ONNX INT8 PTQ; its calibration methods are entropy (its default) and max.
+    # conv_*: Q/DQ only on Conv inputs and weights; default_*: its own op set and TensorRT placement
+    "modelopt": {
+        "conv_entropy": {"calibration": "entropy"},
+        "conv_max": {"calibration": "max"},
+        "default_entropy": {"calibration": "entropy", "quantize_op_types": None},
+        "default_max": {"calibration": "max", "quantize_op_types": None},
+        "conv_entropy_batch32": {"calibration": "entropy", "batch_size": 32},   # 32 images per calibration step
+    },
 }
-PEER_TOOL_NAMES = {"ort": "onnxruntime-trt", "nncf": "NNCF", "quark": "AMD Quark", "aimet": "AIMET"}
+PEER_TOOL_NAMES = {"ort": "onnxruntime-trt", "nncf": "NNCF", "quark": "AMD Quark", "aimet": "AIMET",
+                   "modelopt": "NVIDIA ModelOpt"}
+# the module each peer's child imports, and how to give a peer its own interpreter (docs/peers.md)
+PEER_MODULES = {"ort": "onnxruntime", "nncf": "nncf", "quark": "quark", "aimet": "aimet_onnx", "modelopt": "modelopt"}
+PEER_INSTALL = {
+    "ort": "pip install onnxruntime",
+    "nncf": "python3 -m venv /work/venvs/nncf && /work/venvs/nncf/bin/pip install nncf onnx onnxruntime numpy",
+    "quark": "python3 -m venv /work/venvs/quark && /work/venvs/quark/bin/pip install amd-quark onnx onnxruntime "
+             "numpy torch",
+    "aimet": "python3 -m venv /work/venvs/aimet && /work/venvs/aimet/bin/pip install aimet-onnx",
+    "modelopt": 'python3 -m venv /work/venvs/modelopt && /work/venvs/modelopt/bin/pip install "nvidia-modelopt[onnx]"',
+}
 DEFAULT_PEERS = ("nncf:default", "nncf:smoothquant", "quark:minmax", "quark:percentile", "quark:minmax_cle",
-                 "quark:cle_adaround", "quark:cle_adaquant", "aimet:minmax", "aimet:cle", "aimet:cle_adaround")
+                 "quark:cle_adaround", "quark:cle_adaquant", "aimet:minmax", "aimet:cle", "aimet:cle_adaround",
+                 "modelopt:conv_entropy", "modelopt:conv_max", "modelopt:default_entropy")
 # Ops a quantizer may sit in front of while it still quantizes only what a Conv reads: they move or
 # select values (a per-tensor scale commutes with them).
 PASS_THROUGH_OPS = frozenset({"Reshape", "Transpose", "Slice", "Split", "Concat", "MaxPool", "Resize", "Identity",
@@ -295,12 +316,24 @@ def run_peer(peer: str, variant: str, fp32_onnx: Path, calib_npy: Path, settings
                        f"timed out after {timeout:.0f} s: {_tail(_read_tail(log))}")
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        return PeerRun(peer, variant, out, seconds, f"exit code {done.returncode}: {_tail(_read_tail(log))}")
+        output = _read_tail(log)
+        return PeerRun(peer, variant, out, seconds,
+                       f"exit code {done.returncode}: {missing_library_hint(peer, python, output)}{_tail(output)}")
     if not out.is_file():
         return PeerRun(peer, variant, out, seconds, f"exit code 0 but no output file {out}")
     info_path = Path(str(out) + ".info.json")
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     return PeerRun(peer, variant, out, seconds, info=info)
+
+
+def missing_library_hint(peer: str, python: str, output: str) -> str:
+    """'<package> is not installed for <python>: ...' when the child's output shows that the peer's
+    own module failed to import; '' for any other failure."""
+    from yoloq.bench.peer_child import PEER_PACKAGES
+    if f"No module named '{PEER_MODULES[peer]}'" not in output:
+        return ""
+    return (f"{PEER_PACKAGES[peer]} is not installed for {python}; install it in its own venv "
+            f"({PEER_INSTALL[peer]}) and pass --peer-python {peer}=<venv>/bin/python (docs/peers.md) | ")
 
 
 def peer_rows(fp32_onnx: Path, calib_npy: Path, specs: Sequence[tuple[str, str]], evaluate_onnx: Callable,
@@ -348,4 +381,6 @@ def peer_rows(fp32_onnx: Path, calib_npy: Path, specs: Sequence[tuple[str, str]]
 def _version_note(peer: str, versions: dict) -> str:
     from yoloq.bench.peer_child import PEER_PACKAGES  # a plain module: importing it needs numpy + onnx only
     package = PEER_PACKAGES[peer]
-    return f"{package} {versions.get(package, '?')}, onnxruntime {versions.get('onnxruntime', '?')}"
+    ort = next((f"{name} {versions[name]}" for name in ("onnxruntime", "onnxruntime-gpu") if name in versions),
+               "onnxruntime ?")
+    return f"{package} {versions.get(package, '?')}, {ort}"

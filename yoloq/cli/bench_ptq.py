@@ -15,8 +15,9 @@ per_channel=True) with MinMax / Entropy / Percentile (S8S8) and MinMax U8S8 over
 default), and MinMax / Entropy / Percentile S8S8 restricted to Conv (``_conv``: decode left float, a
 fair like-for-like with TensorRT placement); run with onnxruntime CPU. Writes <out>/bench.md, bench.json and bench.png.
 Peers (``--peers default`` or PEER:VARIANT; ``yoloq.bench.peers``): NNCF, AMD Quark, AIMET with
-TensorRT-like settings, each in a child process with its own interpreter (``--peer-python
-nncf=/work/venvs/nncf/bin/python``); see docs/peers.md.
+TensorRT-like settings and NVIDIA ModelOpt (its ONNX INT8 PTQ), each in a child process with its own
+interpreter (``--peer-python nncf=/work/venvs/nncf/bin/python modelopt=/work/venvs/modelopt/bin/python``);
+see docs/peers.md.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def build_parser(prog: str = "yoloq bench-ptq"):
     p.add_argument("--ort-variants", nargs="+", default=list(ORT_VARIANTS), choices=ORT_VARIANTS)
     p.add_argument("--skip-yoloq", action="store_true")
     p.add_argument("--skip-ort", action="store_true")
-    # peers (yoloq.bench.peers): NNCF / AMD Quark / AIMET, each in a child process with its own interpreter
+    # peers (yoloq.bench.peers): NNCF / AMD Quark / AIMET / ModelOpt, each in a child process with its own interpreter
     p.add_argument("--peers", nargs="+", default=[],
                    help="PEER or PEER:VARIANT, or 'default' for " + " ".join(DEFAULT_PEERS) +
                         " (all: yoloq.bench.peers.PEER_VARIANTS); none by default")
