@@ -18,8 +18,10 @@ from yoloq.models.detector import Decode                               # noqa: E
 from yoloq.quant.learnable import QuantizerDivergenceError, learnable_quantizers, quantizer_parameters  # noqa: E402
 from yoloq.quant.swap import swap_quantizers                          # noqa: E402
 from yoloq.recipes.qat.losses import cwd_loss, head_loss                       # noqa: E402
-from yoloq.recipes.qat.trainer import (build_optimizer, check_optimizer_covers_quantizers, fit,  # noqa: E402
-                                       make_teacher, make_train_loader, parameter_groups)
+from yoloq.recipes.qat.step import (DistillStep, QuantizerGroupError, build_optimizer,  # noqa: E402
+                                    check_optimizer_covers_quantizers, make_teacher, parameter_groups, qat_loop)
+from yoloq.train.dataset import make_train_loader                     # noqa: E402
+from yoloq.train.engine import fit as engine_fit                      # noqa: E402
 from conftest import REPO, SHARED  # noqa: E402
 
 
@@ -102,7 +104,12 @@ def student_teacher(kind="lsqplus", mode="symmetric"):
 
 
 def loader_of(data: torch.Tensor, batch_size: int, seed: int = 0):
-    return make_train_loader(torch.utils.data.TensorDataset(data), batch_size, 0, seed)
+    return make_train_loader(torch.utils.data.TensorDataset(data), batch_size, 0, seed, collate_fn=None)
+
+
+def fit(student, teacher, loader, cfg, epochs, **kw):
+    """The training engine with the distillation step, as ``yoloq qat`` runs it."""
+    return engine_fit(student, loader, DistillStep(student, teacher, cfg), qat_loop(cfg, epochs), **kw)
 
 
 # --------------------------------------------------------------------------- losses
@@ -139,6 +146,8 @@ def test_head_loss_zero_at_teacher_and_weighted_by_confidence():
 def test_parameter_groups_and_quantizer_assertion():
     student, _ = student_teacher("lsqplus", "offset")
     groups = {g["name"]: g for g in parameter_groups(student, qcfg(lr=0.5, quantizer_lr=0.25))}
+    assert list(groups) == ["decay", "no_decay", "bias", "quantizers", "weight_scales"]   # the engine's + QAT's
+    assert groups["no_decay"]["params"] == []                # fused: no BatchNorm left
     qids = {id(p) for p in quantizer_parameters(student)}
     assert {id(p) for p in groups["quantizers"]["params"] + groups["weight_scales"]["params"]} == qids
     assert groups["quantizers"]["weight_decay"] == 0 and groups["weight_scales"]["weight_decay"] == 0
@@ -146,7 +155,8 @@ def test_parameter_groups_and_quantizer_assertion():
     same = {g["name"]: g for g in parameter_groups(student, qcfg(lr=0.5, weight_scale_lr=None))}
     assert same["weight_scales"]["lr"] == 0.5            # None: the weights' learning rate
     assert all(p.dim() == 1 for p in groups["weight_scales"]["params"])
-    assert all(p.dim() > 1 for p in groups["weights"]["params"])
+    assert all(p.dim() > 1 for p in groups["decay"]["params"]) and groups["decay"]["weight_decay"] == 5e-5
+    assert all(p.dim() == 1 for p in groups["bias"]["params"]) and groups["bias"]["weight_decay"] == 0
     all_ids = [id(p) for g in groups.values() for p in g["params"]]
     assert sorted(all_ids) == sorted({id(p) for p in student.parameters()})        # each exactly once
     opt = build_optimizer(student, qcfg())
@@ -154,10 +164,10 @@ def test_parameter_groups_and_quantizer_assertion():
     # upstream's mistake: an optimizer over the conv parameters only
     convs_only = torch.optim.SGD([{"name": "weights", "params": [p for p in student.parameters()
                                                                  if id(p) not in qids]}], lr=0.1)
-    with pytest.raises(AssertionError, match="not in the optimizer's quantizer group"):
+    with pytest.raises(QuantizerGroupError, match="not in the optimizer's quantizer group"):
         check_optimizer_covers_quantizers(student, convs_only)
     next(iter(learnable_quantizers(student).values())).scale.requires_grad_(False)
-    with pytest.raises(AssertionError, match="does not require grad"):
+    with pytest.raises(QuantizerGroupError, match="does not require grad"):
         check_optimizer_covers_quantizers(student, opt)
 
 
@@ -201,13 +211,13 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert len(part.history) == 1 and (tmp_path / "part" / "last.pt").is_file()
     resumed, _ = run(tmp_path / "part", resume=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    for key, value in full.last_state.items():
-        assert torch.equal(value, resumed.last_state[key]), key
+    for key, value in full.model_state.items():
+        assert torch.equal(value, resumed.model_state[key]), key
     assert resumed.best_epoch == full.best_epoch
     assert [r["AP"] for r in resumed.history] == [r["AP"] for r in full.history]
     student, teacher = student_teacher("lsqplus", "offset")
     loader, sampler = loader_of(data, 4)
-    with pytest.raises(ValueError, match="these differ: run: 1 -> 2"):
+    with pytest.raises(ValueError, match="differs from this one: run: 1 -> 2"):
         fit(student, teacher, loader, cfg, 2, sampler=sampler, out_dir=tmp_path / "part", resume=True,
             fingerprint={"run": 2})
 
@@ -242,10 +252,10 @@ def test_exploding_loss_and_collapsed_map_stop_the_run(tmp_path):
     student, _ = student_teacher("pact")
     terms = lambda v: {"loss": torch.tensor(v), "cwd": torch.tensor(v / 2)}            # noqa: E731
     for _ in range(5):
-        guard.check_loss(terms(1.0), "epoch 1 step 1", student, images(1))
-    guard.check_loss(terms(9.0), "epoch 1 step 6", student, images(1))               # 9x: still allowed
+        guard.check_loss(torch.tensor(1.0), terms(1.0), "epoch 1 step 1")
+    guard.check_loss(torch.tensor(9.0), terms(9.0), "epoch 1 step 6")               # 9x: still allowed
     with pytest.raises(QuantizerDivergenceError, match=r"epoch 1 step 7: the loss exploded to 20.*cwd 10"):
-        guard.check_loss(terms(20.0), "epoch 1 step 7", student, images(1))
+        guard.check_loss(torch.tensor(20.0), terms(20.0), "epoch 1 step 7")
     guard.check_map(0.05, 0.30, 1)
     with pytest.raises(QuantizerDivergenceError, match=r"epoch 2: val AP collapsed to 0.10 from 30.00"):
         guard.check_map(0.001, 0.30, 2)
@@ -269,7 +279,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str):
         student, teacher = student_teacher("lsqplus", "offset")
         loader, sampler = loader_of(images(16), 2)              # per rank 2 images a step
         result = fit(student, teacher, loader, qcfg(), 2, sampler=sampler)
-        torch.save(result.last_state, f"{out}.{rank}")
+        torch.save(result.model_state, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -281,7 +291,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_combined_batch(tmp_pat
     s1 = torch.load(f"{out}.1", weights_only=True)
     student, teacher = student_teacher("lsqplus", "offset")
     loader, sampler = loader_of(images(16), 4)                  # one process, 2 x 2 images a step
-    single = fit(student, teacher, loader, qcfg(), 2, sampler=sampler).last_state
+    single = fit(student, teacher, loader, qcfg(), 2, sampler=sampler).model_state
     for key in single:
         assert torch.equal(s0[key], s1[key]), key               # ranks stay in sync
         assert torch.allclose(s0[key], single[key], rtol=1e-4, atol=1e-6), key

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,13 +248,22 @@ class SkippingLoader:
                 yield images, metas
 
 
+def quiet_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process: a signal sent to the whole
+    process group (a terminal, ``timeout``, a scheduler) would otherwise print a traceback per worker
+    or make the main process fail on a killed worker; the main process stops them and reports once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: CocoDetectionDataset, batch_size: int, workers: int,
                 shuffle: bool = False, seed: int = 0) -> SkippingLoader:
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=max(0, workers),
-                        collate_fn=collate_skip_failed, generator=generator)
+                        collate_fn=collate_skip_failed, generator=generator,
+                        worker_init_fn=quiet_worker if workers > 0 else None)
     return SkippingLoader(loader, dataset)
 
 
