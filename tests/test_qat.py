@@ -302,23 +302,19 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_combined_batch(tmp_pat
 
 @pytest.mark.slow
 def test_run_qat_end_to_end_on_lite_s(tmp_path):
+    """PTQ with the config's transforms (bias correction changes the weights), then QAT: outputs, the
+    QAT checkpoint, and an FP32 column that is the PTQ report's (the FP32 model on the same images)."""
     if not (SHARED / "weights" / "yolov6lite_s.pt").is_file() or not (SHARED / "coco").is_dir():
         pytest.skip(f"shared weights / COCO subset not found under {SHARED}")
-    from yoloq.config import load_config, load_data_config
-    from yoloq.quant.calibrate import calibrate
-    from yoloq.quant.prepare import prepare
-    from yoloq.models import load_model
+    from yoloq.config import load_config
+    from yoloq.recipes.ptq import run_ptq
     from yoloq.recipes.qat.run import load_qat, run_qat
-    from yoloq.quant.checkpoint import save_quantized
-    from yoloq.data.coco import calibration_loader
 
     cfg = load_config(REPO / "configs" / "yolov6lite_s.yaml")
-    qmodel = prepare(load_model(cfg.model))
-    data_cfg = load_data_config(cfg.data)
-    calibrate(qmodel, [b for b, _ in calibration_loader(data_cfg, 8, 320, 8, 0)], "max", progress=False)
+    ptq = run_ptq(cfg, out=str(tmp_path / "ptq"), name="lite_max", progress=False, plots=False, max_images=4,
+                  quant={"calib": "max", "calib_images": 8, "sensitivity": "off", "diagnose": False,
+                         "bias_correction": True, "transform_images": 8})
     ptq_dir = tmp_path / "ptq" / "lite_max"
-    save_quantized(qmodel, ptq_dir / "quant.pt", meta={"name": "lite_max"})
-
     result = run_qat(cfg, from_dir=str(ptq_dir), max_images=4, out=str(tmp_path / "qat"), progress=False,
                      qat={"quantizer": "pact", "epochs": 1, "images": 8, "batch_size": 4, "workers": 0})
     out = tmp_path / "qat" / "lite_max_pact"
@@ -326,6 +322,7 @@ def test_run_qat_end_to_end_on_lite_s(tmp_path):
         assert (out / f).is_file(), f
     r = result.report
     assert {"fp32", "ptq", "qat", "qat_last"} <= set(r) and 0 <= r["qat"]["AP"] <= 1
+    assert r["fp32"] == pytest.approx(ptq.fp32) and r["ptq"]["AP"] == pytest.approx(ptq.int8["AP"])
     model, meta = load_qat(out / "quant.pt")
     assert meta["qat"] == "pact" and meta["best_epoch"] == 1
     x = torch.rand(1, 3, 320, 320)
