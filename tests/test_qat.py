@@ -222,6 +222,33 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
             fingerprint={"run": 2})
 
 
+def test_a_last_pt_of_the_qat_loop_before_the_one_engine_resumes(tmp_path):
+    """QAT's last.pt before the one engine: the student under 'student', a scheduler, no scaler,
+    optimizer groups without the (empty) no_decay group. Resuming from it gives the uninterrupted run."""
+    data, cfg = images(12), qcfg(epochs=2)
+
+    def run(out, **kw):
+        student, teacher = student_teacher("lsqplus", "offset")
+        loader, sampler = loader_of(data, 4)
+        return fit(student, teacher, loader, cfg, 2, sampler=sampler, evaluate=_tiny_eval, out_dir=out,
+                   fingerprint={"run": 1}, **kw)
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "old", stop_after_epoch=1)
+    last = tmp_path / "old" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert groups[1]["name"] == "no_decay" and groups[1]["params"] == []
+    old = {k: v for k, v in state.items() if k not in ("model", "scaler", "opt_step")}
+    old["student"] = state["model"]
+    old["optimizer"] = {**state["optimizer"], "param_groups": [groups[0], *groups[2:]]}
+    torch.save(old, last)
+    resumed = run(tmp_path / "old", resume=True)
+    for key, value in full.model_state.items():
+        assert torch.equal(value, resumed.model_state[key]), key
+    assert [r["AP"] for r in resumed.history] == [r["AP"] for r in full.history]
+
+
 def test_nan_and_exploding_scales_stop_with_the_quantizer_name():
     student, teacher = student_teacher("lsqplus", "symmetric")
     name, q = next(iter(learnable_quantizers(student).items()))

@@ -125,7 +125,7 @@ def test_repopt_qat_masks_are_the_repopt_update_of_the_folded_kernel(tmp_path):
 # --------------------------------------------------------------------------- inputs, failures, noise
 
 
-def test_resume_without_last_pt_and_scales_on_a_non_repopt_model_are_refused(tmp_path):
+def test_resume_without_last_pt_scales_on_a_non_repopt_model_and_a_missing_device_are_refused(tmp_path):
     from yoloq.recipes.qat import QATError
     cfg, ptq = _setup(tmp_path)
     out = tmp_path / "qat"
@@ -133,6 +133,10 @@ def test_resume_without_last_pt_and_scales_on_a_non_repopt_model_are_refused(tmp
         run_qat(cfg, from_dir=str(ptq), out=str(out), name="never", resume=True, progress=False)
     with pytest.raises(QATError, match="'tiny_repvgg' .* is not a RepOpt model"):
         run_qat(cfg, from_dir=str(ptq), out=str(out), name="s", progress=False, qat={"scales": str(cfg)})
+    from yoloq.device import DeviceError
+    for device in ("tpu", "cuda:99"):
+        with pytest.raises(DeviceError, match=f"device '{device}'"):
+            run_qat(cfg, from_dir=str(ptq), out=str(out), name="d", progress=False, device=device)
     assert not out.exists()
 
 

@@ -40,8 +40,8 @@ from yoloq.report.run_log import RunLogger
 from yoloq.safe_load import load_plain
 from yoloq.train.errors import TrainError
 from yoloq.train.guard import Guard
-from yoloq.train.run_files import check_same_run, logs_removed_on_failure, read_best
 from yoloq.train.optim import make_ema
+from yoloq.train.run_files import check_same_run, logs_removed_on_failure, read_best
 from yoloq.weights import save_checkpoint
 
 
@@ -193,7 +193,7 @@ class _Engine:
         check_same_run(state.get("fingerprint"), self.fingerprint, path)
         try:
             self.model.load_state_dict(state["model"] if "model" in state else state["student"])
-            self.opt.load_state_dict(state["optimizer"])
+            self.opt.load_state_dict(self._old_qat_groups(state) if "student" in state else state["optimizer"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
             if self.optim.scheduler is not None and "scheduler" in state:
@@ -209,6 +209,15 @@ class _Engine:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise TrainError(f"{path}: not a last.pt this run can continue ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+    def _old_qat_groups(self, state: dict) -> dict:
+        """A QAT last.pt from before the one engine has no (empty) ``no_decay`` group: add it."""
+        saved = state["optimizer"]
+        if len(saved["param_groups"]) != len(self.opt.param_groups) - 1 or self.opt.param_groups[1]["params"]:
+            return saved
+        empty = {k: v for k, v in self.opt.param_groups[1].items() if k != "params"}
+        groups = saved["param_groups"]
+        return {**saved, "param_groups": [groups[0], {**empty, "params": []}, *groups[1:]]}
 
     # ------------------------------------------------------------------ one epoch
     def _forward(self, images: torch.Tensor):
