@@ -278,3 +278,18 @@ def test_custom_l2_enters_the_training_loss(tmp_path):
 def test_history_csv_has_one_row_per_epoch_and_all_columns():
     text = history_csv([{"epoch": 1, "cls": 0.5}, {"epoch": 2, "cls": 0.25, "AP": 0.1}])
     assert text.splitlines() == ["epoch,cls,AP", "1,0.5,", "2,0.25,0.1"]
+
+
+def test_default_workers_fit_the_machine(tmp_path):
+    """train / qat default to this machine's cores - 1 DataLoader workers (at most 4 / 2), so a small
+    machine gets no PyTorch warning about more workers than it can run."""
+    import os
+    import warnings
+    from yoloq.config import QATConfig
+    cores = len(os.sched_getaffinity(0))
+    assert TrainConfig().workers == max(0, min(4, cores - 1)) and QATConfig().workers == max(0, min(2, cores - 1))
+    ds = dataset_of(synthetic_records(tmp_path / "img", n=2), augment=AugmentConfig(mosaic=0.0))
+    loader, _ = make_train_loader(ds, 2, TrainConfig().workers, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # PyTorch's "... worker processes in total" warning
+        assert sum(len(images) for images, _ in loader) == 2

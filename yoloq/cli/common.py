@@ -4,10 +4,10 @@ Rule for every tool: an error caused by the user's input (``yoloq.errors.YoloqEr
 or unwritable file) prints ``error: <message>`` and exits with code 2; only bugs show a
 traceback. SIGTERM (``timeout``, batch schedulers, ``docker stop``) raises ``Terminated`` so the
 same clean-up runs as for Ctrl-C (staging folders removed, temporary files deleted). Sent to the
-whole process group, SIGTERM also reaches DataLoader workers: they leave it to the main process
-(``yoloq.data.coco.quiet_worker``; a worker forked a moment before has only inherited the handler
-below, which ignores it there), and an error it causes in the main process (a worker that died)
-is reported as the termination it is, once.
+whole process group, SIGTERM also reaches DataLoader workers: PyTorch's worker handler ends them
+without output (a worker forked a moment before has only inherited the handler below, which ignores
+it there), and what their end causes in the main process -- an error from a killed worker, raised
+in the run or inside a ``__del__`` -- is reported as the termination it is, once.
 """
 from __future__ import annotations
 
@@ -45,13 +45,15 @@ def _on_sigterm(signum, frame):
 def _on_unraisable(info) -> None:
     """``Terminated`` raised inside a ``__del__`` (a DataLoader iterator joining its workers) is
     swallowed by Python: send SIGTERM again a moment later, from a thread, so that it is raised
-    after the ``__del__``, where the run can stop."""
+    after the ``__del__``, where the run can stop. Other errors in a ``__del__`` after SIGTERM (a
+    worker the signal killed) are part of the termination: no traceback for them."""
     if isinstance(info.exc_value, Terminated):
         timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
         timer.daemon = True
         timer.start()
         return
-    _sigterm["unraisable"](info)
+    if not _sigterm["received"]:
+        _sigterm["unraisable"](info)
 
 
 def quiet_known_warnings() -> None:

@@ -249,11 +249,11 @@ class SkippingLoader:
 
 
 def quiet_worker(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C and SIGTERM to the main process: a signal sent to the whole
-    process group (a terminal, ``timeout``, a scheduler) would otherwise print a traceback per worker
-    or make the main process fail on a killed worker; the main process stops them and reports once."""
+    """DataLoader workers leave Ctrl-C to the main process (a terminal sends SIGINT to the whole
+    process group; each worker would print a traceback). SIGTERM keeps PyTorch's worker handler: a
+    worker it kills dies without output, and the main process reports the termination once
+    (``yoloq.cli.common``); ignoring it instead could leave the main process waiting for workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: CocoDetectionDataset, batch_size: int, workers: int,
