@@ -353,37 +353,46 @@ def fit(model: nn.Module, loader: Iterable, step: Step, loop: Loop, *, sampler=N
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = loop.bn_momentum
     out_dir = Path(out_dir) if out_dir is not None else None
-    run = _Engine(model, loader, step, loop, device, out_dir, fingerprint, extra)
-    if resume:
-        last = out_dir / "last.pt" if out_dir is not None else None
-        if last is None or not last.is_file():
-            raise TrainError(f"--resume: no checkpoint to continue at {last} (start the run without --resume)")
-        run.restore(last)
-    with logs_removed_on_failure(out_dir if run.rank == 0 else None):
-        logger = RunLogger(out_dir, enabled=run.rank == 0,
-                           resume_step=run.start_epoch * len(loader) if resume else None)
-        try:
-            for epoch in range(run.start_epoch, loop.epochs):
-                for obj in (sampler, dataset):
-                    if hasattr(obj, "set_epoch"):
-                        obj.set_epoch(epoch)
-                if hasattr(dataset, "set_mosaic"):
-                    dataset.set_mosaic(epoch < loop.epochs - loop.close_mosaic_epochs)
-                row = run.train_epoch(epoch, logger, progress and run.rank == 0)
-                run.end_epoch(row, evaluate)
-                logger.epoch(run.history)
-                if progress and run.rank == 0:
-                    tqdm.write(epoch_line(row, loop.epochs))
-                if run.world > 1:
-                    dist.barrier()
-                if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-                    break
-            if out_dir is not None and run.rank == 0 and not (out_dir / "best.pt").is_file():
-                run.save_best(len(run.history), None)
-        finally:
-            logger.close()
-            step.close()
+    try:
+        run = _Engine(model, loader, step, loop, device, out_dir, fingerprint, extra)
+        if resume:
+            last = out_dir / "last.pt" if out_dir is not None else None
+            if last is None or not last.is_file():
+                raise TrainError(f"--resume: no checkpoint to continue at {last} (start the run without --resume)")
+            run.restore(last)
+        with logs_removed_on_failure(out_dir if run.rank == 0 else None):
+            _epochs(run, sampler, dataset, evaluate, resume, progress, stop_after_epoch)
+    finally:
+        step.close()
     return run.result()
+
+
+def _epochs(run: _Engine, sampler, dataset, evaluate: Optional[Callable], resume: bool, progress: bool,
+            stop_after_epoch: Optional[int]) -> None:
+    """The epochs of :func:`fit`, with the run logs."""
+    loop, out_dir = run.loop, run.out_dir
+    logger = RunLogger(out_dir, enabled=run.rank == 0,
+                       resume_step=run.start_epoch * len(run.loader) if resume else None)
+    try:
+        for epoch in range(run.start_epoch, loop.epochs):
+            for obj in (sampler, dataset):
+                if hasattr(obj, "set_epoch"):
+                    obj.set_epoch(epoch)
+            if hasattr(dataset, "set_mosaic"):
+                dataset.set_mosaic(epoch < loop.epochs - loop.close_mosaic_epochs)
+            row = run.train_epoch(epoch, logger, progress and run.rank == 0)
+            run.end_epoch(row, evaluate)
+            logger.epoch(run.history)
+            if progress and run.rank == 0:
+                tqdm.write(epoch_line(row, loop.epochs))
+            if run.world > 1:
+                dist.barrier()
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+        if out_dir is not None and run.rank == 0 and not (out_dir / "best.pt").is_file():
+            run.save_best(len(run.history), None)
+    finally:
+        logger.close()
 
 
 def epoch_line(row: dict, epochs: int) -> str:
