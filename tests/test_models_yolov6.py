@@ -17,7 +17,7 @@ from yoloq.config import ConfigError, ModelConfig, load_config
 from yoloq.models import build_model
 from yoloq.models.blocks import (BottleRep, ConvBNReLU, ConvBNSiLU, LinearAddBlock, QARepVGGBlock,
                                  QARepVGGBlockV2, RealVGGBlock, RepConv, RepVGGBlock, ScaleLayer,
-                                 repopt_grad_mask, repopt_grad_masks, repopt_reinit_kernel)
+                                 repopt_grad_mask, repopt_reinit_kernel)
 from yoloq.models.common import fuse_blocks
 from yoloq.models.detector import Decode
 from yoloq.models.yolov6 import YOLOv6, build_yolov6
@@ -388,17 +388,21 @@ def test_repopt_reinit_equals_linear_add_pre_bn(c_in, c_out, stride):
 
 
 def test_repopt_grad_masks_address_target_weights():
+    """The masks of a hyper-search model's scales (yoloq.train.repopt, the one place masks are built)
+    land on the target's RealVGGBlock kernels."""
+    from yoloq.train.repopt import extract_scales, target_masks
     with torch.device("meta"):
         hs = build_model(config_model("yolov6s_hs"))
         target = build_model(config_model("yolov6s_repopt"))
-    hs = hs.to_empty(device="cpu")
+    hs, target = hs.to_empty(device="cpu"), target.to_empty(device="cpu")
     for m in hs.modules():
         if isinstance(m, ScaleLayer):
             nn.init.ones_(m.weight)
-    masks = repopt_grad_masks(hs)
+    by_param = target_masks(target, extract_scales(hs))
+    masks = {n: by_param[p] for n, p in target.named_parameters() if p in by_param}
     params = dict(target.named_parameters())
     blocks = [n for n, m in target.named_modules() if isinstance(m, RealVGGBlock)]
-    assert sorted(masks) == sorted(f"{n}.conv.weight" for n in blocks)
+    assert sorted(masks) == sorted(f"{n}.conv.weight" for n in blocks) and len(masks) == len(by_param)
     for name, mask in masks.items():
         assert mask.shape == params[name].shape
     stem, first_stage = masks["backbone.stem.conv.weight"], masks["backbone.ERBlock_2.1.conv1.conv.weight"]

@@ -18,8 +18,10 @@ from yoloq.models.detector import Decode                               # noqa: E
 from yoloq.quant.learnable import QuantizerDivergenceError, learnable_quantizers, quantizer_parameters  # noqa: E402
 from yoloq.quant.swap import swap_quantizers                          # noqa: E402
 from yoloq.recipes.qat.losses import cwd_loss, head_loss                       # noqa: E402
-from yoloq.recipes.qat.trainer import (build_optimizer, check_optimizer_covers_quantizers, fit,  # noqa: E402
-                                       make_teacher, make_train_loader, parameter_groups)
+from yoloq.recipes.qat.step import (DistillStep, QuantizerGroupError, build_optimizer,  # noqa: E402
+                                    check_optimizer_covers_quantizers, make_teacher, parameter_groups, qat_loop)
+from yoloq.train.dataset import make_train_loader                     # noqa: E402
+from yoloq.train.engine import fit as engine_fit                      # noqa: E402
 from conftest import REPO, SHARED  # noqa: E402
 
 
@@ -102,7 +104,12 @@ def student_teacher(kind="lsqplus", mode="symmetric"):
 
 
 def loader_of(data: torch.Tensor, batch_size: int, seed: int = 0):
-    return make_train_loader(torch.utils.data.TensorDataset(data), batch_size, 0, seed)
+    return make_train_loader(torch.utils.data.TensorDataset(data), batch_size, 0, seed, collate_fn=None)
+
+
+def fit(student, teacher, loader, cfg, epochs, **kw):
+    """The training engine with the distillation step, as ``yoloq qat`` runs it."""
+    return engine_fit(student, loader, DistillStep(student, teacher, cfg), qat_loop(cfg, epochs), **kw)
 
 
 # --------------------------------------------------------------------------- losses
@@ -139,6 +146,8 @@ def test_head_loss_zero_at_teacher_and_weighted_by_confidence():
 def test_parameter_groups_and_quantizer_assertion():
     student, _ = student_teacher("lsqplus", "offset")
     groups = {g["name"]: g for g in parameter_groups(student, qcfg(lr=0.5, quantizer_lr=0.25))}
+    assert list(groups) == ["decay", "no_decay", "bias", "quantizers", "weight_scales"]   # the engine's + QAT's
+    assert groups["no_decay"]["params"] == []                # fused: no BatchNorm left
     qids = {id(p) for p in quantizer_parameters(student)}
     assert {id(p) for p in groups["quantizers"]["params"] + groups["weight_scales"]["params"]} == qids
     assert groups["quantizers"]["weight_decay"] == 0 and groups["weight_scales"]["weight_decay"] == 0
@@ -146,7 +155,8 @@ def test_parameter_groups_and_quantizer_assertion():
     same = {g["name"]: g for g in parameter_groups(student, qcfg(lr=0.5, weight_scale_lr=None))}
     assert same["weight_scales"]["lr"] == 0.5            # None: the weights' learning rate
     assert all(p.dim() == 1 for p in groups["weight_scales"]["params"])
-    assert all(p.dim() > 1 for p in groups["weights"]["params"])
+    assert all(p.dim() > 1 for p in groups["decay"]["params"]) and groups["decay"]["weight_decay"] == 5e-5
+    assert all(p.dim() == 1 for p in groups["bias"]["params"]) and groups["bias"]["weight_decay"] == 0
     all_ids = [id(p) for g in groups.values() for p in g["params"]]
     assert sorted(all_ids) == sorted({id(p) for p in student.parameters()})        # each exactly once
     opt = build_optimizer(student, qcfg())
@@ -154,10 +164,10 @@ def test_parameter_groups_and_quantizer_assertion():
     # upstream's mistake: an optimizer over the conv parameters only
     convs_only = torch.optim.SGD([{"name": "weights", "params": [p for p in student.parameters()
                                                                  if id(p) not in qids]}], lr=0.1)
-    with pytest.raises(AssertionError, match="not in the optimizer's quantizer group"):
+    with pytest.raises(QuantizerGroupError, match="not in the optimizer's quantizer group"):
         check_optimizer_covers_quantizers(student, convs_only)
     next(iter(learnable_quantizers(student).values())).scale.requires_grad_(False)
-    with pytest.raises(AssertionError, match="does not require grad"):
+    with pytest.raises(QuantizerGroupError, match="does not require grad"):
         check_optimizer_covers_quantizers(student, opt)
 
 
@@ -201,15 +211,42 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
     assert len(part.history) == 1 and (tmp_path / "part" / "last.pt").is_file()
     resumed, _ = run(tmp_path / "part", resume=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    for key, value in full.last_state.items():
-        assert torch.equal(value, resumed.last_state[key]), key
+    for key, value in full.model_state.items():
+        assert torch.equal(value, resumed.model_state[key]), key
     assert resumed.best_epoch == full.best_epoch
     assert [r["AP"] for r in resumed.history] == [r["AP"] for r in full.history]
     student, teacher = student_teacher("lsqplus", "offset")
     loader, sampler = loader_of(data, 4)
-    with pytest.raises(ValueError, match="these differ: run: 1 -> 2"):
+    with pytest.raises(ValueError, match="differs from this one: run: 1 -> 2"):
         fit(student, teacher, loader, cfg, 2, sampler=sampler, out_dir=tmp_path / "part", resume=True,
             fingerprint={"run": 2})
+
+
+def test_a_last_pt_of_the_qat_loop_before_the_one_engine_resumes(tmp_path):
+    """QAT's last.pt before the one engine: the student under 'student', a scheduler, no scaler,
+    optimizer groups without the (empty) no_decay group. Resuming from it gives the uninterrupted run."""
+    data, cfg = images(12), qcfg(epochs=2)
+
+    def run(out, **kw):
+        student, teacher = student_teacher("lsqplus", "offset")
+        loader, sampler = loader_of(data, 4)
+        return fit(student, teacher, loader, cfg, 2, sampler=sampler, evaluate=_tiny_eval, out_dir=out,
+                   fingerprint={"run": 1}, **kw)
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "old", stop_after_epoch=1)
+    last = tmp_path / "old" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert groups[1]["name"] == "no_decay" and groups[1]["params"] == []
+    old = {k: v for k, v in state.items() if k not in ("model", "scaler", "opt_step")}
+    old["student"] = state["model"]
+    old["optimizer"] = {**state["optimizer"], "param_groups": [groups[0], *groups[2:]]}
+    torch.save(old, last)
+    resumed = run(tmp_path / "old", resume=True)
+    for key, value in full.model_state.items():
+        assert torch.equal(value, resumed.model_state[key]), key
+    assert [r["AP"] for r in resumed.history] == [r["AP"] for r in full.history]
 
 
 def test_nan_and_exploding_scales_stop_with_the_quantizer_name():
@@ -242,10 +279,10 @@ def test_exploding_loss_and_collapsed_map_stop_the_run(tmp_path):
     student, _ = student_teacher("pact")
     terms = lambda v: {"loss": torch.tensor(v), "cwd": torch.tensor(v / 2)}            # noqa: E731
     for _ in range(5):
-        guard.check_loss(terms(1.0), "epoch 1 step 1", student, images(1))
-    guard.check_loss(terms(9.0), "epoch 1 step 6", student, images(1))               # 9x: still allowed
+        guard.check_loss(torch.tensor(1.0), terms(1.0), "epoch 1 step 1")
+    guard.check_loss(torch.tensor(9.0), terms(9.0), "epoch 1 step 6")               # 9x: still allowed
     with pytest.raises(QuantizerDivergenceError, match=r"epoch 1 step 7: the loss exploded to 20.*cwd 10"):
-        guard.check_loss(terms(20.0), "epoch 1 step 7", student, images(1))
+        guard.check_loss(torch.tensor(20.0), terms(20.0), "epoch 1 step 7")
     guard.check_map(0.05, 0.30, 1)
     with pytest.raises(QuantizerDivergenceError, match=r"epoch 2: val AP collapsed to 0.10 from 30.00"):
         guard.check_map(0.001, 0.30, 2)
@@ -269,7 +306,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str):
         student, teacher = student_teacher("lsqplus", "offset")
         loader, sampler = loader_of(images(16), 2)              # per rank 2 images a step
         result = fit(student, teacher, loader, qcfg(), 2, sampler=sampler)
-        torch.save(result.last_state, f"{out}.{rank}")
+        torch.save(result.model_state, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -281,7 +318,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_combined_batch(tmp_pat
     s1 = torch.load(f"{out}.1", weights_only=True)
     student, teacher = student_teacher("lsqplus", "offset")
     loader, sampler = loader_of(images(16), 4)                  # one process, 2 x 2 images a step
-    single = fit(student, teacher, loader, qcfg(), 2, sampler=sampler).last_state
+    single = fit(student, teacher, loader, qcfg(), 2, sampler=sampler).model_state
     for key in single:
         assert torch.equal(s0[key], s1[key]), key               # ranks stay in sync
         assert torch.allclose(s0[key], single[key], rtol=1e-4, atol=1e-6), key
@@ -292,23 +329,19 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_combined_batch(tmp_pat
 
 @pytest.mark.slow
 def test_run_qat_end_to_end_on_lite_s(tmp_path):
+    """PTQ with the config's transforms (bias correction changes the weights), then QAT: outputs, the
+    QAT checkpoint, and an FP32 column that is the PTQ report's (the FP32 model on the same images)."""
     if not (SHARED / "weights" / "yolov6lite_s.pt").is_file() or not (SHARED / "coco").is_dir():
         pytest.skip(f"shared weights / COCO subset not found under {SHARED}")
-    from yoloq.config import load_config, load_data_config
-    from yoloq.quant.calibrate import calibrate
-    from yoloq.quant.prepare import prepare
-    from yoloq.models import load_model
+    from yoloq.config import load_config
+    from yoloq.recipes.ptq import run_ptq
     from yoloq.recipes.qat.run import load_qat, run_qat
-    from yoloq.quant.checkpoint import save_quantized
-    from yoloq.data.coco import calibration_loader
 
     cfg = load_config(REPO / "configs" / "yolov6lite_s.yaml")
-    qmodel = prepare(load_model(cfg.model))
-    data_cfg = load_data_config(cfg.data)
-    calibrate(qmodel, [b for b, _ in calibration_loader(data_cfg, 8, 320, 8, 0)], "max", progress=False)
+    ptq = run_ptq(cfg, out=str(tmp_path / "ptq"), name="lite_max", progress=False, plots=False, max_images=4,
+                  quant={"calib": "max", "calib_images": 8, "sensitivity": "off", "diagnose": False,
+                         "bias_correction": True, "transform_images": 8})
     ptq_dir = tmp_path / "ptq" / "lite_max"
-    save_quantized(qmodel, ptq_dir / "quant.pt", meta={"name": "lite_max"})
-
     result = run_qat(cfg, from_dir=str(ptq_dir), max_images=4, out=str(tmp_path / "qat"), progress=False,
                      qat={"quantizer": "pact", "epochs": 1, "images": 8, "batch_size": 4, "workers": 0})
     out = tmp_path / "qat" / "lite_max_pact"
@@ -316,6 +349,7 @@ def test_run_qat_end_to_end_on_lite_s(tmp_path):
         assert (out / f).is_file(), f
     r = result.report
     assert {"fp32", "ptq", "qat", "qat_last"} <= set(r) and 0 <= r["qat"]["AP"] <= 1
+    assert r["fp32"] == pytest.approx(ptq.fp32) and r["ptq"]["AP"] == pytest.approx(ptq.int8["AP"])
     model, meta = load_qat(out / "quant.pt")
     assert meta["qat"] == "pact" and meta["best_epoch"] == 1
     x = torch.rand(1, 3, 320, 320)

@@ -120,3 +120,95 @@ def test_repopt_qat_masks_are_the_repopt_update_of_the_folded_kernel(tmp_path):
     no_scales = dataclasses.replace(cfg, qat=dataclasses.replace(cfg.qat, scales=None))
     with pytest.raises(QATError, match="set qat.scales"):
         repopt_masks(no_scales, student)
+
+
+# --------------------------------------------------------------------------- inputs, failures, noise
+
+
+def test_resume_without_last_pt_scales_on_a_non_repopt_model_and_a_missing_device_are_refused(tmp_path):
+    from yoloq.recipes.qat import QATError
+    cfg, ptq = _setup(tmp_path)
+    out = tmp_path / "qat"
+    with pytest.raises(QATError, match=r"--resume: no checkpoint to continue at .*never/last.pt"):
+        run_qat(cfg, from_dir=str(ptq), out=str(out), name="never", resume=True, progress=False)
+    with pytest.raises(QATError, match="'tiny_repvgg' .* is not a RepOpt model"):
+        run_qat(cfg, from_dir=str(ptq), out=str(out), name="s", progress=False, qat={"scales": str(cfg)})
+    from yoloq.device import DeviceError
+    for device in ("tpu", "cuda:99"):
+        with pytest.raises(DeviceError, match=f"device '{device}'"):
+            run_qat(cfg, from_dir=str(ptq), out=str(out), name="d", progress=False, device=device)
+    assert not out.exists()
+
+
+def test_a_diverged_run_leaves_nothing(tmp_path):
+    from yoloq.quant.learnable import QuantizerDivergenceError
+    cfg, ptq = _setup(tmp_path)
+    out = tmp_path / "qat"
+    with pytest.raises(QuantizerDivergenceError, match=r"epoch 1 step \d: .*NaN/inf"):
+        run_qat(cfg, from_dir=str(ptq), out=str(out), name="div", progress=False, max_images=2,
+                qat={"quantizer": "pact", "lr": 1e30})
+    assert not out.exists()                                   # no tensorboard/, results.csv, last.pt
+
+
+def _cli(args, env_extra=None):
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(REPO / "tools" / "qat.py")] + [str(a) for a in args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.filterwarnings("ignore:no detections to evaluate")
+def test_pact_qat_keeps_the_library_log_out_of_the_terminal(tmp_path):
+    """pytorch-quantization warns once per quantizer ("Overwriting amax") when a state dict is loaded:
+    those lines go to the run folder's pytorch_quantization.log, not the terminal."""
+    cfg, ptq = _setup(tmp_path, qat={"epochs": 1})
+    proc = _cli(["--cfg", cfg, "--from", ptq, "--quantizer", "pact", "--out", tmp_path / "qat", "--name", "p",
+                 "--max-images", 2, "--no-progress", "--no-plots", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Overwriting amax" not in proc.stderr + proc.stdout
+    log = tmp_path / "qat" / "p" / "pytorch_quantization.log"
+    assert "Overwriting amax" in log.read_text()
+
+
+def test_qat_from_fp32_weights_runs_the_config_ptq_first(tmp_path):
+    """--weights: the config's PTQ in memory (the same student `yoloq ptq` saves), then QAT."""
+    from yoloq.config import load_data_config
+    from yoloq.quant.checkpoint import load_quantized
+    from yoloq.recipes.ptq import run_ptq
+    from yoloq.recipes.qat.run import ptq_student
+    cfg_path, _ = _setup(tmp_path, qat={"epochs": 1})
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["quant"] = {"calib_images": 4, "batch_size": 2, "workers": 0, "sensitivity": "off", "diagnose": False,
+                    "bias_correction": True, "transform_images": 4}
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    weights = cfg.model.weights
+    run_ptq(cfg, out=str(tmp_path / "ptq_runs"), name="ref", progress=False, plots=False, max_images=2)
+    saved, _ = load_quantized(tmp_path / "ptq_runs" / "ref" / "quant.pt")
+    student, meta = ptq_student(cfg, load_data_config(cfg.data), weights, progress=False)
+    ref = saved.state_dict()
+    assert meta["weights"] == str(weights) and set(student.state_dict()) == set(ref)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+    proc = _cli(["--cfg", cfg_path, "--weights", weights, "--out", tmp_path / "qat", "--max-images", 2,
+                 "--no-progress", "--no-plots", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "qat" / "tiny_repvgg_lsqplus-symmetric" / "report.json").read_text())
+    assert report["from"]["weights"] == str(weights) and report["from"]["checkpoint"] is None
+    both = _cli(["--cfg", cfg_path, "--weights", weights, "--from", tmp_path / "ptq", "--out", tmp_path / "qat"])
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_export_and_bench_fidelity_with_fp32_weights_say_which_command_to_run(tmp_path, capsys):
+    from yoloq.cli import main as yoloq_main
+    cfg, _ = _setup(tmp_path)
+    weights = load_config(cfg).model.weights
+    for args in (["export", "--cfg", cfg, "--weights", weights, "--out", tmp_path / "x.onnx"],
+                 ["bench-fidelity", "--cfg", cfg, "--weights", weights]):
+        code = yoloq_main([str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2 and f"yoloq ptq --cfg {cfg} --weights {weights}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.onnx").exists()

@@ -1,4 +1,5 @@
-"""The trainer (yoloq.train.trainer / optim / logger): resume, DDP, NaN stop, schedule, EMA, L2."""
+"""The training engine with the detection step (yoloq.train.engine / detection / optim / run_log): resume,
+DDP, NaN stops, schedule, EMA, L2."""
 from __future__ import annotations
 
 import math
@@ -13,14 +14,16 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from yoloq.config import AugmentConfig, LossConfig, ModelConfig, TrainConfig
 from yoloq.models.blocks import QARepVGGBlock, RepVGGBlock
 from yoloq.models.build import build_model
+from yoloq.models.detector import init_head_biases
 from yoloq.train.augment import Augmenter
 from yoloq.train.dataset import AugmentedDataset, LabelledImage, LabelledImages, collate_targets, make_train_loader
-from yoloq.train.errors import NonFiniteLossError, TrainError
+from yoloq.train.detection import DetectionStep, train_loop
+from yoloq.train.engine import fit as engine_fit, world_and_rank
+from yoloq.train.errors import NonFiniteLossError, NonFiniteWeightsError, TrainError
+from yoloq.train.guard import Guard
 from yoloq.report.run_log import history_csv
 from yoloq.train.losses import DetectionLoss
 from yoloq.train.optim import custom_l2, make_ema, parameter_groups, set_learning_rate
-from yoloq.train.run import init_head_for_training
-from yoloq.train.trainer import check_finite, fit
 
 TINY = ModelConfig(name="tiny", arch="yolov6", block="repvgg", depth_multiple=0.33, width_multiple=0.0625, nc=3,
                    img_size=64)
@@ -52,7 +55,7 @@ def synthetic_records(folder, n=8, seed=0) -> list[LabelledImage]:
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     model = build_model(TINY)
-    init_head_for_training(model.detect)
+    init_head_biases(model.detect)
     return model
 
 
@@ -75,6 +78,12 @@ def probe_ap(model) -> dict:
 
 
 LOSS = DetectionLoss(TINY, LossConfig(atss_warmup_epochs=1))
+
+
+def fit(model, loader, loss_fn, cfg: TrainConfig, close_mosaic_epochs: int = 0, repopt_scales=None, **kw):
+    """The training engine with the detection step, as ``yoloq train`` runs it."""
+    loop = train_loop(cfg, world_and_rank()[0], close_mosaic_epochs)
+    return engine_fit(model, loader, DetectionStep(loss_fn, cfg, repopt_scales), loop, **kw)
 
 
 # --------------------------------------------------------------------------- resume
@@ -171,9 +180,9 @@ def test_ddp_two_cpu_processes_match_one_process_accumulating_their_batches(tmp_
 
 def test_nan_loss_stops_with_the_step_and_the_bad_part(tmp_path):
     parts = {"cls": torch.tensor(0.5), "iou": torch.tensor(0.3), "dfl": torch.tensor(float("nan"))}
-    with pytest.raises(NonFiniteLossError, match=r"epoch 3 step 7: loss part\(s\) dfl not finite \(cls 0.5, iou 0.3"):
-        check_finite(torch.tensor(float("nan")), parts, epoch=2, step=6)
-    check_finite(torch.tensor(1.0), {"cls": torch.tensor(1.0)}, 0, 0)       # finite: no error
+    err = Guard().nonfinite_loss(torch.tensor(float("nan")), parts, ["dfl"], "epoch 3 step 7", None, None)
+    assert isinstance(err, NonFiniteLossError)
+    assert str(err).startswith("epoch 3 step 7: loss part(s) dfl not finite (cls 0.5, iou 0.3")
 
     model = tiny_model()
     with torch.no_grad():
@@ -181,7 +190,24 @@ def test_nan_loss_stops_with_the_step_and_the_bad_part(tmp_path):
     ds = dataset_of(synthetic_records(tmp_path / "img", n=4), augment=AugmentConfig(mosaic=0.0))
     loader, sampler = make_train_loader(ds, 2, 0, 0)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1 step 1: loss part\(s\) .*iou.* not finite"):
-        fit(model, loader, LOSS, tcfg(), sampler=sampler, dataset=ds)
+        fit(model, loader, LOSS, tcfg(), sampler=sampler, dataset=ds, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists() or list((tmp_path / "run").iterdir()) == []   # no logs, no checkpoints
+
+
+def test_nonfinite_weights_stop_before_any_checkpoint(tmp_path):
+    """lr0 inf: the first update makes the weights non-finite while the loss of that step was
+    finite; the run stops naming the step and the parameter, and writes no best.pt / last.pt."""
+    ds = dataset_of(synthetic_records(tmp_path / "img", n=4), augment=AugmentConfig(mosaic=0.0))
+    loader, sampler = make_train_loader(ds, 2, 0, 0)
+    cfg = tcfg(epochs=1, lr0=float("inf"), warmup_epochs=0.0, nominal_batch_size=2)
+    with pytest.raises(NonFiniteWeightsError, match=r"epoch 1 step 1: parameter '.+' became NaN/inf after the update"):
+        fit(tiny_model(), loader, LOSS, cfg, sampler=sampler, dataset=ds, out_dir=tmp_path / "run", evaluate=probe_ap)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+    ema = tiny_model()
+    with torch.no_grad():
+        next(ema.parameters())[0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="epoch 2: the EMA of parameter '.+' is NaN/inf"):
+        Guard().check_ema(ema, "epoch 2")
 
 
 # --------------------------------------------------------------------------- optimizer pieces
@@ -230,7 +256,7 @@ def test_custom_l2_by_hand():
     groups = parameter_groups(block, 5e-4, "custom_l2")
     decayed = {id(p) for p in groups[0]["params"]}
     assert id(block.rbr_dense.conv.weight) not in decayed and id(block.rbr_1x1.conv.weight) not in decayed
-    with pytest.raises(ValueError, match="weight_decay_mode"):
+    with pytest.raises(ValueError, match="weight_decay_mode"):          # a ConfigError
         parameter_groups(block, 5e-4, "l1")
     qa = QARepVGGBlock(1, 2, 3, 1)                                          # 1x1 without BN: t1 = 1
     with torch.no_grad():
@@ -252,3 +278,18 @@ def test_custom_l2_enters_the_training_loss(tmp_path):
 def test_history_csv_has_one_row_per_epoch_and_all_columns():
     text = history_csv([{"epoch": 1, "cls": 0.5}, {"epoch": 2, "cls": 0.25, "AP": 0.1}])
     assert text.splitlines() == ["epoch,cls,AP", "1,0.5,", "2,0.25,0.1"]
+
+
+def test_default_workers_fit_the_machine(tmp_path):
+    """train / qat default to this machine's cores - 1 DataLoader workers (at most 4 / 2), so a small
+    machine gets no PyTorch warning about more workers than it can run."""
+    import os
+    import warnings
+    from yoloq.config import QATConfig
+    cores = len(os.sched_getaffinity(0))
+    assert TrainConfig().workers == max(0, min(4, cores - 1)) and QATConfig().workers == max(0, min(2, cores - 1))
+    ds = dataset_of(synthetic_records(tmp_path / "img", n=2), augment=AugmentConfig(mosaic=0.0))
+    loader, _ = make_train_loader(ds, 2, TrainConfig().workers, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # PyTorch's "... worker processes in total" warning
+        assert sum(len(images) for images, _ in loader) == 2

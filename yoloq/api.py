@@ -15,7 +15,6 @@ plain ``nn.Module`` (fused, eval mode) that also carries its config as ``model.c
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -112,26 +111,22 @@ def evaluate(model: nn.Module, data: Optional[str | os.PathLike | DataConfig], c
 
 
 def qat(quantized: QuantizedModel, data: Optional[str | os.PathLike | DataConfig] = None,
-        progress: bool = False, **settings: object) -> QuantizedModel:
+        progress: bool = False, device: str = "cpu", **settings: object) -> QuantizedModel:
     """Quantization-aware training of a :class:`QuantizedModel` by distillation from its own FP32
-    weights on unlabelled train images of ``data``; keywords are ``qat`` config fields (quantizer,
-    epochs, images, lr, ...). No validation set is used; returns the trained model (frozen to the
-    PTQ checkpoint format, as ``yoloq qat`` saves it)."""
+    weights on train images of ``data`` (``loss="det+distill"``: labelled ones, the YOLOv6 loss added);
+    keywords are ``qat`` config fields (quantizer, epochs, images, lr, ...). The same recipe as
+    ``yoloq qat`` (``yoloq.recipes.qat.run.distill``), without a validation set or files; returns the
+    trained model (frozen to the PTQ checkpoint format, as ``yoloq qat`` saves it)."""
     from yoloq.quant.swap import freeze_quantizers
-    from yoloq.recipes.qat.data import qat_data
-    from yoloq.recipes.qat.run import init_student, fit_extras
-    from yoloq.recipes.qat.trainer import fit, make_teacher
+    from yoloq.recipes.qat.run import distill
+    from yoloq.report.run_log import library_log
     cfg = quantized.config.with_overrides(qat={"workers": 0, **settings})
     data_cfg = _data(data if data is not None else quantized.data, cfg)
-    student = freeze_quantizers(quantized.model)          # a copy: the caller's model stays as it was
-    teacher = make_teacher(student)
-    init_student(student, cfg.qat, data_cfg, resuming=False)
-    data = qat_data(cfg, data_cfg, student.cfg.img_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = fit(student, teacher, data.loader, cfg.qat, cfg.qat.epochs, sampler=data.sampler, out_dir=Path(tmp),
-                     progress=progress, extras=fit_extras(cfg, student, data, None))
-    student.load_state_dict(result.last_state)
-    return QuantizedModel(freeze_quantizers(student.cpu().eval()), cfg, data_cfg)
+    with library_log(None):                                # pytorch-quantization's "Overwriting amax" lines
+        student = freeze_quantizers(quantized.model)      # a copy: the caller's model stays as it was
+        result, _ = distill(cfg, data_cfg, student, device=device, progress=progress)
+        student.load_state_dict(result.model_state)
+        return QuantizedModel(freeze_quantizers(student.cpu().eval()), cfg, data_cfg)
 
 
 __all__ = ["QuantizedModel", "evaluate", "load", "ptq", "qat", "QuantConfig", "QATConfig"]

@@ -32,7 +32,10 @@ from yoloq.cli.common import parser
 def build_parser(prog: str = "yoloq bench-fidelity"):
     p = parser(prog, __doc__)
     p.add_argument("--cfg", required=True, help="experiment config: dataset and eval settings (configs/*.yaml)")
-    p.add_argument("--ckpt", nargs="+", required=True, help="quantized checkpoints (tools/ptq.py / tools/qat.py quant.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", nargs="+", help="quantized checkpoints (yoloq ptq / yoloq qat quant.pt)")
+    src.add_argument("--weights", help="FP32 weights are not compared here: the error says which yoloq ptq command "
+                                       "makes the quant.pt to pass as --ckpt")
     p.add_argument("--images", type=int, help="first N val images (default: all)")
     p.add_argument("--noise", type=int, default=0, metavar="N",
                    help="also evaluate fake-quant and onnxruntime on N seeds of the same input noise (paired)")
@@ -48,4 +51,10 @@ def build_parser(prog: str = "yoloq bench-fidelity"):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.bench.fidelity import run
-    return run(build_parser().parse_args(argv))
+    from yoloq.errors import InputError
+    args = build_parser().parse_args(argv)
+    if args.weights:
+        raise InputError(f"--weights {args.weights}: bench-fidelity compares a quantized model with its exported "
+                         f"ONNX; quantize the weights first (yoloq ptq --cfg {args.cfg} --weights {args.weights}) and "
+                         f"pass the run's quant.pt (runs/ptq/<name>/quant.pt) as --ckpt")
+    return run(args)

@@ -3,11 +3,16 @@
 Rule for every tool: an error caused by the user's input (``yoloq.errors.YoloqError``, a missing
 or unwritable file) prints ``error: <message>`` and exits with code 2; only bugs show a
 traceback. SIGTERM (``timeout``, batch schedulers, ``docker stop``) raises ``Terminated`` so the
-same clean-up runs as for Ctrl-C (staging folders removed, temporary files deleted).
+same clean-up runs as for Ctrl-C (staging folders removed, temporary files deleted). Sent to the
+whole process group, SIGTERM also reaches DataLoader workers: PyTorch's worker handler ends them
+without output (a worker forked a moment before has only inherited the handler below, which ignores
+it there), and what their end causes in the main process -- an error from a killed worker, raised
+in the run or inside a ``__del__`` -- is reported as the termination it is, once.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -27,8 +32,28 @@ class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM."""
 
 
+_sigterm = {"main_pid": None, "received": False, "unraisable": sys.__unraisablehook__}
+
+
 def _on_sigterm(signum, frame):
+    if os.getpid() != _sigterm["main_pid"]:      # a forked DataLoader worker: the main process stops it
+        return
+    _sigterm["received"] = True
     raise Terminated()
+
+
+def _on_unraisable(info) -> None:
+    """``Terminated`` raised inside a ``__del__`` (a DataLoader iterator joining its workers) is
+    swallowed by Python: send SIGTERM again a moment later, from a thread, so that it is raised
+    after the ``__del__``, where the run can stop. Other errors in a ``__del__`` after SIGTERM (a
+    worker the signal killed) are part of the termination: no traceback for them."""
+    if isinstance(info.exc_value, Terminated):
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+        return
+    if not _sigterm["received"]:
+        _sigterm["unraisable"](info)
 
 
 def quiet_known_warnings() -> None:
@@ -40,7 +65,9 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
     """Run ``main(argv)`` with the error and signal rules above; returns the exit code."""
     quiet_known_warnings()
     main_thread = threading.current_thread() is threading.main_thread()
+    _sigterm.update(main_pid=os.getpid(), received=False, unraisable=sys.unraisablehook)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    sys.unraisablehook = _on_unraisable
     try:
         return int(main(argv) or 0)
     except YoloqError as err:
@@ -55,7 +82,13 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
     except Terminated:
         print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
         return EXIT_TERMINATED
+    except Exception:
+        if not _sigterm["received"]:                 # a bug: the traceback
+            raise
+        print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
+        return EXIT_TERMINATED
     finally:
+        sys.unraisablehook = _sigterm["unraisable"]
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 

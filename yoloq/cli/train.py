@@ -1,7 +1,8 @@
-"""Train a YOLOv6 detector (RepVGG / QARepVGG / RepOpt) on labelled COCO-format data.
+"""Train a YOLOv6 detector (RepVGG / QARepVGG / RepOpt) on labelled data (COCO JSON or YOLO .txt labels).
 
     yoloq train --cfg configs/yolov6n_qarepvgg.yaml --epochs 300
     yoloq train --cfg configs/yolov6n_repvgg.yaml --data data/coco_shared.yaml --batch-size 32
+    yoloq train --cfg configs/yolov6n_repvgg.yaml --data my_yolo_data.yaml   # upstream YOLO data YAML
     yoloq train --cfg configs/yolov6n_hs.yaml --epochs 100               # RepOpt step 1: hyper-search
     yoloq repopt-scales --cfg configs/yolov6n_hs.yaml \\
         --weights runs/train/yolov6n_hs/best.pt --out runs/train/yolov6n_hs/scales.pt   # step 2
@@ -13,7 +14,8 @@
 
 Writes runs/train/<name>/: best.pt (EMA weights, plain checkpoint: yoloq eval --weights,
 model.weights / --weights for yoloq ptq), last.pt (training state for --resume), results.csv,
-tensorboard/, run.json. See docs/training.md.
+tensorboard/, run.json. A run that fails before its first epoch is saved leaves no folder behind; a
+non-finite loss, weights or EMA stop the run with the reason (exit 2). See docs/training.md.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ def build_parser(prog: str = "yoloq train"):
     p.add_argument("--batch-size", type=int, help="images per process and step")
     p.add_argument("--img-size", type=int, help="square training / evaluation size (default: model.img_size)")
     p.add_argument("--lr0", type=float)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader processes (default: train.workers, this machine's cores "
+                                               "- 1, at most 4)")
     p.add_argument("--train-images", type=int, help="train on the first N labelled train images only")
     p.add_argument("--eval-split", choices=choices(EvalSplit),
                    help="evaluate on val (default) or on the training images themselves (overfit check)")
@@ -44,7 +47,7 @@ def build_parser(prog: str = "yoloq train"):
     p.add_argument("--name", help="run name (default: the model's name)")
     p.add_argument("--out", default="runs/train", help="output root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue <out>/<name>/last.pt")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
     return p
 

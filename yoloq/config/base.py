@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from typing import Any, Literal, Optional
@@ -178,3 +179,13 @@ def from_dict(cls, data: Optional[dict], where: str):
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def default_workers(cap: int) -> int:
+    """DataLoader workers this machine can feed: its cores minus one for the training process, at
+    most ``cap`` (more workers than cores only slow a run down, and PyTorch warns about it)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                       # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(cap, cores - 1))

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from yoloq.config.base import (AUTO_METHODS, CHANNEL_SCALE_ALPHAS, IMG_SIZE_MULTIPLE, AnnKey, Arch, Backbone, Backend,
+from yoloq.config.base import (default_workers, AUTO_METHODS, CHANNEL_SCALE_ALPHAS, IMG_SIZE_MULTIPLE, AnnKey, Arch, Backbone, Backend,
                                Block, CalibMethod, ChannelScale, ConfigError, EvalSplit, IouType, LSQInit, LSQMode,
                                Neck, NMSKind, Optimizer, QATLoss, QATQuantizer, ReconDevice, Reconstruct, Section,
                                Sensitivity, SensitivityMode, Switch, WeightDecayMode, closest_hint, from_dict,
@@ -138,8 +138,8 @@ class QATConfig(Section):
     batch_size: int = 8
     lr: float = 1e-4                    # conv weights and biases
     quantizer_lr: float = 1e-3
-    weight_scale_lr: Optional[float] = 1e-5   # LSQ weight scales (None = lr): at 1e-4 the depthwise
-    #                                     scales of Lite-S collapse to <= 0 within 10 steps
+    weight_scale_lr: Optional[float] = 1e-5   # LSQ weight scales (None = lr): larger steps drive the
+    #                                     scales of near-dead depthwise channels below zero (docs/results.md)
     weight_decay: float = 5e-5
     alpha_decay: float = 1e-4           # L2 on PACT clip values
     distill_weight: float = 1.0         # channel-wise distillation (CWD) on the neck outputs
@@ -149,7 +149,7 @@ class QATConfig(Section):
     momentum: float = 0.9
     init_images: int = 32               # train images for the PACT sign / LSQ+ MSE initialisation
     lsq_init: LSQInit = "amax"          # amax: start at the PTQ ranges | mse: MSE search on init_images
-    #                                     (Lite-S, 100 val images: amax 23.3 AP at start, mse 8.4)
+    #                                     (amax starts far closer to the PTQ model: docs/results.md)
     max_scale_growth: float = 1000.0    # stop when a learned scale / clip moves more than this factor
     loss: QATLoss = "distill"           # det+distill: + the YOLOv6 loss on labelled train images
     det_weight: float = 1.0             # weight of the detection loss in det+distill
@@ -158,7 +158,7 @@ class QATConfig(Section):
     max_loss_growth: float = 100.0      # stop when the loss grows past this x its first steps' mean
     collapse_ratio: float = 0.1         # stop when an epoch's val AP falls below this x the PTQ AP (0: off)
     seed: int = 0
-    workers: int = 2
+    workers: int = field(default_factory=lambda: default_workers(2))   # DataLoader processes (this machine's cores - 1, at most 2)
 
     def rules(self) -> None:
         for key in ("epochs", "images", "batch_size", "init_images"):
@@ -182,7 +182,7 @@ class TrainConfig(Section):
     epochs: int = 300
     batch_size: int = 16                # per process
     nominal_batch_size: int = 64        # gradients accumulate to this many images per optimizer step
-    workers: int = 4
+    workers: int = field(default_factory=lambda: default_workers(4))   # DataLoader processes (this machine's cores - 1, at most 4)
     seed: int = 0
     lr0: float = 0.01
     lrf: float = 0.01                   # cosine from lr0 down to lr0 * lrf

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,14 @@ class SkippingLoader:
                 yield images, metas
 
 
+def quiet_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process (a terminal sends SIGINT to the whole
+    process group; each worker would print a traceback). SIGTERM keeps PyTorch's worker handler: a
+    worker it kills dies without output, and the main process reports the termination once
+    (``yoloq.cli.common``); ignoring it instead could leave the main process waiting for workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: CocoDetectionDataset, batch_size: int, workers: int, shuffle: bool = False,
                 seed: int = 0, indices: Optional[Sequence[int]] = None, pin_memory: bool = False) -> SkippingLoader:
     """Batches of ``dataset`` (only its items at ``indices`` if given: one process's shard), letterboxed
@@ -264,7 +273,8 @@ def make_loader(dataset: CocoDetectionDataset, batch_size: int, workers: int, sh
     source = dataset if indices is None else Subset(dataset, list(indices))
     loader = DataLoader(source, batch_size=batch_size, shuffle=shuffle, num_workers=max(0, workers),
                         collate_fn=collate_skip_failed, generator=generator,
-                        pin_memory=pin_memory and torch.cuda.is_available())
+                        pin_memory=pin_memory and torch.cuda.is_available(),
+                        worker_init_fn=quiet_worker if workers > 0 else None)
     return SkippingLoader(loader, dataset)
 
 

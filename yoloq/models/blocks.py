@@ -449,14 +449,3 @@ def repopt_reinit_kernel(weight_3x3: torch.Tensor, weight_1x1: torch.Tensor, sca
     if scale_identity is not None:
         w = w + identity_kernel_3x3(w.shape[0], w) * scale_identity.detach().reshape(-1, 1, 1, 1)
     return w
-
-
-def repopt_grad_masks(hs_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Masks for every LinearAddBlock of a hyper-search model, keyed by the name of the matching
-    ``conv.weight`` in the RepOpt target model (same module paths in both)."""
-    masks = {}
-    for name, m in hs_model.named_modules():
-        if isinstance(m, LinearAddBlock):
-            masks[f"{name}.conv.weight"] = repopt_grad_mask(
-                m.scale_conv.weight, m.scale_1x1.weight, m.in_channels, m.scale_identity is not None)
-    return masks

@@ -6,12 +6,29 @@ nothing inside it is ever quantized.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from yoloq.models.common import fold_remaining_bn, fuse_blocks
+
+
+PRIOR_PROB = 0.01           # initial class probability of a fresh head (the focal-loss prior)
+
+
+@torch.no_grad()
+def init_head_biases(detect: nn.Module, prior_prob: float = PRIOR_PROB) -> None:
+    """A fresh head, as upstream initialises it: the prediction convs start at zero weights, the class
+    bias so that every score is ``prior_prob`` (no flood of false positives in the first steps), the
+    box bias 1 (one stride each side; with DFL, uniform bins)."""
+    for conv in detect.cls_preds:
+        conv.weight.zero_()
+        conv.bias.fill_(-math.log((1 - prior_prob) / prior_prob))
+    for conv in detect.reg_preds:
+        conv.weight.zero_()
+        conv.bias.fill_(1.0)
 
 
 class Decode(nn.Module):

@@ -16,7 +16,6 @@ so fx tracing and quantizer hooks see every tensor.
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -24,14 +23,13 @@ from torch import nn
 
 from yoloq.config import ConfigError, ModelConfig
 from yoloq.models.common import ConvBNAct, fold_bn_into, make_bn
-from yoloq.models.detector import Detector
+from yoloq.models.detector import Detector, init_head_biases
 
 BASE_CHANNELS = [24, 32, 64, 128, 256]     # stem, stages 1..4 (before the width multiplier)
 STAGE_REPEATS = [1, 3, 7, 3]               # same for S, M and L (no depth multiplier)
 STEM_CHANNELS = 24                         # upstream overrides the scaled stem width
 NECK_CHANNELS = 96                         # "unified" neck / head width at every level
 STRIDES = [8, 16, 32, 64]
-PRIOR_PROB = 1e-2
 
 
 def round_channels(value: float, divisor: int) -> int:
@@ -263,15 +261,9 @@ class LiteDetect(nn.Module):
         self.reg_preds = nn.ModuleList(nn.Conv2d(channels, 4, 1) for _ in range(levels))
         self.initialize_biases()
 
-    @torch.no_grad()
     def initialize_biases(self) -> None:
         """Fresh-model init as upstream: class prior 0.01, box distance 1 cell."""
-        for conv in self.cls_preds:
-            conv.weight.zero_()
-            conv.bias.fill_(-math.log((1 - PRIOR_PROB) / PRIOR_PROB))
-        for conv in self.reg_preds:
-            conv.weight.zero_()
-            conv.bias.fill_(1.0)
+        init_head_biases(self)
 
     def forward(self, features):
         outputs = []

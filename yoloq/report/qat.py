@@ -59,7 +59,8 @@ def render_qat_markdown(report: dict) -> str:
     qc = report["config"]["qat"]
     out = [f"# QAT report: {report['name']}", "",
            f"- model: `{report['model']['name']}`, input {report['model']['img_size']}",
-           f"- from PTQ: `{report['from']['checkpoint']}` (calibration {report['from']['calib_method']})",
+           f"- from PTQ: `{report['from'].get('checkpoint') or 'FP32 weights ' + str(report['from'].get('weights'))}` "
+           f"(calibration {report['from']['calib_method']})",
            f"- quantizer: **{qc['quantizer']}**" + (f" ({qc['lsq_mode']})" if qc["quantizer"] == "lsqplus" else "")
            + f", {report['train']['epochs_run']} epochs on {report['train']['images']} train images "
            f"({report['train']['labels']}{', augmented' if report['train'].get('augmented') else ''}), "

@@ -9,11 +9,17 @@ The CSV is rewritten in full from the epoch history after every epoch (temp file
 resumed run's file has exactly one row per epoch. TensorBoard events after the checkpoint's step
 are discarded on resume (``purge_step``). Without the ``tensorboard`` package the logger warns
 once and keeps the CSV only.
+
+:func:`library_log` keeps a library's own log lines (pytorch-quantization logs through absl, e.g.
+one "Overwriting amax" warning per quantizer whenever a state dict is loaded) out of the terminal
+and in a file of the run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -72,3 +78,22 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+@contextlib.contextmanager
+def library_log(path: Optional[str | os.PathLike], logger: str = "absl", level: int = logging.WARNING):
+    """While active, ``logger``'s records (absl: pytorch-quantization's) go to ``path`` (created at the
+    first record; None: dropped) instead of the terminal."""
+    log = logging.getLogger(logger)
+    handler = logging.FileHandler(path, delay=True) if path is not None else logging.NullHandler()
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s"))
+    propagate = log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+        handler.close()

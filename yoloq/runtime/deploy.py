@@ -67,8 +67,9 @@ def export_float_weights(cfg_path: str, weights: Optional[str], out: str | os.Pa
     quantized exports are: the float baseline for TensorRT / onnxruntime."""
     from yoloq.models import load_model
     if not (req.fp32 or req.fp16) or req.variant != "trt":
-        raise ExportError("--weights exports the float graph: add --fp32 or --fp16 (an INT8 graph needs a quantized "
-                          "checkpoint from `yoloq ptq` / `yoloq qat` as --ckpt)")
+        raise ExportError(f"--weights exports the float graph: add --fp32 or --fp16. An INT8 graph needs a quantized "
+                          f"checkpoint: run `yoloq ptq --cfg {cfg_path} --weights {weights}` (or `yoloq qat --cfg "
+                          f"{cfg_path} --weights {weights}`) and export its runs/ptq/<name>/quant.pt with --ckpt")
     cfg = load_config(cfg_path)
     model = load_model(cfg.model, weights)
     img_size = req.img_size or cfg.model.img_size

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from yoloq.data.coco import read_annotation_images, read_coco_json, read_image
+from yoloq.data.coco import quiet_worker, read_annotation_images, read_coco_json, read_image
 from yoloq.train.augment import Augmenter, Sample, letterbox_sample, resize_longest
 from yoloq.train.errors import TrainError
 
@@ -197,27 +197,40 @@ def collate_targets(items):
     return images, torch.cat(rows) if rows else torch.zeros(0, 6)
 
 
+def training_annotations(data_cfg) -> str:
+    """The COCO ground truth of the train split: ``train_ann`` of a COCO-JSON dataset YAML, or, for an
+    upstream YOLO data YAML, its ``.txt`` labels read and checked by :mod:`yoloq.data.yolo_labels`
+    (cached as COCO JSON beside them, as for evaluation)."""
+    from yoloq.data.yolo import train_ground_truth
+    ann = data_cfg.train_ann or train_ground_truth(data_cfg)
+    if not data_cfg.train_images or not ann:
+        raise TrainError(f"{data_cfg.path}: training needs labelled train images: 'train_images' and 'train_ann' "
+                         "(COCO JSON), or an upstream YOLO data YAML whose 'train' images have .txt labels")
+    return str(ann)
+
+
 def records_for(data_cfg, nc: int, train_images: Optional[int] = None) -> list[LabelledImage]:
-    """The training records named by a dataset YAML (COCO JSON ``train_ann`` over ``train_images``),
-    checked to carry labels; only the first ``train_images`` labelled ones if given."""
-    if not data_cfg.train_images or not data_cfg.train_ann:
-        raise TrainError(f"{data_cfg.path}: training needs 'train_images' and 'train_ann' (labels)")
+    """The training records named by a dataset YAML (COCO JSON ``train_ann``, or YOLO labels through
+    :func:`training_annotations`), checked to carry labels; only the first ``train_images``
+    labelled ones if given."""
+    ann = training_annotations(data_cfg)
     if not Path(data_cfg.train_images).is_dir():
         raise TrainError(f"{data_cfg.path}: train_images folder not found: {data_cfg.train_images}")
-    records = read_coco_records(data_cfg.train_images, data_cfg.train_ann)
-    check_labelled(records, data_cfg.train_ann, nc)
+    records = read_coco_records(data_cfg.train_images, ann)
+    check_labelled(records, ann, nc)
     missing = [r.file for r in records if not Path(r.file).is_file()]
     if missing:
-        raise TrainError(f"{data_cfg.train_ann}: {len(missing)} listed image(s) missing from {data_cfg.train_images}, "
+        raise TrainError(f"{ann}: {len(missing)} listed image(s) missing from {data_cfg.train_images}, "
                          f"e.g. {missing[0]}")
     if train_images is not None:
         records = first_labelled(records, train_images)
     return records
 
 
-def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int):
+def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, collate_fn=collate_targets):
     """DataLoader + DistributedSampler (one replica without torch.distributed): a seeded shuffle
-    per epoch (``sampler.set_epoch``), each rank every world-th item -- the same order on resume."""
+    per epoch (``sampler.set_epoch``), each rank every world-th item -- the same order on resume.
+    Batches are ``collate_fn``'s (default: images + targets [M, 6])."""
     import torch.distributed as dist
     from torch.utils.data import DataLoader, DistributedSampler
     initialised = dist.is_available() and dist.is_initialized()
@@ -225,5 +238,6 @@ def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int
     rank = dist.get_rank() if initialised else 0
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=max(0, workers),
-                        collate_fn=collate_targets, drop_last=False, persistent_workers=False)
+                        collate_fn=collate_fn, drop_last=False, persistent_workers=False,
+                        worker_init_fn=quiet_worker if workers > 0 else None)
     return loader, sampler

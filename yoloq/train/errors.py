@@ -12,5 +12,9 @@ class NonFiniteLossError(TrainError):
     """The loss became NaN/inf; the message names the epoch, the step and the loss part(s)."""
 
 
+class NonFiniteWeightsError(TrainError):
+    """The weights (or their EMA) became NaN/inf after an update; the message names the parameter."""
+
+
 class ScalesMismatchError(TrainError):
     """A RepOpt scales file does not fit the model it is applied to."""

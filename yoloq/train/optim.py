@@ -15,14 +15,14 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from yoloq.config import TrainConfig, WeightDecayMode, choices
+from yoloq.config import ConfigError, TrainConfig, WeightDecayMode, choices
 from yoloq.models.blocks import QARepVGGBlock, RepVGGBlock
 
 WEIGHT_DECAY_MODES = choices(WeightDecayMode)
@@ -60,21 +60,26 @@ def custom_l2(model: nn.Module) -> torch.Tensor:
         term = ring + (centre ** 2 / (t3 ** 2 + t1 ** 2)).sum()
         total = term if total is None else total + term
     if total is None:
-        raise ValueError("weight_decay_mode custom_l2: the model has no RepVGG / QARepVGG block")
+        raise ConfigError("train.weight_decay_mode: custom_l2 is the RepVGG L2 of Rep blocks, and the model has no "
+                          "RepVGG / QARepVGG block; use weight_decay_mode: plain")
     return total
 
 
 # --------------------------------------------------------------------------- groups and schedule
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, mode: str = "plain") -> list[dict]:
-    """``decay`` (conv weights), ``no_decay`` (BN weights, scales), ``bias`` groups; every trainable
-    parameter lands in exactly one."""
+def parameter_groups(model: nn.Module, weight_decay: float, mode: str = "plain",
+                     own_groups: Sequence[dict] = ()) -> list[dict]:
+    """``decay`` (conv weights), ``no_decay`` (BN weights, other 1-d parameters), ``bias`` groups,
+    then ``own_groups`` (e.g. QAT's quantizer parameters with their own learning rate: each a
+    ``{"name", "params", ...}`` dict whose parameters leave the three). Every trainable parameter
+    lands in exactly one group; the three are always there (a checkpoint's optimizer state maps
+    group by group)."""
     if mode not in WEIGHT_DECAY_MODES:
-        raise ValueError(f"train.weight_decay_mode: unknown value '{mode}'; expected one of {WEIGHT_DECAY_MODES}")
+        raise ConfigError(f"train.weight_decay_mode: unknown value '{mode}'; expected one of {WEIGHT_DECAY_MODES}")
     custom = {id(p) for k3, _, k1, _ in rep_branch_kernels(model) for p in (k3, k1)} if mode == "custom_l2" else set()
+    seen = {id(p) for g in own_groups for p in g["params"]}
     decay, no_decay, bias = [], [], []
-    seen = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
@@ -88,7 +93,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, mode: str = "plain")
                 decay.append(p)
     return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-            {"name": "bias", "params": bias, "weight_decay": 0.0}]
+            {"name": "bias", "params": bias, "weight_decay": 0.0}, *[g for g in own_groups if g["params"]]]
 
 
 def cosine_factor(epoch: int, epochs: int, lrf: float) -> float:

@@ -1,11 +1,15 @@
-"""``run_train(cfg, options) -> TrainResult``: everything tools/train.py does, as a library call.
+"""``run_train(cfg, options) -> TrainResult``: everything ``yoloq train`` does, as a library call.
 
     config (model / train / loss / augment sections) + dataset YAML
-      -> labelled train records (COCO JSON; optionally the first N labelled images)
+      -> labelled train records (COCO JSON, or upstream YOLO .txt labels; optionally the first N)
       -> model (from scratch with the head's prior initialisation, or from --weights)
          RepOpt target: scales file checked against the model, kernels re-initialised from it
-      -> AugmentedDataset + DistributedSampler loader -> fit() -> runs/train/<name>/
-         {best.pt, last.pt, results.csv, tensorboard/, run.json}
+      -> AugmentedDataset + DistributedSampler loader
+      -> the training engine (yoloq.train.engine.fit) with the detection step (yoloq.train.detection)
+      -> runs/train/<name>/{best.pt, last.pt, results.csv, tensorboard/, run.json}
+
+A run that fails before its first epoch is saved leaves no folder behind; the device and every
+input are checked before anything is written.
 
 Evaluation is COCO mAP of the EMA weights on the val split, or, with ``eval_split: train``, on the
 training images themselves (an overfit check; their ground truth is written to
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,16 +28,18 @@ import torch.distributed as dist
 from torch import nn
 
 from yoloq.config import Config, ConfigError, load_config, load_data_config
-from yoloq.train.augment import Augmenter
-from yoloq.train.dataset import AugmentedDataset, LabelledImages, make_train_loader, records_for, write_subset_annotations
-from yoloq.train.errors import TrainError
+from yoloq.device import resolve_device
 from yoloq.io import atomic_write_text
+from yoloq.models.detector import init_head_biases
+from yoloq.train.augment import Augmenter
+from yoloq.train.dataset import (AugmentedDataset, LabelledImages, make_train_loader, records_for,
+                                 training_annotations, write_subset_annotations)
+from yoloq.train.detection import DetectionStep, check_trainable, train_loop
+from yoloq.train.engine import FitResult, fit, world_and_rank
+from yoloq.train.run_files import new_run_folder
+from yoloq.train.errors import TrainError
 from yoloq.train.losses import DetectionLoss
 from yoloq.train.repopt import check_scales, load_scales, reinit_from_scales
-from yoloq.train.trainer import FitResult, fit, resolve_device
-
-PRIOR_PROB = 0.01           # initial class probability of the head (focal-loss style prior)
-
 
 @dataclass
 class TrainOptions:
@@ -84,19 +89,6 @@ def apply_settings(cfg: Config, settings: Sequence[str]) -> Config:
     return cfg.with_overrides(**sections)
 
 
-@torch.no_grad()
-def init_head_for_training(detect: nn.Module, prior_prob: float = PRIOR_PROB) -> None:
-    """Prediction convs start at zero weights: class bias so every score is ``prior_prob``
-    (no flood of false positives in the first steps), box bias 1 (1 stride each side; with DFL,
-    uniform bins)."""
-    for conv in detect.cls_preds:
-        conv.weight.zero_()
-        conv.bias.fill_(-math.log((1 - prior_prob) / prior_prob))
-    for conv in detect.reg_preds:
-        conv.weight.zero_()
-        conv.bias.fill_(1.0)
-
-
 def _resolve(cfg, opts: TrainOptions):
     if not isinstance(cfg, Config):
         cfg = load_config(cfg)
@@ -107,7 +99,8 @@ def _resolve(cfg, opts: TrainOptions):
     data_path = opts.data or cfg.data
     if not data_path or not Path(data_path).is_file():
         raise TrainError(f"{where}: dataset YAML not found: {data_path} (set 'data' or pass --data)")
-    return cfg, load_data_config(data_path)
+    data_cfg = load_data_config(data_path)
+    return cfg, dataclasses.replace(data_cfg, train_ann=training_annotations(data_cfg))
 
 
 def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[dict], seed: int) -> nn.Module:
@@ -116,6 +109,7 @@ def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[d
     from yoloq.models.build import build_model
     torch.manual_seed(seed)
     model = build_model(cfg.model)
+    check_trainable(model, cfg.path or "config")
     if cfg.model.block == "repopt" and scales is None:
         raise TrainError(f"{cfg.path}: block 'repopt' trains with the RepOptimizer: set train.scales (or --scales) "
                          "to the hyper-search scales file (tools/repopt_scales.py)")
@@ -124,7 +118,7 @@ def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[d
     if weights:
         load_weights(model, weights)
     else:
-        init_head_for_training(model.detect)
+        init_head_biases(model.detect)
         if scales is not None:
             reinit_from_scales(model, scales, seed)
     return model
@@ -147,7 +141,9 @@ def _evaluator(cfg: Config, data_cfg, records, out_dir: Path, img_size: int, opt
 
 
 def _fingerprint(cfg: Config, data_cfg, img_size: int, weights, world: int) -> dict:
-    return {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+    """What a resumed run must share with the interrupted one (the DataLoader workers change nothing)."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k != "workers"}
+    return {"model": dataclasses.asdict(cfg.model), "train": train,
             "loss": dataclasses.asdict(cfg.loss), "augment": dataclasses.asdict(cfg.augment),
             "train_ann": data_cfg.train_ann, "img_size": img_size, "weights": weights, "world": world}
 
@@ -164,9 +160,11 @@ def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> Train
     out_dir = Path(opts.out) / name
     if (out_dir / "last.pt").is_file() and not opts.resume:
         raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
+    if opts.resume and not (out_dir / "last.pt").is_file():
+        raise TrainError(f"--resume: no checkpoint to continue at {out_dir / 'last.pt'} (start the run without "
+                         "--resume)")
     device = resolve_device(opts.device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = world_and_rank()
 
     records = records_for(data_cfg, cfg.model.nc, tcfg.train_images)
     scales = load_scales(tcfg.scales) if tcfg.scales else None
@@ -174,17 +172,16 @@ def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> Train
     model = build_training_model(cfg, weights, scales, tcfg.seed)
     dataset = AugmentedDataset(LabelledImages(records), Augmenter(cfg.augment, img_size), seed=tcfg.seed)
     loader, sampler = make_train_loader(dataset, tcfg.batch_size, tcfg.workers, tcfg.seed)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if world > 1:
-        dist.barrier()
-    evaluate = _evaluator(cfg, data_cfg, records, out_dir, img_size, opts, device)
     fingerprint = _fingerprint(cfg, data_cfg, img_size, weights, world)
-    if rank == 0:
-        atomic_write_text(out_dir / "run.json", json.dumps({**fingerprint, "images": len(records),
-                                                            "data": data_cfg.path}, indent=1, default=str))
-    result = fit(model, loader, DetectionLoss(cfg.model, cfg.loss), tcfg, sampler=sampler, dataset=dataset,
-                 close_mosaic_epochs=cfg.augment.close_mosaic_epochs, evaluate=evaluate, out_dir=out_dir,
-                 resume=opts.resume, fingerprint=fingerprint, device=device, progress=opts.progress and rank == 0,
-                 repopt_scales=scales)
+    with new_run_folder(out_dir, rank):
+        if world > 1:
+            dist.barrier()
+        evaluate = _evaluator(cfg, data_cfg, records, out_dir, img_size, opts, device)
+        if rank == 0:
+            atomic_write_text(out_dir / "run.json", json.dumps({**fingerprint, "images": len(records),
+                                                                "data": data_cfg.path}, indent=1, default=str))
+        result = fit(model, loader, DetectionStep(DetectionLoss(cfg.model, cfg.loss), tcfg, scales),
+                     train_loop(tcfg, world, cfg.augment.close_mosaic_epochs), sampler=sampler, dataset=dataset,
+                     evaluate=evaluate, out_dir=out_dir, resume=opts.resume, fingerprint=fingerprint, device=device,
+                     progress=opts.progress and rank == 0)
     return TrainResult(name, out_dir, result.history, result.best_epoch, result)

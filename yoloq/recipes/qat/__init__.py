@@ -1,5 +1,6 @@
-"""Quantization-aware training: ``losses`` (distillation), ``trainer`` (the loop), ``guard``
-(divergence checks), ``run`` (the pipeline behind ``yoloq qat``)."""
+"""Quantization-aware training: ``data`` (what it trains on), ``losses`` (distillation), ``step`` (the
+distillation step of the training engine ``yoloq.train.engine``), ``guard`` (divergence checks),
+``run`` (the recipe behind ``yoloq qat`` and ``yoloq.qat``)."""
 from yoloq.errors import YoloqError
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from yoloq.config import Config, DataConfig
+from yoloq.data.coco import CocoDetectionDataset, calibration_images, collate_skip_failed
 from yoloq.recipes.qat import QATError
+from yoloq.train.augment import Augmenter
+from yoloq.train.dataset import AugmentedDataset, LabelledImage, LabelledImages, make_train_loader, records_for
+from yoloq.train.errors import TrainError
 
 
 @dataclass
@@ -31,22 +34,17 @@ class QATData:
 
 
 def _unlabelled_records(data_cfg: DataConfig, n: int, seed: int) -> list:
-    from yoloq.data.coco import calibration_images
-    from yoloq.train.dataset import LabelledImage
     root = Path(data_cfg.train_images)
     return [LabelledImage(str(root / name), np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
             for name in calibration_images(data_cfg, n, seed)]
 
 
 def _labelled_records(data_cfg: DataConfig, nc: int, n: int) -> list:
-    from dataclasses import replace
-    from yoloq.data.yolo import train_ground_truth
-    from yoloq.train.dataset import records_for
-    ann = data_cfg.train_ann or train_ground_truth(data_cfg)
-    if not ann:
-        raise QATError(f"{data_cfg.path}: qat.loss det+distill needs labelled train images (train_ann or YOLO "
-                       f"labels); this dataset has none")
-    return records_for(replace(data_cfg, train_ann=str(ann)), nc, train_images=n)
+    """The first ``n`` labelled train images, read as ``yoloq train`` reads them (COCO JSON or YOLO labels)."""
+    try:
+        return records_for(data_cfg, nc, train_images=n)
+    except TrainError as err:
+        raise QATError(f"qat.loss det+distill needs labelled train images: {err}") from None
 
 
 def qat_data(cfg: Config, data_cfg: DataConfig, img_size: int) -> QATData:
@@ -54,24 +52,13 @@ def qat_data(cfg: Config, data_cfg: DataConfig, img_size: int) -> QATData:
     qcfg = cfg.qat
     labelled = qcfg.loss == "det+distill"
     if not labelled and not qcfg.augment:
-        from yoloq.data.coco import CocoDetectionDataset, calibration_images, collate_skip_failed
-        from yoloq.recipes.qat.trainer import make_train_loader
         files = calibration_images(data_cfg, qcfg.images, qcfg.seed)
         dataset = CocoDetectionDataset(data_cfg.train_images, None, img_size, files=files)
         loader, sampler = make_train_loader(dataset, qcfg.batch_size, qcfg.workers, qcfg.seed, collate_skip_failed)
         return QATData(loader, sampler, len(files), labelled=False, augmented=False)
-    from yoloq.train.augment import Augmenter
-    from yoloq.train.dataset import AugmentedDataset, LabelledImages, make_train_loader as labelled_loader
     records = (_labelled_records(data_cfg, cfg.model.nc, qcfg.images) if labelled
                else _unlabelled_records(data_cfg, qcfg.images, qcfg.seed))
     dataset = AugmentedDataset(LabelledImages(records), Augmenter(cfg.augment, img_size), seed=qcfg.seed,
                                augment=qcfg.augment)
-    loader, sampler = labelled_loader(dataset, qcfg.batch_size, qcfg.workers, qcfg.seed)
+    loader, sampler = make_train_loader(dataset, qcfg.batch_size, qcfg.workers, qcfg.seed)
     return QATData(loader, sampler, len(records), labelled=labelled, augmented=qcfg.augment)
-
-
-def targets_of(batch) -> Optional[object]:
-    """The ``[M, 6]`` targets of a labelled batch, None for image-only batches."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and hasattr(batch[1], "shape"):
-        return batch[1]
-    return None

@@ -1,11 +1,11 @@
 """Stopping QAT that diverges, with the step, the part that went bad and what to change.
 
-Checked after every step: every loss part finite; the total not grown past ``max_loss_growth`` x
-its value over the first steps; every model parameter finite; every learned quantizer scale sane
-(``learnable.check_quantizers``). Checked after every evaluation: the val mAP not collapsed below
-``collapse_ratio`` x the PTQ model's. A run that trips any check raises
-``QuantizerDivergenceError`` before anything of that step or epoch is written, so no diverged
-model is ever saved as a finished checkpoint.
+The engine's rules (:mod:`yoloq.train.guard`: every loss part finite, every parameter finite after
+an update) with QAT's diagnosis and three more: the total loss not grown past ``max_loss_growth`` x
+its value over the first steps; every learned quantizer scale sane (``learnable.check_quantizers``);
+after every evaluation, the val mAP not collapsed below ``collapse_ratio`` x the PTQ model's. A run
+that trips any check raises ``QuantizerDivergenceError`` before anything of that step or epoch is
+written, so no diverged model is ever saved as a finished checkpoint.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch import nn
 from yoloq.config import QATConfig
 from yoloq.quant.learnable import QuantizerDivergenceError, check_quantizers
 from yoloq.quant.state import named_quantizers
+from yoloq.train.guard import Guard, first_nonfinite_parameter
 
 REFERENCE_STEPS = 5          # the loss reference is the mean of the first steps' losses
 LR_HINT = "lower --lr / --quantizer-lr (qat.lr, qat.quantizer_lr)"
@@ -41,34 +42,25 @@ def first_nonfinite_quantizer(model: nn.Module, images: torch.Tensor) -> Optiona
     return found[0] if found else None
 
 
-def first_nonfinite_parameter(model: nn.Module) -> Optional[str]:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p.detach()).all():
-            return name
-    return None
-
-
-class DivergenceGuard:
+class DivergenceGuard(Guard):
     """The checks above, for one training run."""
+    hint = LR_HINT
 
     def __init__(self, qcfg: QATConfig):
         self.qcfg = qcfg
         self.first_losses: list[float] = []
 
-    def check_loss(self, terms: dict, where: str, model: nn.Module, images: torch.Tensor) -> None:
-        bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise self._nonfinite_loss(terms, bad, where, model, images)
-        loss = float(terms["loss"].detach())
+    def check_loss(self, loss: torch.Tensor, parts: dict, where: str) -> None:
+        value = float(loss.detach())
         if len(self.first_losses) < REFERENCE_STEPS:
-            self.first_losses.append(loss)
+            self.first_losses.append(value)
             return
         reference = sum(self.first_losses) / len(self.first_losses)
-        if reference > 0 and loss > self.qcfg.max_loss_growth * reference:
-            parts = ", ".join(f"{k} {float(v):.4g}" for k, v in terms.items() if k != "loss")
+        if reference > 0 and value > self.qcfg.max_loss_growth * reference:
+            text = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k != "loss")
             raise QuantizerDivergenceError(
-                f"{where}: the loss exploded to {loss:.4g}, more than {self.qcfg.max_loss_growth:g}x its start "
-                f"({reference:.4g}; parts now: {parts}); {LR_HINT}")
+                f"{where}: the loss exploded to {value:.4g}, more than {self.qcfg.max_loss_growth:g}x its start "
+                f"({reference:.4g}; parts now: {text}); {LR_HINT}")
 
     def check_model(self, model: nn.Module, where: str) -> None:
         """After an optimizer step: parameters and learned scales."""
@@ -80,6 +72,9 @@ class DivergenceGuard:
         except QuantizerDivergenceError as err:
             raise QuantizerDivergenceError(f"{where}: {err}") from None
 
+    def check_eval(self, row: dict, extra: dict) -> None:
+        self.check_map(row["AP"], (extra.get("ptq") or {}).get("AP"), row["epoch"])
+
     def check_map(self, ap: float, ptq_ap: Optional[float], epoch: int) -> None:
         if ptq_ap is None or not ptq_ap > 0:
             return
@@ -88,9 +83,9 @@ class DivergenceGuard:
                 f"epoch {epoch}: val AP collapsed to {ap * 100:.2f} from {ptq_ap * 100:.2f} after PTQ (below "
                 f"{self.qcfg.collapse_ratio:g}x); training diverged, nothing of it was saved as a result; {LR_HINT}")
 
-    def _nonfinite_loss(self, terms: dict, bad: list, where: str, model: nn.Module,
-                        images: torch.Tensor) -> QuantizerDivergenceError:
-        head = f"{where}: loss part(s) {', '.join(bad)} became NaN/inf"
+    def nonfinite_loss(self, loss: torch.Tensor, parts: dict, bad: list, where: str, model: nn.Module,
+                       images: torch.Tensor) -> QuantizerDivergenceError:
+        head = f"{where}: loss part(s) {', '.join(bad) or 'loss'} became NaN/inf"
         try:
             check_quantizers(model, self.qcfg.max_scale_growth)
         except QuantizerDivergenceError as err:

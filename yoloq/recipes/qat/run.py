@@ -1,17 +1,22 @@
-"""Quantization-aware training of a PTQ result by label-free distillation: ``run_qat(cfg, ...) -> QATResult``.
+"""Quantization-aware training of a PTQ result: ``run_qat(cfg, ...) -> QATResult``.
 
     runs/ptq/<name>/quant.pt --load_quantized--> student (PTQ INT8 model)
-        teacher = the same fused FP32 weights with every quantizer off (frozen)
-        swap_quantizers(student, pact | lsqplus | fixed)       (yoloq.quant.swap)
-        for each epoch: distil on unlabelled *train* images -> COCO mAP on val -> keep the best
+      (or --weights fp32.pt: the config's PTQ settings first, in memory)
+        teacher = the student's fused weights with every quantizer off (frozen)
+        swap_quantizers(student, pact | lsqplus | fixed)                  (yoloq.quant.swap)
+        each epoch: distil on *train* images -- unlabelled, or labelled with the YOLOv6 loss added
+        (qat.loss det+distill) -- then COCO mAP on val -> keep the best
         -> runs/qat/<name>/{report.md, report.json, curves.png, curves.csv, quant.pt, last.pt, best.pt}
 
-Losses: ``yoloq.recipes.qat.losses``; the loop, optimizer and checkpoints: ``trainer``; divergence
+:func:`distill` is the recipe (data, teacher, quantizer swap, the distillation step in the training
+engine :mod:`yoloq.train.engine`) that ``yoloq qat`` and ``yoloq.qat`` share; ``run_qat`` adds the
+inputs, the baselines (the FP32 model of the config's weights and the PTQ student on the same val
+images) and the report. Losses: ``losses``; the step, optimizer and schedule: ``step``; divergence
 checks: ``guard``. Model selection: the best epoch by val mAP (the report also gives the last epoch,
 free of that selection). ``quant.pt`` is the PTQ checkpoint format of ``freeze_quantizers(best)``,
 so ``yoloq export`` reads it like a PTQ result. ``--resume`` continues from ``last.pt`` only with
-the same settings (``trainer.check_same_run``). Distributed: ``torchrun --nproc_per_node N
-tools/qat.py ...`` (gloo on CPU, nccl on CUDA); rank 0 evaluates and writes.
+the same settings. Distributed: ``torchrun --nproc_per_node N tools/qat.py ...`` (gloo on CPU, nccl
+on CUDA); rank 0 evaluates and writes.
 """
 from __future__ import annotations
 
@@ -20,30 +25,39 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from yoloq.config import Config, DataConfig, QATConfig, load_config, load_data_config
+from yoloq.data.coco import calibration_loader
+from yoloq.device import resolve_device
 from yoloq.eval.coco_eval import evaluate_model
 from yoloq.io import check_output_dir
-from yoloq.safe_load import load_plain
+from yoloq.models import load_model
 from yoloq.quant.checkpoint import load_quantized, save_quantized
 from yoloq.quant.swap import freeze_quantizers, swap_quantizers
 from yoloq.recipes.common import StageTimer
 from yoloq.recipes.qat import QATError
 from yoloq.recipes.qat.data import QATData, qat_data
-from yoloq.recipes.qat.trainer import FitExtras, FitResult, fit, is_main_process, make_teacher
-from yoloq.train.trainer import resolve_device
+from yoloq.recipes.qat.step import DistillStep, make_teacher, qat_loop
 from yoloq.report.qat import STATS, write_qat_report
+from yoloq.report.run_log import library_log
+from yoloq.safe_load import load_plain
+from yoloq.train.engine import FitResult, fit, world_and_rank
+from yoloq.train.run_files import new_run_folder
+
+
+LIBRARY_LOG = "pytorch_quantization.log"     # the library's own warnings (e.g. "Overwriting amax"), not the terminal's
 
 
 @dataclass
 class QATOptions:
     """What one run reads and writes (the training settings are ``cfg.qat``)."""
     from_dir: str = ""                      # runs/ptq/<name> (or its quant.pt)
+    weights: Optional[str] = None           # instead of from_dir: FP32 weights, PTQ with the config's settings
     max_images: Optional[int] = None        # evaluate only the first N val images
     name: Optional[str] = None
     out: str = "runs/qat"
@@ -71,39 +85,67 @@ def load_qat(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     return model, meta
 
 
-def _resolve(cfg: Config | str | os.PathLike, opts: QATOptions, overrides: dict) -> tuple[Config, DataConfig, Path]:
+def _source(opts: QATOptions) -> Optional[Path]:
+    """The quantized checkpoint of ``--from`` (None with ``--weights``)."""
+    if bool(opts.from_dir) == bool(opts.weights):
+        raise QATError("give exactly one of --from (a PTQ run folder runs/ptq/<name> or its quant.pt) and "
+                       "--weights (FP32 weights: PTQ with the config's quant settings first)")
+    if opts.weights:
+        if not Path(opts.weights).is_file():
+            raise QATError(f"--weights {opts.weights}: file not found")
+        return None
+    src = Path(opts.from_dir)
+    ckpt = src / "quant.pt" if src.is_dir() else src
+    if not ckpt.is_file():
+        raise QATError(f"--from {opts.from_dir}: no quantized checkpoint at {ckpt} (run yoloq ptq first, or "
+                       "start from FP32 weights with --weights)")
+    return ckpt
+
+
+def _resolve(cfg: Config | str | os.PathLike, opts: QATOptions, overrides: dict) -> tuple[Config, DataConfig,
+                                                                                           Optional[Path]]:
     if not isinstance(cfg, Config):
         cfg = load_config(cfg)
     cfg = cfg.with_overrides(**overrides)
     where = cfg.path or "config"
     if not cfg.data or not Path(cfg.data).is_file():
         raise QATError(f"{where}: data: dataset YAML not found: {cfg.data}")
-    data_cfg = load_data_config(cfg.data)
-    if not opts.from_dir:
-        raise QATError("--from is required: the PTQ run folder (runs/ptq/<name>) or its quant.pt")
-    src = Path(opts.from_dir)
-    ckpt = src / "quant.pt" if src.is_dir() else src
-    if not ckpt.is_file():
-        raise QATError(f"--from {opts.from_dir}: no quantized checkpoint at {ckpt} (run tools/ptq.py first)")
+    if cfg.qat.scales and cfg.model.block != "repopt":
+        raise QATError(f"--scales / qat.scales {cfg.qat.scales}: '{cfg.model.name}' (block '{cfg.model.block}') "
+                       "is not a RepOpt model; the scales file is for RepOpt models only (leave it out)")
+    ckpt = _source(opts)
     if opts.max_images is not None and opts.max_images < 1:
         raise QATError(f"--max-images must be >= 1, got {opts.max_images}")
-    return cfg, data_cfg, ckpt
+    return cfg, load_data_config(cfg.data), ckpt
 
 
-def run_name(qcfg: QATConfig, ckpt: Path) -> str:
+def run_name(qcfg: QATConfig, ckpt: Optional[Path], model_name: str) -> str:
     kind = qcfg.quantizer + (f"-{qcfg.lsq_mode}" if qcfg.quantizer == "lsqplus" else "")
-    return f"{ckpt.parent.name}_{kind}"
+    return f"{ckpt.parent.name if ckpt is not None else model_name}_{kind}"
 
 
-def fingerprint(qcfg: QATConfig, ckpt: Path, opts: QATOptions) -> dict:
+def fingerprint(cfg: Config, ckpt: Optional[Path], opts: QATOptions) -> dict:
     """What a resumed run must share with the interrupted one (everything that shapes training)."""
-    settings = {k: v for k, v in dataclasses.asdict(qcfg).items() if k != "workers"}
-    return {"from": str(ckpt.resolve()), "max_images": opts.max_images, **settings}
+    settings = {k: v for k, v in dataclasses.asdict(cfg.qat).items() if k != "workers"}
+    if ckpt is not None:
+        return {"from": str(ckpt.resolve()), "max_images": opts.max_images, **settings}
+    return {"from": f"weights {Path(opts.weights).resolve()}", "quant": dataclasses.asdict(cfg.quant),
+            "max_images": opts.max_images, **settings}
+
+
+def ptq_student(cfg: Config, data_cfg: DataConfig, weights: str, progress: bool) -> tuple[nn.Module, dict]:
+    """``--weights``: the FP32 checkpoint through the config's PTQ stages (calibration, transforms,
+    bias correction, reconstruction; as ``yoloq.ptq``), in memory."""
+    from yoloq.recipes.common import load_calibration_set
+    from yoloq.recipes.ptq import quantize
+    q = cfg.quant
+    calib = load_calibration_set(data_cfg, q.calib_images, cfg.model.img_size, q.batch_size, cfg.eval.workers, q.seed)
+    run = quantize(cfg, data_cfg, load_model(cfg.model, weights), calib, progress=progress)
+    return run.qmodel, {"name": cfg.model.name, "calib_method": run.calib_info["method"], "weights": str(weights)}
 
 
 def init_student(student: nn.Module, qcfg: QATConfig, data_cfg: DataConfig, resuming: bool) -> None:
     """Swap in the learnable quantizers (on resume: structure only, fit() restores the values)."""
-    from yoloq.data.coco import calibration_loader
     batches = None
     if not resuming and (qcfg.quantizer == "pact" or (qcfg.quantizer == "lsqplus" and qcfg.lsq_init == "mse")):
         init = calibration_loader(data_cfg, qcfg.init_images, student.cfg.img_size, qcfg.batch_size, qcfg.workers,
@@ -112,22 +154,20 @@ def init_student(student: nn.Module, qcfg: QATConfig, data_cfg: DataConfig, resu
     swap_quantizers(student, qcfg.quantizer, qcfg.lsq_mode, calib_batches=batches)
 
 
-def fit_extras(cfg: Config, student: nn.Module, data: QATData, out_dir: Optional[Path]) -> FitExtras:
-    """The detection loss (labelled QAT), RepOpt masks (RepOpt models) and the log folder."""
+def distill_step(cfg: Config, student: nn.Module, teacher: nn.Module, data: QATData) -> DistillStep:
+    """The distillation step, with the detection loss for labelled QAT and RepOpt masks for RepOpt models."""
     det = None
     if data.labelled:
         from yoloq.train.losses import DetectionLoss
         det = DetectionLoss(student.cfg, cfg.loss, strides=student.strides)
     masks = repopt_masks(cfg, student) if student.cfg.block == "repopt" else None
-    return FitExtras(det_loss=det, masks=masks, log_dir=out_dir,
-                     close_mosaic_epochs=cfg.augment.close_mosaic_epochs if data.augmented else 0)
+    return DistillStep(student, teacher, cfg.qat, det_loss=det, masks=masks)
 
 
 def repopt_masks(cfg: Config, student: nn.Module) -> dict:
     """RepOpt gradient masks for the student's BN-folded kernels: a folded kernel is ``a * W`` with
     ``a = gamma / sigma`` of the block's BN per output channel, so SGD on it with mask ``a^2 * M``
     is SGD on ``W`` with the RepOpt mask ``M`` (the scales come from the hyper-search model)."""
-    from yoloq.models import load_model
     from yoloq.models.blocks import RealVGGBlock
     from yoloq.train.repopt import load_scales, target_masks
     if not cfg.qat.scales:
@@ -143,14 +183,51 @@ def repopt_masks(cfg: Config, student: nn.Module) -> dict:
     return out
 
 
-def _baselines(extra: dict, teacher: nn.Module, student: nn.Module, evaluate, log) -> None:
-    """FP32 teacher and PTQ student on val, once (kept in last.pt across resumes)."""
+def _baselines(extra: dict, fp32_model: Callable[[], Optional[nn.Module]], student: nn.Module, evaluate: Callable,
+               log) -> None:
+    """The FP32 model and the PTQ student on val, once (kept in last.pt across resumes)."""
     if {"fp32", "ptq"} <= set(extra):
         return
-    log("evaluating FP32 teacher and PTQ student on val ...")
-    extra["fp32"] = {k: float(v) for k, v in evaluate(teacher).items()}
+    log("evaluating the FP32 model and the PTQ student on val ...")
+    fp32 = fp32_model()
+    extra["fp32"] = {k: float(v) for k, v in evaluate(fp32).items()} if fp32 is not None else {}
+    del fp32
     extra["ptq"] = {k: float(v) for k, v in evaluate(student).items()}
-    log(f"FP32 AP {extra['fp32']['AP'] * 100:.2f}  PTQ AP {extra['ptq']['AP'] * 100:.2f}")
+    fp32_ap = f"{extra['fp32']['AP'] * 100:.2f}" if extra["fp32"] else "- (no FP32 weights)"
+    log(f"FP32 AP {fp32_ap}  PTQ AP {extra['ptq']['AP'] * 100:.2f}")
+
+
+def distill(cfg: Config, data_cfg: DataConfig, student: nn.Module, *, evaluate: Optional[Callable] = None,
+            fp32_model: Callable[[], Optional[nn.Module]] = lambda: None, out_dir: Optional[Path] = None, resume: bool = False,
+            fingerprint: Optional[dict] = None, device="cpu", progress: bool = False,
+            timer: Optional[StageTimer] = None) -> tuple[FitResult, QATData]:
+    """QAT of ``student`` (a PTQ model, trained in place) as ``cfg.qat`` says: the recipe ``yoloq qat``
+    and ``yoloq.qat`` share. With ``evaluate`` the FP32 model ``fp32`` and the PTQ student are
+    evaluated first (rank 0; the report's baselines; ``fp32_model()`` loads the FP32 model), then
+    every epoch."""
+    timer = timer or StageTimer()
+    log = print if (progress and world_and_rank()[1] == 0) else (lambda *a, **k: None)
+    teacher = make_teacher(student)
+    data = qat_data(cfg, data_cfg, student.cfg.img_size)      # bad data fails before the baselines are evaluated
+    last = out_dir / "last.pt" if out_dir is not None else None
+    extra = (load_plain(last).get("extra") or {}) if resume and last is not None and last.is_file() else {}
+    if evaluate is not None and world_and_rank()[1] == 0:
+        with timer.stage("eval_baselines"):
+            _baselines(extra, fp32_model, student, evaluate, log)
+    with timer.stage("init_quantizers"):
+        init_student(student, cfg.qat, data_cfg, resume)
+    close = cfg.augment.close_mosaic_epochs if data.augmented else 0
+    with timer.stage("train_and_eval"):
+        result = fit(student, data.loader, distill_step(cfg, student, teacher, data), qat_loop(cfg.qat, None, close),
+                     sampler=data.sampler, evaluate=evaluate, out_dir=out_dir, resume=resume,
+                     fingerprint=fingerprint, extra=extra, device=device, progress=progress)
+    return result, data
+
+
+def _fp32_model(cfg: Config, opts: QATOptions) -> Optional[nn.Module]:
+    """The FP32 model the PTQ student came from (the config's weights, or --weights) for the report."""
+    weights = opts.weights or cfg.model.weights
+    return load_model(cfg.model, weights) if weights else None
 
 
 def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = None, *, qat: Optional[dict] = None,
@@ -159,59 +236,55 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
     ``eval`` override config keys (``None`` values are ignored); other keywords are ``QATOptions``."""
     opts = dataclasses.replace(options or QATOptions(), **option_overrides)
     cfg, data_cfg, ckpt = _resolve(cfg, opts, {"qat": qat, "eval": eval, "data": data})
-    qcfg = cfg.qat
-    name = opts.name or run_name(qcfg, ckpt)
+    name = opts.name or run_name(cfg.qat, ckpt, cfg.model.name)
     out_dir = Path(opts.out) / name
     check_output_dir(out_dir, "--out")
-    if (out_dir / "last.pt").is_file() and not opts.resume:
-        raise QATError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
-    device, main = resolve_device(opts.device), is_main_process()
-    log = print if (opts.progress and main) else (lambda *a, **k: None)
-    torch.manual_seed(qcfg.seed)
-    timer = StageTimer()
-
-    student, ptq_meta = load_quantized(ckpt)
-    if student.cfg.name != cfg.model.name:
-        raise QATError(f"--from {ckpt}: holds model '{student.cfg.name}', the config {cfg.path} is for "
-                       f"'{cfg.model.name}'")
-    teacher = make_teacher(student)
-    img_size = student.cfg.img_size
-    evaluate = lambda m: evaluate_model(m.to(device), data_cfg, cfg.eval, img_size,      # noqa: E731
-                                        max_images=opts.max_images, progress=opts.progress,
-                                        shard=False).stats                # rank 0 alone evaluates
-    data = qat_data(cfg, data_cfg, img_size)              # bad data fails before the baselines are evaluated
     last = out_dir / "last.pt"
-    resuming = opts.resume and last.is_file()
-    extra = load_plain(last).get("extra", {}) if resuming else {}
-    if main:
-        with timer.stage("eval_baselines"):
-            _baselines(extra, teacher, student, evaluate, log)
-    with timer.stage("init_quantizers"):
-        init_student(student, qcfg, data_cfg, resuming)
-    with timer.stage("train_and_eval"):
-        result = fit(student, teacher, data.loader, qcfg, qcfg.epochs, sampler=data.sampler, evaluate=evaluate,
-                     out_dir=out_dir, resume=opts.resume, fingerprint=fingerprint(qcfg, ckpt, opts), extra=extra,
-                     device=device, progress=opts.progress, extras=fit_extras(cfg, student, data, out_dir))
-    if not main:
-        return QATResult(name=name, out_dir=out_dir, report={}, history=result.history)
-    student.load_state_dict(result.best_state)
-    student.cpu().eval()
-    report = build_report(name, cfg, opts, ckpt, ptq_meta, result, data, timer.with_total())
-    save_quantized(freeze_quantizers(student), out_dir / "quant.pt", meta=_meta(name, cfg, ckpt, ptq_meta, result,
-                                                                                  report))
-    write_qat_report(report, result.history, out_dir, plots=opts.plots)
+    if last.is_file() and not opts.resume:
+        raise QATError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
+    if opts.resume and not last.is_file():
+        raise QATError(f"--resume: no checkpoint to continue at {last} (start the run without --resume)")
+    device, rank = resolve_device(opts.device), world_and_rank()[1]
+    main = rank == 0
+    torch.manual_seed(cfg.qat.seed)
+    timer = StageTimer()
+    with new_run_folder(out_dir, rank), library_log(out_dir / LIBRARY_LOG if main else None):
+        if ckpt is not None:
+            student, ptq_meta = load_quantized(ckpt)
+        else:
+            with timer.stage("ptq"):
+                student, ptq_meta = ptq_student(cfg, data_cfg, opts.weights, opts.progress and main)
+        if student.cfg.name != cfg.model.name:
+            raise QATError(f"--from {ckpt}: holds model '{student.cfg.name}', the config {cfg.path} is for "
+                           f"'{cfg.model.name}'")
+        evaluate = lambda m: evaluate_model(m.to(device), data_cfg, cfg.eval, student.cfg.img_size,  # noqa: E731
+                                            max_images=opts.max_images, progress=opts.progress,
+                                            shard=False).stats                # rank 0 alone evaluates
+        result, qdata = distill(cfg, data_cfg, student, evaluate=evaluate, fp32_model=lambda: _fp32_model(cfg, opts),
+                                out_dir=out_dir, resume=opts.resume, fingerprint=fingerprint(cfg, ckpt, opts),
+                                device=device, progress=opts.progress, timer=timer)
+        if not main:
+            return QATResult(name=name, out_dir=out_dir, report={}, history=result.history)
+        student.load_state_dict(result.best_state())
+        student.cpu().eval()
+        report = build_report(name, cfg, opts, ckpt, ptq_meta, result, qdata, timer.with_total())
+        save_quantized(freeze_quantizers(student), out_dir / "quant.pt", meta=_meta(name, cfg, ckpt, opts, ptq_meta,
+                                                                                     result, report))
+        write_qat_report(report, result.history, out_dir, plots=opts.plots)
     return QATResult(name=name, out_dir=out_dir, report=report, history=result.history, model=student)
 
 
-def _meta(name: str, cfg: Config, ckpt: Path, ptq_meta: dict, result: FitResult, report: dict) -> dict:
-    return {"name": name, "qat": cfg.qat.quantizer, "lsq_mode": cfg.qat.lsq_mode, "from": str(ckpt),
+def _meta(name: str, cfg: Config, ckpt: Optional[Path], opts: QATOptions, ptq_meta: dict, result: FitResult,
+          report: dict) -> dict:
+    return {"name": name, "qat": cfg.qat.quantizer, "lsq_mode": cfg.qat.lsq_mode,
+            "from": str(ckpt) if ckpt is not None else f"weights {opts.weights}",
             "ptq_meta": {k: v for k, v in ptq_meta.items() if isinstance(v, (str, int, float, bool))},
             "best_epoch": result.best_epoch, "fp32_AP": report["fp32"].get("AP"),
             "ptq_AP": report["ptq"].get("AP"), "qat_AP": report["qat"].get("AP"),
             "config": str(cfg.path), "seed": cfg.qat.seed}
 
 
-def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Path, ptq_meta: dict, result: FitResult,
+def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Optional[Path], ptq_meta: dict, result: FitResult,
                  data: QATData, timings: dict) -> dict:
     import pytorch_quantization
     fp32, ptq = result.extra.get("fp32", {}), result.extra.get("ptq", {})
@@ -221,13 +294,18 @@ def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Path, ptq_meta:
     pick = lambda r: {k: r[k] for k in STATS if k in r}                     # noqa: E731
     qat, qat_last = pick(best), pick(last)
     notes = ["best epoch chosen by val AP (the same images the table reports): 'QAT last' is free of that "
-             "selection", "the model is fused: no BatchNorm is trained (folded into the conv weights)"]
+             "selection", "the model is fused: no BatchNorm is trained (folded into the conv weights)",
+             "FP32: the model of the config's weights, as in the PTQ report; the distillation teacher is the PTQ "
+             "model's own weights with its quantizers off (bias correction included)"]
+    if not fp32:
+        notes.append("FP32 not evaluated: the config names no FP32 weights")
     if opts.max_images:
         notes.append(f"quick run: evaluated only the first {opts.max_images} val images")
+    source = {"checkpoint": str(ckpt)} if ckpt is not None else {"checkpoint": None, "weights": str(opts.weights)}
     return {
         "name": name, "kind": "qat",
         "model": {"name": cfg.model.name, "arch": cfg.model.arch, "img_size": cfg.model.img_size},
-        "from": {"checkpoint": str(ckpt), "calib_method": ptq_meta.get("calib_method")},
+        "from": {**source, "calib_method": ptq_meta.get("calib_method")},
         "config": {"path": cfg.path, "qat": dataclasses.asdict(cfg.qat), "options": dataclasses.asdict(opts)},
         "train": {"images": data.images, "split": "train", "augmented": data.augmented,
                   "labels": "labelled (YOLOv6 loss + distillation)" if data.labelled else "none (distillation)",
@@ -237,7 +315,7 @@ def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Path, ptq_meta:
                  "qat": {k: (fp32[k] - qat[k]) * 100 for k in STATS if k in fp32 and k in qat}},
         "history": result.history, "timings": timings, "notes": notes,
         "files": ["report.md", "report.json", "curves.csv", "curves.png", "results.csv", "tensorboard/", "quant.pt",
-                  "last.pt", "best.pt"],
+                  "last.pt", "best.pt", f"{LIBRARY_LOG} (when the library warned)"],
         "env": {"python": platform.python_version(), "torch": torch.__version__,
                 "pytorch_quantization": getattr(pytorch_quantization, "__version__", "?"),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1},
