@@ -28,7 +28,7 @@ from yoloq.config import Config, ConfigError, load_config, load_data_config
 from yoloq.train.augment import Augmenter
 from yoloq.train.dataset import AugmentedDataset, LabelledImages, make_train_loader, records_for, write_subset_annotations
 from yoloq.train.errors import TrainError
-from yoloq.io import atomic_write_text
+from yoloq.io import atomic_write_text, check_run_folder, open_run_folder
 from yoloq.train.losses import DetectionLoss
 from yoloq.train.repopt import check_scales, load_scales, reinit_from_scales
 from yoloq.train.trainer import FitResult, fit, resolve_device
@@ -160,8 +160,9 @@ def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> Train
     img_size = opts.img_size or cfg.model.img_size
     if img_size % 32:
         raise ConfigError(f"image size must be a multiple of 32 (the largest stride), got {img_size}")
-    name = opts.name or cfg.model.name
-    out_dir = Path(opts.out) / name
+    name = opts.name if opts.name is not None else cfg.model.name
+    out_dir = check_run_folder(opts.out, name, "train",
+                              "--name" if opts.name is not None else "run name from model.name")
     if (out_dir / "last.pt").is_file() and not opts.resume:
         raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
     device = resolve_device(opts.device)
@@ -175,7 +176,7 @@ def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> Train
     dataset = AugmentedDataset(LabelledImages(records), Augmenter(cfg.augment, img_size), seed=tcfg.seed)
     loader, sampler = make_train_loader(dataset, tcfg.batch_size, tcfg.workers, tcfg.seed)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        open_run_folder(out_dir, "train")
     if world > 1:
         dist.barrier()
     evaluate = _evaluator(cfg, data_cfg, records, out_dir, img_size, opts, device)

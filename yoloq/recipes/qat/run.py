@@ -28,7 +28,7 @@ from torch import nn
 
 from yoloq.config import Config, DataConfig, QATConfig, load_config, load_data_config
 from yoloq.eval.coco_eval import evaluate_model
-from yoloq.io import check_output_dir
+from yoloq.io import check_run_folder, open_run_folder
 from yoloq.safe_load import load_plain
 from yoloq.quant.checkpoint import load_quantized, save_quantized
 from yoloq.quant.swap import freeze_quantizers, swap_quantizers
@@ -160,9 +160,9 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
     opts = dataclasses.replace(options or QATOptions(), **option_overrides)
     cfg, data_cfg, ckpt = _resolve(cfg, opts, {"qat": qat, "eval": eval, "data": data})
     qcfg = cfg.qat
-    name = opts.name or run_name(qcfg, ckpt)
-    out_dir = Path(opts.out) / name
-    check_output_dir(out_dir, "--out")
+    name = opts.name if opts.name is not None else run_name(qcfg, ckpt)
+    out_dir = check_run_folder(opts.out, name, "qat",
+                              "--name" if opts.name is not None else "run name from the PTQ run")
     if (out_dir / "last.pt").is_file() and not opts.resume:
         raise QATError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
     device, main = resolve_device(opts.device), is_main_process()
@@ -187,6 +187,8 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
             _baselines(extra, teacher, student, evaluate, log)
     with timer.stage("init_quantizers"):
         init_student(student, qcfg, data_cfg, resuming)
+    if main:
+        open_run_folder(out_dir, "qat")
     with timer.stage("train_and_eval"):
         result = fit(student, teacher, data.loader, qcfg, qcfg.epochs, sampler=data.sampler, evaluate=evaluate,
                      out_dir=out_dir, resume=opts.resume, fingerprint=fingerprint(qcfg, ckpt, opts), extra=extra,
