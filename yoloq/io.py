@@ -205,9 +205,9 @@ def staging_dir(final: Path, kind: str) -> Iterator[Path]:
 
 
 def _staging_pattern(name: str) -> "re.Pattern[str]":
-    """Exactly the names ``staging_dir`` creates for run ``name``: ``.<name>.<pid>.<8 random>.tmp``
-    (``tempfile.mkdtemp``) and ``.<name>.old-<pid>``; a run named ``<name>.v2`` never matches."""
-    return re.compile(rf"\.{re.escape(name)}\.(?:(\d+)\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}|old-(\d+))")
+    """Exactly the names ``staging_dir`` creates for run ``name``: ``.<name>.<pid>.<random>.tmp``
+    (``tempfile.mkdtemp``: letters, digits, _) and ``.<name>.old-<pid>``; run ``<name>.v2``'s never match."""
+    return re.compile(rf"\.{re.escape(name)}\.(?:(\d+)\.[a-z0-9_]+{re.escape(STAGING_SUFFIX)}|old-(\d+))")
 
 
 def remove_stale_staging(final: Path) -> list[Path]:
