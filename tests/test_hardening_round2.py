@@ -133,3 +133,69 @@ def test_stale_staging_matches_only_the_names_it_creates(tmp_path):
     removed = remove_stale_staging(tmp_path / "x")
     assert sorted(p.name for p in removed) == sorted([dead_same.name, dead_old.name])
     assert live_other.is_dir() and dead_other.is_dir()
+
+
+# --------------------------------------------------------------------------- 4: non-finite quantized checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_quant(tmp_path_factory) -> Path:
+    """A real quantized checkpoint of a random Lite-S at 64 px (calibrated on noise)."""
+    import torch
+    from yoloq.config import load_config
+    from yoloq.models import build_model
+    from yoloq.quant import quantize, save_quantized
+    cfg = load_config("yolov6lite_s").with_overrides(model={"img_size": 64})
+    torch.manual_seed(0)
+    qmodel = quantize(build_model(cfg.model).fuse().eval(), [torch.rand(2, 3, 64, 64)], progress=False)
+    path = tmp_path_factory.mktemp("q") / "quant.pt"
+    save_quantized(qmodel, path, meta={"name": "tiny"})
+    return path
+
+
+def _nan_first(table: dict) -> str:
+    import torch
+    key = next(k for k, v in table.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    table[key] = torch.full_like(table[key], float("nan"))
+    return key
+
+
+def _poison(ckpt: dict, where: str) -> str:
+    """Put NaN / inf into one stored tensor; returns its name as the error should give it."""
+    import torch
+    if where == "weights":
+        return "weights." + _nan_first(ckpt["weights"])
+    if where == "weight_amax":
+        key = next(iter(ckpt["weight_amax"]))
+        ckpt["weight_amax"][key] = torch.full_like(ckpt["weight_amax"][key], float("inf"))
+        return f"weight_amax.{key}"
+    if where == "input_amax":
+        key = next(k for k, r in ckpt["input_quantizers"].items() if r.get("amax") is not None)
+        ckpt["input_quantizers"][key]["amax"] = torch.tensor(float("nan"))
+        return f"input_quantizers.{key}.amax"
+    name = next(iter(ckpt["weight_amax"]))
+    ckpt["bias_shifts"] = {name: torch.tensor([float("nan")])}
+    return f"bias_shifts.{name}"
+
+
+@pytest.mark.parametrize("where", ["weights", "weight_amax", "input_amax", "bias_shifts"])
+def test_non_finite_quantized_checkpoint_is_refused_naming_the_tensor(tiny_quant, tmp_path, where):
+    import torch
+    from yoloq.quant.checkpoint import QuantCheckpointError, load_quantized
+    ckpt = torch.load(tiny_quant, weights_only=True)
+    name = _poison(ckpt, where)
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(QuantCheckpointError, match=f"NaN/inf values \\(first: '{name}'\\)"):
+        load_quantized(tmp_path / "nan.pt")
+
+
+def test_export_and_load_refuse_a_nan_quant_pt(tiny_quant, tiny_data, tmp_path, capsys):
+    import torch
+    import yoloq
+    ckpt = torch.load(tiny_quant, weights_only=True)
+    _poison(ckpt, "weights")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    line = one_error_line(yoloq_cli("export", "--ckpt", tmp_path / "nan.pt", "--out", tmp_path / "m.onnx"))
+    assert "NaN/inf" in line and not (tmp_path / "m.onnx").exists()
+    with pytest.raises(yoloq.errors.YoloqError, match="NaN/inf"):
+        yoloq.load(tmp_path / "nan.pt")
