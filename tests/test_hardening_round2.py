@@ -199,3 +199,132 @@ def test_export_and_load_refuse_a_nan_quant_pt(tiny_quant, tiny_data, tmp_path, 
     assert "NaN/inf" in line and not (tmp_path / "m.onnx").exists()
     with pytest.raises(yoloq.errors.YoloqError, match="NaN/inf"):
         yoloq.load(tmp_path / "nan.pt")
+
+
+# --------------------------------------------------------------------------- 6, 7: --set values and YAML numbers
+
+
+def test_set_accepts_scientific_notation_in_flags_and_files(tmp_path):
+    from yoloq.config import apply_settings, load_config
+    cfg = apply_settings(load_config("yolov6n_qarepvgg"), ["train.lr0=1e-3", "train.weight_decay=5E-4",
+                                                          "quant.percentile=9.999e1"])
+    assert (cfg.train.lr0, cfg.train.weight_decay, cfg.quant.percentile) == (1e-3, 5e-4, 99.99)
+    text = (REPO / "configs" / "yolov6n_qarepvgg.yaml").read_text()
+    (tmp_path / "sci.yaml").write_text(text + "\ntrain:\n  lr0: 2e-3\n" if "\ntrain:" not in text else
+                                       text.replace("\ntrain:\n", "\ntrain:\n  lrf: 1e-2\n", 1))
+    loaded = load_config(tmp_path / "sci.yaml")
+    assert loaded.train.lr0 == 2e-3 or loaded.train.lrf == 1e-2
+
+
+@pytest.mark.parametrize("item", ["train.lr0=", "train.epochs= ", "model.img_size=", "loss.iou_type="])
+def test_empty_set_value_is_an_error_naming_the_key(item):
+    from yoloq.config import ConfigError, apply_settings, load_config
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=f"--set {key}: empty value"):
+        apply_settings(load_config("yolov6n_qarepvgg"), [item])
+
+
+def test_empty_set_value_on_the_command_line_is_one_line(tiny_data, tmp_path):
+    line = one_error_line(yoloq_cli("train", "--cfg", "yolov6n_qarepvgg", "--data", tiny_data, "--epochs", "1",
+                                    "--out", tmp_path, "--set", "train.lr0="))
+    assert "--set train.lr0: empty value" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 14: upstream .py configs, bounded
+
+
+def _model_py(**fields) -> str:
+    base = dict(depth_multiple="0.33", width_multiple="0.25")
+    base.update(fields)
+    return (f"model = dict(type='YOLOv6n', depth_multiple={base['depth_multiple']}, "
+            f"width_multiple={base['width_multiple']},\n"
+            "    backbone=dict(type='EfficientRep', num_repeats=[1, 6, 12, 18, 6], "
+            "out_channels=[64, 128, 256, 512, 1024], fuse_P2=True, cspsppf=True),\n"
+            "    neck=dict(type='RepBiFPANNeck', num_repeats=[12, 12, 12, 12], "
+            "out_channels=[256, 128, 128, 256, 256, 512]),\n"
+            "    head=dict(type='EffiDeHead', num_layers=3, strides=[8, 16, 32], use_dfl=False, reg_max=0))\n")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"width_multiple": " + ".join(["1"] * 300_000)}, "bytes; an upstream model config is a few KB"),
+    ({"width_multiple": " + ".join(["1"] * 100_000)}, "too long or nested too deeply"),
+    ({"width_multiple": "-" * 200_000 + "1"}, "too long or nested too deeply"),
+    ({"width_multiple": "(" * 60 + "1" + ")" * 60 + " + " + " + ".join(["0"] * 60)}, "nested deeper than 50"),
+    ({"width_multiple": ".inf"}, "not valid Python"),
+    ({"width_multiple": "1e308*10"}, r"a number beyond \+-1e\+12"),
+    ({"width_multiple": "1e11*1e11"}, r"a number beyond \+-1e\+12"),
+    ({"width_multiple": "1e400"}, "a non-finite number"),
+    ({"width_multiple": "1" * 5000}, "not valid Python"),
+    ({"width_multiple": "0x" + "f" * 5000}, "a number beyond"),
+    ({"width_multiple": "int('" + "9" * 5000 + "')"}, r"int\('9999"),
+    ({"depth_multiple": "100000"}, r"model.depth_multiple must be in \(0, 4\], got 100000"),
+    ({"width_multiple": "5.0"}, r"model.width_multiple must be in \(0, 4\]"),
+])
+def test_hostile_upstream_config_values_are_bounded(tmp_path, fields, message):
+    from yoloq.config import ConfigError, load_config
+    path = tmp_path / "hostile.py"
+    path.write_text(_model_py(**fields))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and len(str(err.value)) < 600 and "\n" not in str(err.value)
+
+
+def test_hostile_upstream_eval_params_are_bounded(tmp_path):
+    from yoloq.config import ConfigError, load_config
+    path = tmp_path / "e.py"
+    path.write_text(_model_py() + "eval_params = dict(conf_thres=1e9, img_size=640)\n")
+    with pytest.raises(ConfigError, match=r"eval_params: eval.conf_thres must be in \[0, 1\]"):
+        load_config(path)
+    path.write_text(_model_py() + "eval_params = dict(img_size=[640, 900000])\n")
+    with pytest.raises(ConfigError, match=r"eval_params: model.img_size must be .* <= 8192"):
+        load_config(path)
+
+
+def test_hostile_upstream_config_on_the_command_line_is_one_line(tmp_path):
+    path = tmp_path / "deep.py"
+    path.write_text(_model_py(depth_multiple="100000"))
+    line = one_error_line(yoloq_cli("eval", "--cfg", path, "--random-weights", "--out", tmp_path / "r.json"))
+    assert "model.depth_multiple must be in (0, 4]" in line
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("depth_multiple", 100000, r"model.depth_multiple must be in \(0, 4\]"),
+    ("width_multiple", float("inf"), r"model.width_multiple must be in \(0, 4\]"),
+    ("reg_max", 10 ** 9, r"model.reg_max must be in \[0, 64\]"),
+    ("nc", 10 ** 9, r"model.nc must be in \[1, 100000\]"),
+    ("img_size", 2 ** 20, r"model.img_size must be .* <= 8192"),
+])
+def test_model_fields_of_yaml_configs_are_bounded_too(tmp_path, key, value, message):
+    from yoloq.config import ConfigError, load_config
+    raw = yaml.safe_load((REPO / "configs" / "yolov6n_qarepvgg.yaml").read_text())
+    raw["model"][key] = value
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "c.yaml")
+
+
+# --------------------------------------------------------------------------- issue 26.2: today's upstream configs
+
+
+def test_current_upstream_eval_params_are_accepted():
+    import warnings
+    from yoloq.config import load_config
+    fixture = REPO / "tests" / "fixtures" / "upstream_configs" / "experiment" / "yolov6n_with_eval_params_2023.py"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # standard values: nothing to warn about
+        cfg = load_config(fixture)
+    assert (cfg.model.arch, cfg.model.neck, cfg.model.img_size, cfg.eval.conf_thres) == \
+        ("yolov6", "RepBiFPANNeck", 640, 0.03)
+
+
+@pytest.mark.parametrize("change, named", [
+    (("infer_on_rect=False", "infer_on_rect=True"), "infer_on_rect"),
+    (("shrink_size=None", "shrink_size=4"), "shrink_size"),
+])
+def test_current_upstream_eval_tweaks_warn(tmp_path, change, named):
+    from yoloq.config import load_config
+    fixture = REPO / "tests" / "fixtures" / "upstream_configs" / "experiment" / "yolov6n_with_eval_params_2023.py"
+    (tmp_path / "c.py").write_text(fixture.read_text().replace(*change))
+    with pytest.warns(UserWarning, match=f"eval_params {named} ignored"):
+        load_config(tmp_path / "c.py")

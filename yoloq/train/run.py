@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yoloq.config import Config, ConfigError, load_config, load_data_config
+from yoloq.config import Config, ConfigError, apply_settings, load_config, load_data_config
 from yoloq.train.augment import Augmenter
 from yoloq.train.dataset import AugmentedDataset, LabelledImages, make_train_loader, records_for, write_subset_annotations
 from yoloq.train.errors import TrainError
@@ -65,23 +65,6 @@ class TrainResult:
     history: list
     best_epoch: Optional[int]
     fit: Optional[FitResult] = field(default=None, repr=False)
-
-
-def apply_settings(cfg: Config, settings: Sequence[str]) -> Config:
-    """``["section.key=value", ...]`` (values in YAML syntax) onto ``cfg`` through
-    ``Config.with_overrides``: an unknown section or key, or a bad value, is a ConfigError naming it."""
-    import yaml
-    sections: dict[str, dict] = {}
-    for item in settings:
-        name, sep, text = item.partition("=")
-        section, dot, key = name.strip().partition(".")
-        if not sep or not dot or not key:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr0=0.02")
-        try:
-            sections.setdefault(section, {})[key] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
-    return cfg.with_overrides(**sections)
 
 
 @torch.no_grad()
