@@ -328,3 +328,68 @@ def test_current_upstream_eval_tweaks_warn(tmp_path, change, named):
     (tmp_path / "c.py").write_text(fixture.read_text().replace(*change))
     with pytest.warns(UserWarning, match=f"eval_params {named} ignored"):
         load_config(tmp_path / "c.py")
+
+
+# --------------------------------------------------------------------------- 15, 18: YAML bombs and one-line YAML errors
+
+
+def _laughs(levels: int = 9) -> str:
+    """A billion-laughs value in flow style: 9 levels of 9 aliases each (9^9 strings when expanded)."""
+    value, prev = "[&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]", "a"
+    for name in "bcdefghijklm"[:levels - 1]:
+        value += f", &{name} [" + ",".join([f"*{prev}"] * 9) + "]"
+        prev = name
+    return value + "]"
+
+
+@pytest.mark.parametrize("section, key", [("model", "name"), ("quant", "skip_layers")])
+def test_billion_laughs_value_is_refused_quickly(tmp_path, section, key):
+    import time
+    from yoloq.config import ConfigError, load_config
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"{section}:\n  {key}: {_laughs()}\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="YAML aliases expand .*an alias bomb") as err:
+        load_config(path)
+    assert time.perf_counter() - start < 5 and len(str(err.value)) < 300
+
+
+def test_billion_laughs_in_set_and_data_yaml(tmp_path):
+    from yoloq.config import ConfigError, apply_settings, load_config, load_data_config
+    with pytest.raises(ConfigError, match="--set model.name: YAML aliases expand"):
+        apply_settings(load_config("yolov6lite_s"), [f"model.name={_laughs()}"])
+    (tmp_path / "d.yaml").write_text(f"train: a\nval: b\nnc: 2\nnames: {_laughs()}\n")
+    with pytest.raises(ConfigError, match="YAML aliases expand"):
+        load_data_config(tmp_path / "d.yaml")
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    from yoloq.config import ConfigError, load_config
+    (tmp_path / "r.yaml").write_text("quant:\n  skip_layers: &s [a, *s]\n")
+    with pytest.raises(ConfigError, match="refers to itself"):
+        load_config(tmp_path / "r.yaml")
+
+
+def test_large_bad_values_are_printed_bounded(tmp_path):
+    from yoloq.config import ConfigError, load_config
+    (tmp_path / "big.yaml").write_text("model:\n  name: [" + ", ".join(["x" * 50] * 20000) + "]\n")
+    with pytest.raises(ConfigError, match="'name' must be a string, got \\['xxx") as err:
+        load_config(tmp_path / "big.yaml")
+    assert len(str(err.value)) < 300
+    (tmp_path / "long.yaml").write_text("quant:\n  calib: " + "m" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="quant.calib: ") as err:
+        load_config(tmp_path / "long.yaml")
+    assert len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("model:\n  name: [unclosed\n  arch: lite\n", ":3:7:", "expected ',' or ']'"),
+    ("model:\n  name: !!python/object:os.system x\n", ":2:9:", "could not determine a constructor"),
+    ("model:\n\tname: x\n", ":2:1:", "found character '\\t'"),
+    ("a: b: c\n", ":1:5:", "mapping values are not allowed here"),
+])
+def test_yaml_syntax_and_tag_errors_are_one_line(tmp_path, text, where, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    line = one_error_line(yoloq_cli("eval", "--cfg", path, "--random-weights"))
+    assert line.startswith(f"error: {path}{where} not valid YAML: ") and problem in line
