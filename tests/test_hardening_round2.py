@@ -393,3 +393,70 @@ def test_yaml_syntax_and_tag_errors_are_one_line(tmp_path, text, where, problem)
     path.write_text(text)
     line = one_error_line(yoloq_cli("eval", "--cfg", path, "--random-weights"))
     assert line.startswith(f"error: {path}{where} not valid YAML: ") and problem in line
+
+
+# --------------------------------------------------------------------------- 18: argparse errors on one line
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["ptq", "--cfg", "yolov6lite_s", "--calib-images", "0"], "yoloq ptq: argument --calib-images: expected an integer >= 1"),
+    (["ptq", "--cfg", "yolov6lite_s", "--calib-images", "many"], "expected an integer, got 'many'"),
+    (["eval", "--cfg", "yolov6lite_s", "--conf-thres", "2"], "yoloq eval: argument --conf-thres: expected a number in [0, 1]"),
+    (["qat"], "yoloq qat: the following arguments are required: --cfg, --from"),
+    (["export", "--ckpt", "a.pt"], "the following arguments are required: --out"),
+    (["trt", "build", "--precision", "int4", "--onnx", "m.onnx"], "yoloq trt build: argument --precision: invalid choice"),
+    (["train", "--cfg", "yolov6n_qarepvgg", "--no-such-flag"], "yoloq train: unrecognized arguments: --no-such-flag"),
+    (["bench-ort", "--cfg", "yolov6lite_s", "--weights", "w.pt", "--hardswish-as-relu"], "needs --random-weights"),
+])
+def test_usage_errors_are_one_line_with_exit_2(argv, named):
+    line = one_error_line(yoloq_cli(*argv))
+    assert named in line and "usage:" not in line
+
+
+# --------------------------------------------------------------------------- issue 26.5: shared flags on every command
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("eval", ["--cfg", "yolov6lite_s"]),
+    ("ptq", ["--cfg", "yolov6lite_s"]),
+    ("qat", ["--cfg", "yolov6lite_s", "--from", "runs/ptq/x"]),
+    ("trt", ["eval", "--engine", "e.engine", "--cfg", "yolov6lite_s"]),
+])
+def test_threshold_flags_and_set_reach_the_config(command, argv):
+    from yoloq.cli import command_main  # noqa: F401 - the module table
+    import importlib
+    from yoloq.cli import COMMANDS
+    build = importlib.import_module(COMMANDS[command][0]).build_parser
+    ns = build().parse_args(argv + ["--conf-thres", "0.25", "--iou-thres", "0.5", "--set", "eval.max_det=17",
+                                    "quant.calib_images=5e1"])
+    cfg = ns.cfg
+    assert (cfg.eval.conf_thres, cfg.eval.iou_thres, cfg.eval.max_det, cfg.quant.calib_images) == (0.25, 0.5, 17, 50)
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("export", ["--ckpt", "q.pt", "--out", "m.onnx", "--cfg", "yolov6lite_s"]),
+    ("bench-fidelity", ["--cfg", "yolov6lite_s", "--ckpt", "q.pt"]),
+    ("bench-ptq", ["--cfg", "yolov6lite_s"]),
+    ("bench-ort", ["--cfg", "yolov6lite_s", "--random-weights"]),
+    ("train", ["--cfg", "yolov6n_qarepvgg"]),
+    ("repopt-scales", ["--cfg", "yolov6n_hs", "--out", "s.pt"]),
+    ("trt", ["build", "--onnx", "m.onnx", "--cfg", "yolov6lite_s"]),
+])
+def test_set_is_on_every_command_with_a_config(command, argv):
+    import importlib
+    from yoloq.cli import COMMANDS
+    ns = importlib.import_module(COMMANDS[command][0]).build_parser().parse_args(argv + ["--set", "export.opset=17"])
+    assert ns.cfg.export.opset == 17
+
+
+def test_set_without_cfg_and_bad_set_keys_are_one_line(tmp_path):
+    line = one_error_line(yoloq_cli("export", "--ckpt", "q.pt", "--out", tmp_path / "m.onnx", "--set", "export.opset=17"))
+    assert "--set changes the config: give --cfg" in line
+    line = one_error_line(yoloq_cli("eval", "--cfg", "yolov6lite_s", "--set", "eval.conf_thresh=0.1"))
+    assert "unknown key 'conf_thresh' (did you mean 'conf_thres'?)" in line
+
+
+def test_bench_eval_applies_set_to_each_model():
+    from yoloq.cli.bench_eval import build_parser
+    ns = build_parser().parse_args(["--set", "eval.max_det=3"])
+    assert ns.settings == ["eval.max_det=3"] and ns.models == ["yolov6lite_s:320", "yolov6s_repvgg:640"]

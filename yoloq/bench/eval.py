@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from yoloq.config import load_config, load_data_config
+from yoloq.config import apply_settings, load_config, load_data_config
 from yoloq.eval import evaluate_model
 from yoloq.models import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = ["configs/yolov6lite_s.yaml:320", "configs/yolov6s_repvgg.yaml:640"]
+DEFAULT_MODELS = ["yolov6lite_s:320", "yolov6s_repvgg:640"]     # shipped configs by name
 
 
 
@@ -28,7 +27,7 @@ def build_for_bench(cfg):
 
 def bench_one(entry: str, args) -> dict:
     cfg_path, _, size = entry.partition(":")
-    cfg = load_config(REPO / cfg_path if not Path(cfg_path).is_absolute() else cfg_path)
+    cfg = apply_settings(load_config(cfg_path), getattr(args, "settings", ()))
     img_size = int(size) if size else cfg.model.img_size
     model, weights = build_for_bench(cfg)
     eval_cfg = dataclasses.replace(cfg.eval, batch_size=args.batch_size, workers=args.workers)

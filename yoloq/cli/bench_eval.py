@@ -16,7 +16,7 @@ from yoloq.bench.eval import DEFAULT_MODELS
 
 def build_parser(prog: str = "yoloq bench-eval"):
     p = parser(prog, __doc__)
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="config[:img_size] entries")
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="config[:img_size] entries (--set applies to each)")
     p.add_argument("--images", type=int, default=64, help="val images per model (first N by id)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=0, help="loader processes (0: load in the main process)")

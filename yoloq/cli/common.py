@@ -14,6 +14,7 @@ import threading
 import warnings
 from typing import Callable, Optional, Sequence
 
+from yoloq.config.base import ConfigError
 from yoloq.errors import YoloqError
 
 EXIT_USER_ERROR = 2
@@ -66,20 +67,87 @@ def _os_error_text(err: OSError) -> str:
     return f"{err.filename}: {err.strerror or type(err).__name__}"
 
 
-def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """An argument parser whose help shows the command's usage examples (its module docstring)."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """The parser of every command: a usage error is one line (``error: <prog>: <message>``, exit 2,
+    as every user error), and ``--set`` / ``--conf-thres`` / ``--iou-thres`` are applied to
+    ``--cfg`` right after parsing (``apply_config_flags``), so each command gets a checked Config."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} -h)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        return apply_config_flags(namespace), extras
+
+
+def parser(prog: str, doc: str, settings: bool = True) -> argparse.ArgumentParser:
+    """An argument parser whose help shows the command's usage examples (its module docstring);
+    with ``settings`` it takes ``--set SECTION.KEY=VALUE`` (applied to ``--cfg``)."""
+    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if settings:
+        add_settings_argument(p)
+    return p
+
+
+def add_settings_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="settings", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override keys of the --cfg config (YAML values; 1e-3 is a number), e.g. "
+                        "eval.conf_thres=0.001 quant.calib_images=64 train.lr0=0.02")
+
+
+def add_threshold_arguments(p) -> None:
+    """``--conf-thres`` / ``--iou-thres``: the eval section's NMS thresholds (upstream's flag names)."""
+    p.add_argument("--conf-thres", dest="eval_conf_thres", type=unit_float, metavar="T",
+                   help="score threshold before NMS (default: the config's eval.conf_thres, 0.03 as upstream)")
+    p.add_argument("--iou-thres", dest="eval_iou_thres", type=unit_float, metavar="T",
+                   help="NMS IoU threshold (default: the config's eval.iou_thres, 0.65 as upstream)")
+
+
+def apply_config_flags(ns: argparse.Namespace) -> argparse.Namespace:
+    """``--cfg`` loaded, with ``--set`` and the threshold flags applied, when any of them is given
+    (``load_config`` passes a loaded Config through, so every command's code reads it unchanged)."""
+    from yoloq.config import Config, apply_settings, load_config
+    if not hasattr(ns, "cfg") or isinstance(ns.cfg, Config):   # no --cfg (bench-eval applies --set per model),
+        return ns                                               # or a sub-command's parser applied them already
+    settings = list(getattr(ns, "settings", None) or [])
+    thresholds = {k: getattr(ns, f"eval_{k}", None) for k in ("conf_thres", "iou_thres")}
+    if not settings and all(v is None for v in thresholds.values()):
+        return ns
+    given = ["--set"] * bool(settings) + [f"--{k.replace('_', '-')}" for k, v in thresholds.items() if v is not None]
+    if not getattr(ns, "cfg", None):
+        raise ConfigError(f"{' / '.join(given)} {'change' if len(given) > 1 else 'changes'} the config: give --cfg")
+    cfg = apply_settings(load_config(ns.cfg), settings)
+    ns.cfg = cfg.with_overrides(eval=thresholds)
+    return ns
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1] (thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
@@ -96,6 +164,7 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=choices(Backend))
     p.add_argument("--interpolation", choices=INTERPOLATIONS, default=DEFAULT_INTERPOLATION,
                    help="letterbox resampling (default: %(default)s, the reference protocol)")
+    add_threshold_arguments(p)
     p.add_argument("--no-progress", action="store_true")
 
 

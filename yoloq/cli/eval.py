@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import add_evaluation_arguments, evaluation_overrides, parser
+from yoloq.cli.common import add_evaluation_arguments, evaluation_overrides, parser, positive_int
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import check_output_file
@@ -28,7 +28,7 @@ def build_parser(prog: str = "yoloq eval"):
                         "WeightBiasQuantization (needed for integer kernels); auto = int32 only for "
                         "yoloq's onnxruntime fast-path files (default)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
-    p.add_argument("--img-size", type=int, help="square input size (default: ONNX input, else model.img_size)")
+    p.add_argument("--img-size", type=positive_int, help="square input size (default: ONNX input, else model.img_size)")
     p.add_argument("--out", help="result JSON (default: runs/eval/<model name>[_onnx].json)")
     add_evaluation_arguments(p)
     return p

@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser, positive_int
+from yoloq.cli.common import add_threshold_arguments, parser, positive_int
 from yoloq.config import (AnnKey, CalibMethod, ChannelScale, ReconDevice, Reconstruct, Sensitivity, SensitivityMode,
                           choices, load_config)
 
@@ -124,6 +124,7 @@ def _output_flags(p) -> None:
     g.add_argument("--ann", choices=choices(AnnKey), help="ground truth (default eval.val_ann)")
     g.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
     g.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
+    add_threshold_arguments(g)
     g.add_argument("--workers", type=int, help="data loader workers")
     g.add_argument("--name", help="run name (default <model>_<calib>)")
     g.add_argument("--out", default="runs/ptq", help="output root (default %(default)s)")

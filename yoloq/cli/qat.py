@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import init_distributed, parser, positive_int
+from yoloq.cli.common import add_threshold_arguments, init_distributed, parser, positive_int
 from yoloq.config import LSQMode, Optimizer, QATLoss, QATQuantizer, choices
 
 
@@ -42,6 +42,7 @@ def build_parser(prog: str = "yoloq qat"):
     p.add_argument("--scales", help="RepOpt models: the hyper-search scales file (QAT uses the RepOptimizer)")
     p.add_argument("--workers", type=int)
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
+    add_threshold_arguments(p)
     p.add_argument("--name", help="run name (default <ptq name>_<quantizer>)")
     p.add_argument("--out", default="runs/qat", help="output root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<name>/last.pt")

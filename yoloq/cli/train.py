@@ -39,8 +39,6 @@ def build_parser(prog: str = "yoloq train"):
                    help="evaluate on val (default) or on the training images themselves (overfit check)")
     p.add_argument("--max-eval-images", type=int, help="evaluate only the first N images (quick runs)")
     p.add_argument("--scales", help="RepOpt target: scales file of the hyper-search model")
-    p.add_argument("--set", dest="settings", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override config keys, e.g. train.lr0=0.02 loss.iou_type=siou augment.mosaic=0")
     p.add_argument("--name", help="run name (default: the model's name)")
     p.add_argument("--out", default="runs/train", help="output root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue <out>/<name>/last.pt")

@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import add_evaluation_arguments, evaluation_overrides, parser, positive_int
+from yoloq.cli.common import (add_evaluation_arguments, add_settings_argument, evaluation_overrides, parser,
+                              positive_int)
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import atomic_write_text, check_output_file
@@ -37,7 +38,7 @@ class TensorRTMissing(InputError):
 
 
 def build_parser(prog: str = "yoloq trt"):
-    p = parser(prog, __doc__)
+    p = parser(prog, __doc__, settings=False)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build an engine from an ONNX file")
     b.add_argument("--onnx", required=True, help="ONNX file (Q/DQ export for int8, plain FP32 export otherwise)")
@@ -59,6 +60,7 @@ def build_parser(prog: str = "yoloq trt"):
     b.add_argument("--max-batch", type=positive_int)
     b.add_argument("--img-size", type=positive_int, help="input size when the ONNX height/width are dynamic")
     b.add_argument("--verbose", action="store_true", help="TensorRT verbose log")
+    add_settings_argument(b)
     e = sub.add_parser("eval", help="COCO mAP of an engine (same pipeline as `yoloq eval`)")
     e.add_argument("--engine", required=True)
     e.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
@@ -66,6 +68,7 @@ def build_parser(prog: str = "yoloq trt"):
     e.add_argument("--img-size", type=positive_int, help="input size (default: the engine's)")
     e.add_argument("--out", help="result JSON (default runs/eval/<engine stem>_trt.json)")
     add_evaluation_arguments(e)
+    add_settings_argument(e)
     n = sub.add_parser("bench", help="GPU latency / throughput of an engine (CUDA events)")
     n.add_argument("--engine", required=True)
     n.add_argument("--batch", type=positive_int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")

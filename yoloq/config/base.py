@@ -145,6 +145,8 @@ def _check_type(name: str, value: Any, default: Any, where: str) -> Any:
             raise ConfigError(f"{where}: '{name}' must be a number, got {short_repr(value)}")
         return float(value)
     elif isinstance(default, int):
+        if isinstance(value, float) and value.is_integer() and abs(value) <= 2 ** 53:
+            return int(value)           # 1e4 / 5e1 (scientific notation reads as a float)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: '{name}' must be an integer, got {short_repr(value)}")
     elif isinstance(default, str):

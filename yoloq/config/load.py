@@ -55,9 +55,12 @@ def resolve_path(value: Optional[str], base_dir: Path, where: str = "config") ->
     return str(p if p.is_absolute() else (base_dir / p).resolve())
 
 
-def load_config(path: str | os.PathLike) -> Config:
+def load_config(path: str | os.PathLike | Config) -> Config:
     """Load an experiment config: a YAML path, a shipped config's bare name (``yolov6lite_s``), or an
-    upstream YOLOv6 ``.py`` model config (read without executing it; yoloq.config.upstream)."""
+    upstream YOLOv6 ``.py`` model config (read without executing it; yoloq.config.upstream). A Config
+    passes through (a command's ``--cfg`` already loaded with its ``--set`` overrides)."""
+    if isinstance(path, Config):
+        return path
     path = find_config(path)
     if path.suffix == ".py":
         return load_upstream_config(path)

@@ -306,6 +306,9 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     path: Optional[str] = None          # the YAML this came from (set by load_config)
 
+    def __str__(self) -> str:                   # messages name a config by its file
+        return str(self.path or "config")
+
     def with_overrides(self, data: Optional[str] = None, **sections: Optional[dict]) -> "Config":
         """A copy with ``section={key: value}`` changes applied (``None`` values are skipped, so
         unset command-line flags change nothing), validated as if read from the file."""
