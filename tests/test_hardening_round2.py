@@ -460,3 +460,69 @@ def test_bench_eval_applies_set_to_each_model():
     from yoloq.cli.bench_eval import build_parser
     ns = build_parser().parse_args(["--set", "eval.max_det=3"])
     assert ns.settings == ["eval.max_det=3"] and ns.models == ["yolov6lite_s:320", "yolov6s_repvgg:640"]
+
+
+# --------------------------------------------------------------------------- 9, 10, 23: data
+
+
+def test_duplicate_annotation_id_is_refused(tiny_data, tmp_path):
+    import json
+    from yoloq.data.ground_truth import GroundTruthError, validate_ground_truth
+    gt = json.loads((tiny_data.parent / "val.json").read_text())
+    gt["annotations"].append(dict(gt["annotations"][0]))
+    with pytest.raises(GroundTruthError, match="annotation 1 \\(image 1\\): annotation id listed twice"):
+        validate_ground_truth(gt, "val.json")
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "val.json").write_text(json.dumps(gt))
+    data = yaml.safe_load(tiny_data.read_text())
+    data.update(val_images=str(tiny_data.parent / "val"), val_ann=str(root / "val.json"),
+                train_images=str(tiny_data.parent / "train"), train_ann=str(tiny_data.parent / "train.json"))
+    (root / "data.yaml").write_text(yaml.safe_dump(data))
+    line = one_error_line(yoloq_cli("eval", "--cfg", "yolov6lite_s", "--data", root / "data.yaml", "--random-weights",
+                                    "--img-size", "64", "--out", tmp_path / "r.json"))
+    assert "annotation id listed twice" in line and not (tmp_path / "r.json").exists()
+
+
+def _yolo_dataset(root: Path) -> Path:
+    """3 val images with YOLO labels (images/val, labels/val) and an upstream data YAML."""
+    import cv2
+    import numpy as np
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(root / "images" / split / f"im{i}.png"), np.full((48, 64, 3), 40 * i, np.uint8))
+            (root / "labels" / split / f"im{i}.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (root / "data.yaml").write_text("train: images/train\nval: images/val\nnc: 2\nnames: [a, b]\n")
+    return root / "data.yaml"
+
+
+def test_label_path_that_is_a_folder_is_an_error_naming_it(tmp_path):
+    from yoloq.data.yolo_labels import YoloLabelError, read_labels
+    data = _yolo_dataset(tmp_path)
+    bad = tmp_path / "labels" / "val" / "im1.txt"
+    bad.unlink()
+    bad.mkdir()
+    with pytest.raises(YoloLabelError, match="not a file \\(a directory\\?\\)"):
+        read_labels(bad, 2)
+    line = one_error_line(yoloq_cli("eval", "--cfg", "yolov6lite_s", "--data", data, "--random-weights",
+                                    "--img-size", "64", "--out", tmp_path / "r.json"))
+    assert str(bad) in line and "not a file" in line
+    (tmp_path / "labels" / "val" / "im2.txt").unlink()
+    (tmp_path / "labels" / "val" / "im2.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(YoloLabelError, match="broken symbolic link"):
+        read_labels(tmp_path / "labels" / "val" / "im2.txt", 2)
+
+
+def test_png_named_jpg_is_read_by_content(tmp_path):
+    import cv2
+    import numpy as np
+    import torch
+    from yoloq.data.coco import CocoDetectionDataset
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :30] = 200
+    ok, png = cv2.imencode(".png", image)
+    (tmp_path / "000000000001.jpg").write_bytes(png.tobytes())
+    tensor, meta = CocoDetectionDataset(tmp_path, None, 64)[0]
+    assert isinstance(tensor, torch.Tensor) and (meta.orig_h, meta.orig_w) == (40, 60)

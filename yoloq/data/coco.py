@@ -93,12 +93,16 @@ def read_image(path: str | Path) -> Optional[np.ndarray]:
     return cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
 
 
+JPEG_START = b"\xff\xd8\xff"
+
+
 def jpeg_truncated(path: str | Path) -> bool:
-    """A .jpg / .jpeg file without the end-of-image marker: libjpeg would decode its first part and
-    only print a warning, leaving the rest grey."""
-    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
-        return False
+    """A JPEG file (by content, whatever its name: a PNG named .jpg is decoded as the PNG it is)
+    without the end-of-image marker: libjpeg would decode its first part and only print a warning,
+    leaving the rest grey."""
     with open(path, "rb") as f:
+        if f.read(len(JPEG_START)) != JPEG_START:
+            return False
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 1024))
         tail = f.read().rstrip(b"\x00")
