@@ -29,8 +29,9 @@ def yoloq_cli(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """The run failed as a user error: exit 2, stderr is one ``error: ...`` line (returned)."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    """The run failed as a user error: exit 2, stderr is one ``error: ...`` line (returned), besides
+    one-line ``warning: ...`` notes."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     return lines[0]
@@ -526,3 +527,123 @@ def test_png_named_jpg_is_read_by_content(tmp_path):
     (tmp_path / "000000000001.jpg").write_bytes(png.tobytes())
     tensor, meta = CocoDetectionDataset(tmp_path, None, 64)[0]
     assert isinstance(tensor, torch.Tensor) and (meta.orig_h, meta.orig_w) == (40, 60)
+
+
+# --------------------------------------------------------------------------- 13, 19: full disk, file modes
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1.5 MB tmpfs (a disk that fills up); skipped where mounting is not permitted."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()[:200]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    """Use up every free byte of the file system of ``folder``."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(full_disk, tiny_quant, tiny_data):
+    line = one_error_line(yoloq_cli("export", "--ckpt", tiny_quant, "--out", full_disk / "m.onnx"))
+    assert f"{full_disk / 'm.onnx'}: cannot write it: No space left on device" in line
+    assert list(full_disk.iterdir()) == []
+    line = one_error_line(yoloq_cli("ptq", "--cfg", "yolov6lite_s", "--data", tiny_data, *QUICK_PTQ,
+                                    "--out", full_disk, "--name", "r"))
+    assert f"{full_disk / 'r'}" in line and "No space left on device" in line
+    assert list(full_disk.iterdir()) == []
+    _fill(full_disk)
+    line = one_error_line(yoloq_cli("eval", "--cfg", "yolov6lite_s", "--data", tiny_data, "--random-weights",
+                                    "--img-size", "64", "--no-progress", "--out", full_disk / "e.json"))
+    assert f"{full_disk / 'e.json'}: cannot write it: No space left on device" in line
+    assert [p.name for p in full_disk.iterdir()] == ["filler"]
+
+
+def test_eval_result_has_the_normal_file_mode(tiny_data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert yoloq_main(["eval", "--cfg", "yolov6lite_s", "--data", str(tiny_data), "--random-weights",
+                           "--img-size", "64", "--no-progress", "--out", str(tmp_path / "e.json")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "e.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_closed_stdout_pipe_ends_quietly(tiny_quant, tmp_path):
+    proc = subprocess.run(f"{sys.executable} -c 'from yoloq.cli import console; console()' export --ckpt {tiny_quant}"
+                          f" --out {tmp_path / 'm.onnx'} | head -c 10", shell=True, capture_output=True, text=True,
+                          env=ENV, cwd=REPO, timeout=600)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- issue 26.9: warnings
+
+
+def test_warnings_are_one_clean_line(tiny_data, tmp_path):
+    proc = yoloq_cli("eval", "--cfg", "yolov6lite_s", "--data", tiny_data, "--random-weights", "--img-size", "64",
+                     "--no-progress", "--out", tmp_path / "e.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("warning: ") for line in lines), proc.stderr
+    assert "no detections to evaluate" in proc.stderr and "UserWarning" not in proc.stderr
+
+
+def test_shared_folder_warning_only_when_the_shared_folder_is_used(tiny_data, tmp_path, monkeypatch):
+    import warnings
+    import torch
+    from yoloq.config import lookup
+    from yoloq.config.lookup import SharedFolderWarning
+    from yoloq.models import build_model
+    from yoloq.config import load_config
+    monkeypatch.delenv("YOLOQ_SHARED", raising=False)
+    monkeypatch.setattr(lookup, "shared_dir", lambda: tmp_path / "no_shared")
+    monkeypatch.setattr(lookup, "_warned_shared", set())
+    torch.save(build_model(load_config("yolov6lite_s").model).state_dict(), tmp_path / "w.pt")
+    argv = ["eval", "--cfg", "yolov6lite_s", "--data", str(tiny_data), "--img-size", "64", "--no-progress",
+            "--max-images", "1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert yoloq_main(argv + ["--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "a.json")]) == 0
+    assert not [w for w in caught if issubclass(w.category, SharedFolderWarning)]
+    monkeypatch.setattr(lookup, "_warned_shared", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yoloq_main(argv + ["--out", str(tmp_path / "b.json")])            # model.weights under ${YOLOQ_SHARED}
+    assert [w for w in caught if issubclass(w.category, SharedFolderWarning)]
+
+
+def test_zero_size_box_warning_once_per_dataset():
+    import warnings
+    from yoloq.data.ground_truth import validate_ground_truth
+    gt = {"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1}],
+          "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 3]}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            validate_ground_truth(gt, "once_per_dataset.json")
+    assert len([w for w in caught if "zero-size" in str(w.message)]) == 1
+
+
+# --------------------------------------------------------------------------- 12: export arguments
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--img-size", "300"], "--img-size 300: expected a multiple of 32"),
+    (["--opset", "999"], "opset 999: this torch"),
+])
+def test_export_bad_size_or_opset_is_one_line(tiny_quant, tmp_path, flags, named):
+    line = one_error_line(yoloq_cli("export", "--ckpt", tiny_quant, "--out", tmp_path / "m.onnx", *flags))
+    assert named in line and not (tmp_path / "m.onnx").exists()

@@ -9,6 +9,7 @@ service running as another user can read an exported ONNX.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import math
@@ -44,19 +45,53 @@ def normal_dir_mode() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a hidden sibling of ``path``, then rename it to ``path``."""
+    """Call ``write(tmp_path)`` on a hidden sibling of ``path``, then rename it to ``path``. A full
+    disk (or quota, read-only file system) is an ``OutputPathError`` naming ``path``; the partial
+    temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=STAGING_SUFFIX)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=STAGING_SUFFIX)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, normal_file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        failure = write_failure(path, err)
+        if failure is not None:
+            raise failure from None
         raise
     return path
+
+
+# errno values that mean "this file system cannot take the output", never a bug in yoloq
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+# torch.save reports a failed write as a RuntimeError from its zip writer
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def write_failure(path: Path, err: BaseException) -> Optional[OutputPathError]:
+    """The one-line error for a write that failed because of the disk, or None for anything else."""
+    if isinstance(err, OutputPathError):
+        return None
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        reason = os.strerror(err.errno)
+    elif isinstance(err, RuntimeError) and any(text in str(err) for text in _TORCH_WRITE_FAILURES):
+        reason = "No space left on device" if _free_bytes(path.parent) < (1 << 20) else "the write failed"
+    else:
+        return None
+    return OutputPathError(f"{path}: cannot write it: {reason}; nothing half-written was left behind")
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -192,8 +227,13 @@ def staging_dir(final: Path, kind: str) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, normal_dir_mode())
         check_run_folder(final.parent, final.name, kind)     # still ours to replace after the work
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OutputPathError) and str(tmp) in str(err):   # name the run, not its staging folder
+            raise OutputPathError(str(err).replace(str(tmp), str(final))) from None
+        failure = write_failure(final, err)
+        if failure is not None:
+            raise failure from None
         raise
     old = None
     if final.exists():

@@ -8,6 +8,8 @@ same clean-up runs as for Ctrl-C (staging folders removed, temporary files delet
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import signal
 import sys
 import threading
@@ -16,10 +18,12 @@ from typing import Callable, Optional, Sequence
 
 from yoloq.config.base import ConfigError
 from yoloq.errors import YoloqError
+from yoloq.io import DISK_ERRNOS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+EXIT_BROKEN_PIPE = 141                 # 128 + SIGPIPE, what a shell reports for a closed pipe
 # OSErrors that are about a path the user gave, never a bug in yoloq
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
@@ -37,11 +41,17 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the user should see it: ``warning: <message>`` on one line (no source line)."""
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run ``main(argv)`` with the error and signal rules above; returns the exit code."""
     quiet_known_warnings()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    previous_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         return int(main(argv) or 0)
     except YoloqError as err:
@@ -50,6 +60,14 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
     except USER_OS_ERRORS as err:
         print(f"error: {_os_error_text(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS and err.errno != errno.EPIPE:
+            raise
+        if err.errno == errno.EPIPE:           # `yoloq ... | head`: the reader left; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
+        print(f"error: {_os_error_text(err)} (the output's file system is full or read-only)", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -57,6 +75,7 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
         print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
+        warnings.formatwarning = previous_format
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
@@ -107,6 +126,9 @@ def apply_config_flags(ns: argparse.Namespace) -> argparse.Namespace:
     """``--cfg`` loaded, with ``--set`` and the threshold flags applied, when any of them is given
     (``load_config`` passes a loaded Config through, so every command's code reads it unchanged)."""
     from yoloq.config import Config, apply_settings, load_config
+    from yoloq.config.lookup import SharedFolderWarning
+    if getattr(ns, "weights", None) and getattr(ns, "data", None):       # the shared folder is not used
+        warnings.filterwarnings("ignore", category=SharedFolderWarning)
     if not hasattr(ns, "cfg") or isinstance(ns.cfg, Config):   # no --cfg (bench-eval applies --set per model),
         return ns                                               # or a sub-command's parser applied them already
     settings = list(getattr(ns, "settings", None) or [])

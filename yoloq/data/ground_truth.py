@@ -17,6 +17,7 @@ from typing import Any
 from yoloq.errors import InputError
 
 MAX_NAMED = 5
+_warned_zero_size: set[str] = set()
 
 
 class GroundTruthError(InputError):
@@ -53,9 +54,11 @@ def validate_ground_truth(data: dict, ann_file: str | Path) -> None:
                                    f"expected [x, y, w, h] with w, h >= 0")
         if w == 0 or h == 0:
             degenerate.append(f"annotation {ann.get('id')} (image {ann['image_id']}, bbox {ann['bbox']})")
-    if degenerate:
-        warnings.warn(f"{ann_file}: {len(degenerate)} zero-size box(es) can never be matched and cost recall: "
-                      f"{'; '.join(degenerate[:MAX_NAMED])}", stacklevel=3)
+    message = (f"{ann_file}: {len(degenerate)} zero-size box(es) can never be matched and cost recall: "
+               f"{'; '.join(degenerate[:MAX_NAMED])}")
+    if degenerate and message not in _warned_zero_size:      # once per dataset, not on every evaluation
+        _warned_zero_size.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _unique_image_ids(data: dict, ann_file: str | Path) -> set:

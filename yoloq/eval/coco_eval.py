@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from yoloq.errors import InputError
+from yoloq.io import atomic_write_text
 from yoloq.config import AnnKey, Backend, DataConfig, EvalConfig, choices
 from yoloq.data.ground_truth import validate_ground_truth
 from yoloq.data.coco import (DEFAULT_INTERPOLATION, CocoDetectionDataset, ImageMeta, make_loader,
@@ -210,18 +210,9 @@ def result_to_dict(result: EvalResult) -> dict:
 
 
 def save_result(result: EvalResult, path: str | os.PathLike) -> Path:
-    """Write the result (stats + detections) as JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result_to_dict(result), f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the result (stats + detections) as JSON atomically (``yoloq.io``: temp file + rename,
+    the normal file mode)."""
+    return atomic_write_text(path, json.dumps(result_to_dict(result)))
 
 
 def format_stats_table(stats: dict) -> str:

@@ -371,6 +371,21 @@ def _trace_to_onnx(model: nn.Module, img_size: int, batch: Optional[int], opset:
 # --------------------------------------------------------------------------- public API
 
 
+def max_opset() -> int:
+    """The newest opset torch's TorchScript-based exporter (the one yoloq uses) writes."""
+    from torch.onnx import _constants
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+
+
+def _check_img_size(img_size) -> None:
+    """A square input the detector can run: a positive multiple of its largest concatenated stride."""
+    from yoloq.config import IMG_SIZE_MULTIPLE
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < IMG_SIZE_MULTIPLE \
+            or img_size % IMG_SIZE_MULTIPLE or img_size > 8192:
+        raise ExportError(f"--img-size {img_size}: expected a multiple of {IMG_SIZE_MULTIPLE} (the model's "
+                          f"largest stride) in {IMG_SIZE_MULTIPLE}..8192, e.g. 320 or 640")
+
+
 def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1, opset: int = 13,
                 simplify: bool = True, nms: Optional[str] = None, offset_mode: str = "subadd",
                 fp32: bool = False, fp16: bool = False, score_threshold: float = 0.25,
@@ -387,6 +402,9 @@ def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1,
 
     if opset < 13:
         raise ExportError(f"opset {opset}: per-channel QuantizeLinear needs opset >= 13")
+    if opset > max_opset():
+        raise ExportError(f"opset {opset}: this torch ({torch.__version__}) exports ONNX opsets 13..{max_opset()}")
+    _check_img_size(img_size)
     if nms not in (None,) + NMS_KINDS:
         raise ExportError(f"nms must be None, 'trt' or 'onnx', got {nms!r}")
     if offset_mode not in OFFSET_MODES:
