@@ -647,3 +647,23 @@ def test_zero_size_box_warning_once_per_dataset():
 def test_export_bad_size_or_opset_is_one_line(tiny_quant, tmp_path, flags, named):
     line = one_error_line(yoloq_cli("export", "--ckpt", tiny_quant, "--out", tmp_path / "m.onnx", *flags))
     assert named in line and not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------- 17: outputs checked before the work
+
+
+def test_bench_fidelity_checks_its_output_first(tiny_quant, tiny_data, tmp_path):
+    import time
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    start = time.perf_counter()
+    line = one_error_line(yoloq_cli("bench-fidelity", "--cfg", "yolov6lite_s", "--set", f"data={tiny_data}",
+                                    "--ckpt", tiny_quant, "--images", "2", "--output-images", "0", "--no-progress",
+                                    "--out", blocker / "b.json"))
+    assert "is a file, not a directory" in line and time.perf_counter() - start < 60
+
+
+def test_repopt_scales_checks_its_output_first(tmp_path):
+    line = one_error_line(yoloq_cli("repopt-scales", "--cfg", "yolov6n_hs", "--weights", tmp_path / "missing.pt",
+                                    "--out", tmp_path))
+    assert "is an existing directory" in line

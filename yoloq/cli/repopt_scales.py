@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from yoloq.cli.common import parser
 from yoloq.config import ConfigError, load_config
+from yoloq.io import check_output_file
 
 
 def build_parser(prog: str = "yoloq repopt-scales"):
@@ -30,6 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.train.repopt import extract_scales, save_scales
     from yoloq.weights import load_weights
     a = build_parser().parse_args(argv)
+    check_output_file(a.out, "--out")
     cfg = load_config(a.cfg)
     weights = a.weights or cfg.model.weights
     if not weights:

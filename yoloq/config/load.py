@@ -28,22 +28,28 @@ def read_yaml(path: Path) -> dict:
 
 
 def apply_settings(cfg: Config, settings: Sequence[str]) -> Config:
-    """``--set section.key=value ...`` (values in YAML syntax, ``1e-3`` a number) onto ``cfg``
+    """``--set section.key=value ...`` (values in YAML syntax, ``1e-3`` a number; ``data=PATH`` the
+    dataset YAML) onto ``cfg``
     through ``Config.with_overrides``: an unknown section or key, an empty or bad value, is a
     ConfigError naming it. ``key=null`` sets a value to none where the field allows it."""
     sections: dict[str, dict] = {}
+    data = None
     for item in settings:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
+        if sep and section == "data" and not dot and text.strip():      # the dataset YAML (top-level key)
+            data = text.strip()
+            continue
         if not sep or not dot or not key:
-            raise ConfigError(f"--set {short_repr(item)}: expected SECTION.KEY=VALUE, e.g. train.lr0=0.02")
+            raise ConfigError(f"--set {short_repr(item)}: expected SECTION.KEY=VALUE (or data=PATH), e.g. "
+                              f"train.lr0=0.02")
         if not text.strip():
             raise ConfigError(f"--set {name.strip()}: empty value; give one (null to unset, '' for an empty string)")
         value = load_yaml(text, f"--set {name.strip()}")
         if value is None and text.strip() not in ("null", "~", "Null", "NULL"):
             raise ConfigError(f"--set {name.strip()}: no value in {short_repr(text)}")
         sections.setdefault(section, {})[key.strip()] = value
-    return cfg.with_overrides(**sections)
+    return cfg.with_overrides(data=data, **sections)
 
 
 def resolve_path(value: Optional[str], base_dir: Path, where: str = "config") -> Optional[str]:
