@@ -667,3 +667,42 @@ def test_repopt_scales_checks_its_output_first(tmp_path):
     line = one_error_line(yoloq_cli("repopt-scales", "--cfg", "yolov6n_hs", "--weights", tmp_path / "missing.pt",
                                     "--out", tmp_path))
     assert "is an existing directory" in line
+
+
+# --------------------------------------------------------------------------- 21: loader messages
+
+
+@pytest.fixture(scope="module")
+def odd_pickles(tmp_path_factory) -> dict:
+    import pickle
+    import numpy as np
+    import torch
+    folder = tmp_path_factory.mktemp("odd")
+    torch.save({"w": np.zeros(3)}, folder / "numpy.pt")               # a pickled object beyond tensors
+    with open(folder / "legacy.pt", "wb") as f:                        # plain pickle, not torch.save
+        pickle.dump({"x": 1}, f)
+    (folder / "text.pt").write_text("hello\n")
+    return {p.stem: p for p in folder.iterdir()}
+
+
+def test_quant_pt_errors_never_relay_torch_advice(odd_pickles):
+    from yoloq.quant.checkpoint import QuantCheckpointError, load_quantized
+    for path in odd_pickles.values():
+        with pytest.raises(QuantCheckpointError) as err:
+            load_quantized(path)
+        text = str(err.value)
+        assert "weights_only" not in text and "\n" not in text and len(text) < 400, text
+    with pytest.raises(QuantCheckpointError, match=r"pickled Python object \(numpy"):
+        load_quantized(odd_pickles["numpy"])
+
+
+def test_scales_file_errors_are_one_clean_line(odd_pickles, tiny_data, tmp_path):
+    from yoloq.train.errors import ScalesMismatchError
+    from yoloq.train.repopt import load_scales
+    for path in odd_pickles.values():
+        with pytest.raises(ScalesMismatchError, match="RepOpt scales file") as err:
+            load_scales(path)
+        assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    line = one_error_line(yoloq_cli("train", "--cfg", "yolov6n_repopt", "--data", tiny_data, "--epochs", "1",
+                                    "--scales", odd_pickles["numpy"], "--out", tmp_path / "runs"))
+    assert "RepOpt scales file" in line and "weights_only" not in line
