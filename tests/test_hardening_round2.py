@@ -706,3 +706,22 @@ def test_scales_file_errors_are_one_clean_line(odd_pickles, tiny_data, tmp_path)
     line = one_error_line(yoloq_cli("train", "--cfg", "yolov6n_repopt", "--data", tiny_data, "--epochs", "1",
                                     "--scales", odd_pickles["numpy"], "--out", tmp_path / "runs"))
     assert "RepOpt scales file" in line and "weights_only" not in line
+
+
+# --------------------------------------------------------------------------- issue 26.10: -h examples work anywhere
+
+
+def test_help_examples_name_configs_that_resolve_outside_a_checkout(tmp_path, monkeypatch):
+    import importlib
+    import re
+    from yoloq.cli import COMMANDS
+    from yoloq.config.lookup import find_config
+    monkeypatch.chdir(tmp_path)                       # no configs/ folder here
+    names = set()
+    for module, _ in COMMANDS.values():
+        doc = importlib.import_module(module).__doc__ or ""
+        names |= set(re.findall(r"--cfg\s+([^\s\\\\]+)", doc)) | set(re.findall(r"--models\s+([^\s:]+)", doc))
+    names -= {"...", "<config>"}
+    assert names and all("/" not in n for n in names), sorted(names)
+    for name in names:
+        assert find_config(name).is_file()

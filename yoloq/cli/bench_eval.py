@@ -1,7 +1,7 @@
 """Evaluation throughput on CPU (images/s through loading, letterbox, model, NMS, box mapping).
 
     yoloq bench-eval                                   # Lite-S at 320, YOLOv6-S at 640
-    yoloq bench-eval --models configs/yolov6lite_s.yaml:320 --images 100
+    yoloq bench-eval --models yolov6lite_s:320 --images 100
 
 Each entry is ``config[:img_size]``. A config whose weights are missing runs with random
 weights (throughput only; its mAP means nothing) and the table says so.

@@ -1,8 +1,8 @@
 """Deployment fidelity: COCO mAP of the fake-quantized PyTorch model vs its exported Q/DQ ONNX in onnxruntime.
 
-    yoloq bench-fidelity --cfg configs/yolov6lite_s.yaml \\
+    yoloq bench-fidelity --cfg yolov6lite_s \\
         --ckpt runs/ptq/yolov6lite_s_auto/quant.pt runs/qat/yolov6lite_s_auto_lsqplus_offset/quant.pt
-    yoloq bench-fidelity --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --noise 3
+    yoloq bench-fidelity --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --noise 3
 
 For each quantized checkpoint: the fake-quant model's mAP, then the TensorRT-variant export
 (``export_onnx``; LSQ+ offset checkpoints in both offset forms, Sub/Add and zero point) run by
@@ -31,8 +31,8 @@ from yoloq.cli.common import parser
 
 def build_parser(prog: str = "yoloq bench-fidelity"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: dataset and eval settings (configs/*.yaml)")
-    p.add_argument("--ckpt", nargs="+", required=True, help="quantized checkpoints (tools/ptq.py / tools/qat.py quant.pt)")
+    p.add_argument("--cfg", required=True, help="experiment config: dataset and eval settings (a shipped config name, or a YAML / upstream .py path)")
+    p.add_argument("--ckpt", nargs="+", required=True, help="quantized checkpoints (quant.pt of yoloq ptq / yoloq qat)")
     p.add_argument("--images", type=int, help="first N val images (default: all)")
     p.add_argument("--noise", type=int, default=0, metavar="N",
                    help="also evaluate fake-quant and onnxruntime on N seeds of the same input noise (paired)")

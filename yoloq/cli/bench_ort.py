@@ -1,8 +1,8 @@
 """onnxruntime CPU latency (and optionally COCO mAP) of FP32 vs INT8 exports of one quantized model.
 
-    yoloq bench-ort --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt
-    yoloq bench-ort --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --map 100
-    yoloq bench-ort --cfg configs/yolov6n_repvgg.yaml --random-weights      # 640, no trained weights
+    yoloq bench-ort --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt
+    yoloq bench-ort --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --map 100
+    yoloq bench-ort --cfg yolov6n_repvgg --random-weights      # 640, no trained weights
 
 Exports four ONNX files (``export_onnx``): FP32, the TensorRT Q/DQ variant, and the onnxruntime
 fast path (``make_ort_fast``; "exact": convs before HardSwish/SiLU stay float; default: they get a
@@ -32,9 +32,9 @@ from yoloq.cli.common import parser, positive_int
 
 def build_parser(prog: str = "yoloq bench-ort"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="quantized checkpoint (tools/ptq.py / tools/qat.py quant.pt)")
+    src.add_argument("--ckpt", help="quantized checkpoint (quant.pt of yoloq ptq / yoloq qat)")
     src.add_argument("--weights", help="FP32 checkpoint, max-calibrated on --calib-images train images")
     src.add_argument("--random-weights", action="store_true",
                      help="random weights, max-calibrated on --calib-images train images (latency only)")

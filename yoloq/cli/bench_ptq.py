@@ -1,8 +1,8 @@
 """Peer benchmark: yoloq PTQ vs onnxruntime's ``quantize_static`` on the same FP32 model and the
 same calibration (train) images, evaluated through the same COCO pipeline.
 
-    yoloq bench-ptq --cfg configs/yolov6lite_s.yaml                        # 256 calib, all val
-    yoloq bench-ptq --cfg configs/yolov6lite_s.yaml --max-images 50 --calib-images 32   # quick
+    yoloq bench-ptq --cfg yolov6lite_s                        # 256 calib, all val
+    yoloq bench-ptq --cfg yolov6lite_s --max-images 50 --calib-images 32   # quick
 
 yoloq: TensorRT placement (Q/DQ on conv inputs and weights, shared scales), per-channel weights,
 every calibration method from one statistics pass (its time = that pass + the method's amax search),

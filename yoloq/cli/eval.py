@@ -1,9 +1,9 @@
 """COCO mAP of a model (PyTorch weights) or an ONNX file, with the upstream YOLOv6 protocol.
 
-    yoloq eval --cfg configs/yolov6lite_s.yaml
-    yoloq eval --cfg configs/yolov6lite_s.yaml --ann val_ann_official --out runs/eval/s.json
-    yoloq eval --cfg configs/yolov6lite_s.yaml --weights my_yolov6lite_s.pt
-    yoloq eval --cfg configs/yolov6lite_s.yaml --onnx runs/export/yolov6lite_s.onnx
+    yoloq eval --cfg yolov6lite_s
+    yoloq eval --cfg yolov6lite_s --ann val_ann_official --out runs/eval/s.json
+    yoloq eval --cfg yolov6lite_s --weights my_yolov6lite_s.pt
+    yoloq eval --cfg yolov6lite_s --onnx runs/export/yolov6lite_s.onnx
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from yoloq.recipes.common import align_classes
 
 def build_parser(prog: str = "yoloq eval"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
     p.add_argument("--weights", help="checkpoint (default: model.weights of the config); every form yoloq reads")
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
     p.add_argument("--onnx", help="evaluate this ONNX file with onnxruntime (CPU) instead of PyTorch")

@@ -1,7 +1,7 @@
 """Export a quantized checkpoint to ONNX with Q/DQ (TensorRT explicit INT8) or as plain FP32 / FP16.
 
     yoloq export --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --out lite_s_int8.onnx --dynamic-batch
-    yoloq eval --cfg configs/yolov6lite_s.yaml --onnx lite_s_int8.onnx      # deployed mAP (onnxruntime)
+    yoloq eval --cfg yolov6lite_s --onnx lite_s_int8.onnx      # deployed mAP (onnxruntime)
 
 Variants: trt (Q/DQ on conv inputs and weights), ort (onnxruntime CPU fast path: Q/DQ also on conv
 outputs, pre-activation zero points from --calib-images train images), ort-exact (fast path

@@ -1,13 +1,13 @@
 """Post-training INT8 quantization of a YOLOv6 model: calibrate on train images, evaluate FP32 and
 INT8 on val, report the drop, per-layer sensitivity and diagnosis, save the quantized model.
 
-    yoloq ptq --cfg configs/yolov6lite_s.yaml                       # calib from the config
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --calib mse --calib-images 256
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --sensitivity fast --skip-layers 3
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --max-drop 1.0        # fewest float layers with drop <= 1 point
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --max-images 50 --calib-images 32   # quick run
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize on --channel-scale all --bias-correction on
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize auto --channel-scale auto --bias-correction auto
+    yoloq ptq --cfg yolov6lite_s                       # calib from the config
+    yoloq ptq --cfg yolov6lite_s --calib mse --calib-images 256
+    yoloq ptq --cfg yolov6lite_s --sensitivity fast --skip-layers 3
+    yoloq ptq --cfg yolov6lite_s --max-drop 1.0        # fewest float layers with drop <= 1 point
+    yoloq ptq --cfg yolov6lite_s --max-images 50 --calib-images 32   # quick run
+    yoloq ptq --cfg yolov6lite_s --equalize on --channel-scale all --bias-correction on
+    yoloq ptq --cfg yolov6lite_s --equalize auto --channel-scale auto --bias-correction auto
 
 (``python tools/ptq.py ...`` is the same command.) Output: <out>/<name>/ with report.md,
 report.json, stats.png, sensitivity.png, diagnosis.png and quant.pt (for qat / export). Written to
@@ -32,7 +32,7 @@ SWITCH = {"on": True, "off": False, "auto": "auto"}      # --equalize / --bias-c
 
 def build_parser(prog: str = "yoloq ptq"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
     p.add_argument("--weights", help="checkpoint to quantize (default: model.weights of the config); any form "
                                      "yoloq reads: upstream release pickles, plain or deploy-form state dicts")
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")

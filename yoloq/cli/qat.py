@@ -1,7 +1,7 @@
 """Quantization-aware training of a PTQ result by label-free distillation from the FP32 model.
 
-    yoloq qat --cfg configs/yolov6lite_s.yaml --from runs/ptq/yolov6lite_s_auto --quantizer lsqplus
-    yoloq qat --cfg configs/yolov6lite_s.yaml --from runs/ptq/yolov6lite_s_auto --quantizer pact \\
+    yoloq qat --cfg yolov6lite_s --from runs/ptq/yolov6lite_s_auto --quantizer lsqplus
+    yoloq qat --cfg yolov6lite_s --from runs/ptq/yolov6lite_s_auto --quantizer pact \\
         --epochs 2 --images 256 --max-images 100                     # quick run
     yoloq qat ... --quantizer lsqplus --lsq-mode offset     # LSQ+ with a learned offset (zero point)
     yoloq qat ... --resume                                  # continue an interrupted run
@@ -22,7 +22,7 @@ from yoloq.config import LSQMode, Optimizer, QATLoss, QATQuantizer, choices
 
 def build_parser(prog: str = "yoloq qat"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
     p.add_argument("--from", dest="from_dir", required=True, help="PTQ run folder runs/ptq/<name> (or its quant.pt)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
     p.add_argument("--quantizer", choices=choices(QATQuantizer), help="activation quantizer (default: qat.quantizer)")

@@ -1,10 +1,10 @@
 """RepOpt step 2: extract the trained scales of a hyper-search model into a scales file.
 
-    yoloq repopt-scales --cfg configs/yolov6n_hs.yaml \\
+    yoloq repopt-scales --cfg yolov6n_hs \\
         --weights runs/train/yolov6n_hs/best.pt --out runs/train/yolov6n_hs/scales.pt
 
 The file holds, per LinearAddBlock (by module path), the per-channel scales of its 3x3, 1x1 and
-identity branches. ``yoloq train --cfg configs/yolov6n_repopt.yaml --scales <file>`` checks it
+identity branches. ``yoloq train --cfg yolov6n_repopt --scales <file>`` checks it
 against the target model, re-initialises the target's kernels from it and trains with the
 RepOptimizer (gradient masks from the scales). See docs/training.md.
 """

@@ -1,11 +1,11 @@
 """Train a YOLOv6 detector (RepVGG / QARepVGG / RepOpt) on labelled COCO-format data.
 
-    yoloq train --cfg configs/yolov6n_qarepvgg.yaml --epochs 300
-    yoloq train --cfg configs/yolov6n_repvgg.yaml --data data/coco_shared.yaml --batch-size 32
-    yoloq train --cfg configs/yolov6n_hs.yaml --epochs 100               # RepOpt step 1: hyper-search
-    yoloq repopt-scales --cfg configs/yolov6n_hs.yaml \\
+    yoloq train --cfg yolov6n_qarepvgg --epochs 300
+    yoloq train --cfg yolov6n_repvgg --data coco_shared --batch-size 32
+    yoloq train --cfg yolov6n_hs --epochs 100               # RepOpt step 1: hyper-search
+    yoloq repopt-scales --cfg yolov6n_hs \\
         --weights runs/train/yolov6n_hs/best.pt --out runs/train/yolov6n_hs/scales.pt   # step 2
-    yoloq train --cfg configs/yolov6n_repopt.yaml \\
+    yoloq train --cfg yolov6n_repopt \\
         --scales runs/train/yolov6n_hs/scales.pt                                 # step 3: RepOptimizer
     yoloq train ... --resume                                            # continue runs/train/<name>
     yoloq train ... --set train.weight_decay_mode=custom_l2 augment.mosaic=0   # any config key
@@ -26,7 +26,7 @@ from yoloq.config import EvalSplit, choices
 
 def build_parser(prog: str = "yoloq train"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
     p.add_argument("--data", help="dataset YAML (default: the config's data)")
     p.add_argument("--weights", help="start from these weights (default: model.weights, else from scratch)")
     p.add_argument("--epochs", type=int)

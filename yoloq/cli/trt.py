@@ -6,8 +6,8 @@
     yoloq trt build --onnx runs/export/yolov6lite_s_fp32.onnx --precision fp16
     # implicit-calibration baseline (upstream's "simple PTQ"): plain ONNX + TensorRT entropy calibrator
     yoloq trt build --onnx runs/export/yolov6lite_s_fp32.onnx --precision int8 --calib entropy \\
-        --cfg configs/yolov6lite_s.yaml --calib-images 256
-    yoloq trt eval  --engine runs/export/yolov6lite_s_qdq_int8.engine --cfg configs/yolov6lite_s.yaml
+        --cfg yolov6lite_s --calib-images 256
+    yoloq trt eval  --engine runs/export/yolov6lite_s_qdq_int8.engine --cfg yolov6lite_s
     yoloq trt bench --engine runs/export/yolov6lite_s_qdq_int8.engine --batch 1 32
 
 Each build also prints the equivalent trtexec command. Without the 'tensorrt' package or a CUDA GPU,
@@ -63,7 +63,7 @@ def build_parser(prog: str = "yoloq trt"):
     add_settings_argument(b)
     e = sub.add_parser("eval", help="COCO mAP of an engine (same pipeline as `yoloq eval`)")
     e.add_argument("--engine", required=True)
-    e.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    e.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
     e.add_argument("--data", help="dataset YAML (default: data of the config)")
     e.add_argument("--img-size", type=positive_int, help="input size (default: the engine's)")
     e.add_argument("--out", help="result JSON (default runs/eval/<engine stem>_trt.json)")

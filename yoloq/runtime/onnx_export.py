@@ -212,7 +212,7 @@ def _check_quantized(model: nn.Module, where: str, fp32: bool, offset_mode: str)
         return                                  # a plain FP32 model: exported as the float graph
     if not has_quant_state(model):
         raise ExportError(f"{where}: not a quantized model (no quantizer placement; run yoloq.quant.prepare "
-                          f"and calibrate, or pass a quantized checkpoint from tools/ptq.py / tools/qat.py)")
+                          f"and calibrate, or pass a quantized checkpoint from yoloq ptq / yoloq qat)")
     if fp32:
         return
     names = _quantizer_names(model)

@@ -116,7 +116,7 @@ def load_scales(path: str | os.PathLike) -> dict:
         raise ScalesMismatchError(f"RepOpt scales file {str(err).replace('checkpoint', 'file')}") from None
     if not isinstance(data, dict) or data.get("format") != SCALES_FORMAT or not isinstance(data.get("blocks"), dict):
         raise ScalesMismatchError(f"{path}: not a RepOpt scales file (expected a dict with format "
-                                  f"'{SCALES_FORMAT}'; write one with tools/repopt_scales.py)")
+                                  f"'{SCALES_FORMAT}'; write one with yoloq repopt-scales)")
     data["path"] = str(path)
     return data
 

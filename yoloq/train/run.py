@@ -101,7 +101,7 @@ def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[d
     model = build_model(cfg.model)
     if cfg.model.block == "repopt" and scales is None:
         raise TrainError(f"{cfg.path}: block 'repopt' trains with the RepOptimizer: set train.scales (or --scales) "
-                         "to the hyper-search scales file (tools/repopt_scales.py)")
+                         "to the hyper-search scales file (yoloq repopt-scales)")
     if scales is not None:
         check_scales(model, scales)
     if weights:

@@ -84,7 +84,7 @@ def _resolve(cfg: Config | str | os.PathLike, opts: QATOptions, overrides: dict)
     src = Path(opts.from_dir)
     ckpt = src / "quant.pt" if src.is_dir() else src
     if not ckpt.is_file():
-        raise QATError(f"--from {opts.from_dir}: no quantized checkpoint at {ckpt} (run tools/ptq.py first)")
+        raise QATError(f"--from {opts.from_dir}: no quantized checkpoint at {ckpt} (run yoloq ptq first)")
     if opts.max_images is not None and opts.max_images < 1:
         raise QATError(f"--max-images must be >= 1, got {opts.max_images}")
     return cfg, data_cfg, ckpt
