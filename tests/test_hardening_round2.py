@@ -725,3 +725,31 @@ def test_help_examples_name_configs_that_resolve_outside_a_checkout(tmp_path, mo
     assert names and all("/" not in n for n in names), sorted(names)
     for name in names:
         assert find_config(name).is_file()
+
+
+# --------------------------------------------------------------------------- further cases: outputs that are inputs
+
+
+def test_an_output_that_is_an_input_is_refused(tiny_quant, tiny_data, tmp_path):
+    import shutil
+    ckpt = tmp_path / "quant.pt"
+    shutil.copy(tiny_quant, ckpt)
+    before = ckpt.read_bytes()
+    line = one_error_line(yoloq_cli("export", "--ckpt", ckpt, "--out", ckpt))
+    assert "is also the command's --ckpt" in line and ckpt.read_bytes() == before
+    line = one_error_line(yoloq_cli("eval", "--cfg", "yolov6lite_s", "--data", tiny_data, "--random-weights",
+                                    "--out", tiny_data))
+    assert "is also the command's --data" in line
+
+
+def test_ptq_does_not_replace_a_run_folder_holding_its_weights(tiny_data, tmp_path):
+    import torch
+    from yoloq.config import load_config
+    from yoloq.models import build_model
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / RUN_MARKER).write_text('{"kind": "ptq"}')
+    torch.save(build_model(load_config("yolov6lite_s").model).state_dict(), run / "my_weights.pt")
+    line = one_error_line(yoloq_cli("ptq", "--cfg", "yolov6lite_s", "--data", tiny_data, *QUICK_PTQ[1:],
+                                    "--weights", run / "my_weights.pt", "--out", tmp_path / "runs", "--name", "r"))
+    assert "holds the run's input --weights" in line and (run / "my_weights.pt").is_file()

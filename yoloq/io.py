@@ -175,11 +175,17 @@ def run_kind(folder: Path) -> Optional[str]:
     return kind if isinstance(kind, str) else None
 
 
-def check_run_folder(out: str | os.PathLike, name: str, kind: str, what: str = "--name") -> Path:
+def check_run_folder(out: str | os.PathLike, name: str, kind: str, what: str = "--name",
+                     inputs: dict | None = None) -> Path:
     """``<out>/<name>`` for a ``kind`` run, checked before any work: the name stays inside ``out``,
-    ``out`` is writable, and an existing folder there is empty or an earlier yoloq ``kind`` run
-    (the only folders a run may replace or continue)."""
+    ``out`` is writable, an existing folder there is empty or an earlier yoloq ``kind`` run (the
+    only folders a run may replace or continue), and none of the run's ``inputs`` ({flag: path})
+    lies inside it (replacing the folder would delete it)."""
     final = Path(out) / check_run_name(name, what)
+    for flag, given in (inputs or {}).items():
+        if given and final.exists() and Path(str(given)).resolve().is_relative_to(final.resolve()):
+            raise RunFolderError(f"{final} holds the run's input {flag} {given}; replacing the folder would "
+                                 f"delete it: choose another --name or move the input")
     check_output_dir(final, "--out")
     if final.is_symlink():
         raise RunFolderError(f"{final} is a symbolic link; yoloq replaces only run folders it wrote: "
@@ -279,14 +285,27 @@ def _pid_alive(text: str) -> bool:
 # --------------------------------------------------------------------------- checks before the work
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+def check_output_file(path: str | os.PathLike, what: str = "output", inputs: dict | None = None) -> Path:
     """Fail now, with the path, if ``path`` cannot be written later (a directory, a parent that is a
-    file, no write permission), instead of after minutes of work."""
+    file, no write permission) or is one of the command's ``inputs`` ({flag: path}: writing it would
+    destroy that input), instead of after minutes of work."""
     path = Path(path)
     if path.is_dir():
         raise OutputPathError(f"{what} {path} is an existing directory; expected a file path")
+    for flag, given in (inputs or {}).items():
+        for source in (given if isinstance(given, (list, tuple)) else [given]):
+            if source is not None and _same_file(path, Path(str(source))):
+                raise OutputPathError(f"{what} {path} is also the command's {flag}: writing it would destroy that "
+                                      f"input; choose another {what} path")
     check_output_dir(path.parent, what=f"{what} folder")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:

@@ -153,7 +153,7 @@ def run(args) -> int:
     from yoloq.config import load_config, load_data_config
     from yoloq.io import check_output_file
     if args.out:
-        check_output_file(args.out, "--out")             # before minutes of evaluation, not after
+        check_output_file(args.out, "--out", inputs={"--ckpt": list(args.ckpt), "--cfg": str(args.cfg)})
     cfg = load_config(args.cfg)
     if not cfg.data:
         raise InputError(f"{args.cfg} has no 'data'")

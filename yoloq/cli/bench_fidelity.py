@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser
+from yoloq.cli.common import CFG_HELP, parser
 
 
 def build_parser(prog: str = "yoloq bench-fidelity"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: dataset and eval settings (a shipped config name, or a YAML / upstream .py path)")
+    p.add_argument("--cfg", required=True, help=CFG_HELP + " (its dataset and eval settings)")
     p.add_argument("--ckpt", nargs="+", required=True, help="quantized checkpoints (quant.pt of yoloq ptq / yoloq qat)")
     p.add_argument("--images", type=int, help="first N val images (default: all)")
     p.add_argument("--noise", type=int, default=0, metavar="N",

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser, positive_int
+from yoloq.cli.common import CFG_HELP, parser, positive_int
 
 
 def build_parser(prog: str = "yoloq bench-ort"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="quantized checkpoint (quant.pt of yoloq ptq / yoloq qat)")
     src.add_argument("--weights", help="FP32 checkpoint, max-calibrated on --calib-images train images")

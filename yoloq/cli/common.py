@@ -20,6 +20,7 @@ from yoloq.config.base import ConfigError
 from yoloq.errors import YoloqError
 from yoloq.io import DISK_ERRNOS
 
+CFG_HELP = "experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import add_evaluation_arguments, evaluation_overrides, parser, positive_int
+from yoloq.cli.common import CFG_HELP, add_evaluation_arguments, evaluation_overrides, parser, positive_int
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import check_output_file
@@ -19,7 +19,7 @@ from yoloq.recipes.common import align_classes
 
 def build_parser(prog: str = "yoloq eval"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--weights", help="checkpoint (default: model.weights of the config); every form yoloq reads")
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
     p.add_argument("--onnx", help="evaluate this ONNX file with onnxruntime (CPU) instead of PyTorch")
@@ -44,7 +44,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError(f"{args.cfg} has no 'data' and no --data was given")
     data_cfg = load_data_config(cfg.data)
     cfg = align_classes(cfg, data_cfg)
-    out = check_output_file(args.out or f"runs/eval/{cfg.model.name}{'_onnx' if args.onnx else ''}.json", "--out")
+    out = check_output_file(args.out or f"runs/eval/{cfg.model.name}{'_onnx' if args.onnx else ''}.json", "--out",
+                            inputs={"--weights": cfg.model.weights, "--onnx": args.onnx, "--cfg": str(args.cfg),
+                                    "--data": cfg.data})
     common = dict(max_images=args.max_images, progress=not args.no_progress, interpolation=args.interpolation)
     if args.onnx:
         from yoloq.runtime.ort import OnnxPredictor

@@ -57,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       scale_summary)
     from yoloq.runtime.tensorrt.trtexec import trtexec_hint
     a = build_parser().parse_args(argv)
-    check_output_file(a.out, "--out")
+    check_output_file(a.out, "--out", inputs={"--ckpt": a.ckpt, "--weights": a.weights,
+                                              "--cfg": str(a.cfg) if a.cfg else None})
     defaults = export_defaults(a.cfg)
     batch = None if (a.dynamic_batch or (a.batch is None and defaults.dynamic_batch)) else (a.batch or 1)
     req = DeployRequest(variant=a.variant, img_size=a.img_size, batch=batch, opset=a.opset or defaults.opset,

@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 from typing import Optional, Sequence
 
-from yoloq.cli.common import add_threshold_arguments, parser, positive_int
+from yoloq.cli.common import CFG_HELP, add_threshold_arguments, parser, positive_int
 from yoloq.config import (AnnKey, CalibMethod, ChannelScale, ReconDevice, Reconstruct, Sensitivity, SensitivityMode,
                           choices, load_config)
 
@@ -32,7 +32,7 @@ SWITCH = {"on": True, "off": False, "auto": "auto"}      # --equalize / --bias-c
 
 def build_parser(prog: str = "yoloq ptq"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--weights", help="checkpoint to quantize (default: model.weights of the config); any form "
                                      "yoloq reads: upstream release pickles, plain or deploy-form state dicts")
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")

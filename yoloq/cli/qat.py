@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import add_threshold_arguments, init_distributed, parser, positive_int
+from yoloq.cli.common import CFG_HELP, add_threshold_arguments, init_distributed, parser, positive_int
 from yoloq.config import LSQMode, Optimizer, QATLoss, QATQuantizer, choices
 
 
 def build_parser(prog: str = "yoloq qat"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--from", dest="from_dir", required=True, help="PTQ run folder runs/ptq/<name> (or its quant.pt)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
     p.add_argument("--quantizer", choices=choices(QATQuantizer), help="activation quantizer (default: qat.quantizer)")

@@ -31,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.train.repopt import extract_scales, save_scales
     from yoloq.weights import load_weights
     a = build_parser().parse_args(argv)
-    check_output_file(a.out, "--out")
+    check_output_file(a.out, "--out", inputs={"--weights": a.weights, "--cfg": str(a.cfg)})
     cfg = load_config(a.cfg)
     weights = a.weights or cfg.model.weights
     if not weights:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from yoloq.cli.common import init_distributed, parser
+from yoloq.cli.common import CFG_HELP, init_distributed, parser
 from yoloq.config import EvalSplit, choices
 
 
 def build_parser(prog: str = "yoloq train"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--data", help="dataset YAML (default: the config's data)")
     p.add_argument("--weights", help="start from these weights (default: model.weights, else from scratch)")
     p.add_argument("--epochs", type=int)

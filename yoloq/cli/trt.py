@@ -25,8 +25,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import (add_evaluation_arguments, add_settings_argument, evaluation_overrides, parser,
-                              positive_int)
+from yoloq.cli.common import (CFG_HELP, add_evaluation_arguments, add_settings_argument, evaluation_overrides,
+                              parser, positive_int)
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import atomic_write_text, check_output_file
@@ -63,7 +63,7 @@ def build_parser(prog: str = "yoloq trt"):
     add_settings_argument(b)
     e = sub.add_parser("eval", help="COCO mAP of an engine (same pipeline as `yoloq eval`)")
     e.add_argument("--engine", required=True)
-    e.add_argument("--cfg", required=True, help="experiment config: a shipped name (yolov6lite_s), a YAML file or an upstream .py config")
+    e.add_argument("--cfg", required=True, help=CFG_HELP)
     e.add_argument("--data", help="dataset YAML (default: data of the config)")
     e.add_argument("--img-size", type=positive_int, help="input size (default: the engine's)")
     e.add_argument("--out", help="result JSON (default runs/eval/<engine stem>_trt.json)")
@@ -127,7 +127,7 @@ def cmd_build(args) -> int:
         raise InputError("--calib needs calibration images: give --cfg (or --data)")
     yt.build_mode(info, precision, calibrating=bool(args.calib))      # impossible combinations: an error
     engine = Path(args.engine) if args.engine else default_engine_path(onnx, precision, args.calib)
-    check_output_file(engine, "--engine")
+    check_output_file(engine, "--engine", inputs={"--onnx": onnx, "--calib-cache": args.calib_cache})
     cache = Path(args.calib_cache) if args.calib_cache else engine.with_suffix(".calib")
     shapes = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch, img_size=args.img_size)
     command = yt.trtexec_hint(onnx, precision, engine_path=engine, workspace_gb=args.workspace,
@@ -165,7 +165,7 @@ def cmd_eval(args) -> int:
     if not engine.is_file():
         raise InputError(f"TensorRT engine not found: {engine}")
     cfg, data_cfg = _data_config(args.cfg, args.data)
-    out = check_output_file(args.out or f"runs/eval/{engine.stem}_trt.json", "--out")
+    out = check_output_file(args.out or f"runs/eval/{engine.stem}_trt.json", "--out", inputs={"--engine": engine})
     require_tensorrt("COCO evaluation of an engine",
                      f"{yt.trtexec_bench_command(engine)} (trtexec times the engine; mAP needs the Python API)")
     cfg = cfg.with_overrides(eval=evaluation_overrides(args))
@@ -184,7 +184,7 @@ def cmd_bench(args) -> int:
     if not engine.is_file():
         raise InputError(f"TensorRT engine not found: {engine}")
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", inputs={"--engine": engine})
     commands = " ; ".join(yt.trtexec_bench_command(engine, b, args.img_size, iters=args.iters) for b in args.batch)
     require_tensorrt("benchmarking an engine", commands)
     results = yt.benchmark(engine, args.batch, warmup=args.warmup, iters=args.iters, img_size=args.img_size)

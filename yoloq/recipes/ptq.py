@@ -288,7 +288,8 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     _check_options(opts, cfg)
     name = opts.name if opts.name is not None else f"{cfg.model.name}_{cfg.quant.calib}"
     final_dir = check_run_folder(opts.out, name, "ptq",
-                                "--name" if opts.name is not None else "run name from model.name")
+                                 "--name" if opts.name is not None else "run name from model.name",
+                                 inputs={"--weights": cfg.model.weights, "--data": cfg.data})
     seed_everything(cfg.quant.seed)
     run = PTQRun(name=name, cfg=cfg, data_cfg=data_cfg, opts=opts)
     with staging_dir(final_dir, "ptq") as stage_dir, tempfile.TemporaryDirectory() as scratch:
