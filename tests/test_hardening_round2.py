@@ -753,3 +753,18 @@ def test_ptq_does_not_replace_a_run_folder_holding_its_weights(tiny_data, tmp_pa
     line = one_error_line(yoloq_cli("ptq", "--cfg", "yolov6lite_s", "--data", tiny_data, *QUICK_PTQ[1:],
                                     "--weights", run / "my_weights.pt", "--out", tmp_path / "runs", "--name", "r"))
     assert "holds the run's input --weights" in line and (run / "my_weights.pt").is_file()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--nms", "onnx", "--score-thres", "nan"], "argument --score-thres: expected a number in [0, 1]"),
+    (["--nms", "onnx", "--iou-thres", "7"], "argument --iou-thres: expected a number in [0, 1]"),
+])
+def test_export_nms_thresholds_are_checked(tiny_quant, tmp_path, flags, named):
+    line = one_error_line(yoloq_cli("export", "--ckpt", tiny_quant, "--out", tmp_path / "m.onnx", *flags))
+    assert named in line and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_onnx_refuses_nms_thresholds_out_of_range(tiny_quant, tmp_path):
+    from yoloq.runtime.onnx_export import ExportError, export_onnx
+    with pytest.raises(ExportError, match="NMS settings"):
+        export_onnx(tiny_quant, tmp_path / "m.onnx", img_size=64, nms="onnx", score_threshold=float("nan"))

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser, positive_int
+from yoloq.cli.common import parser, positive_int, unit_float
 from yoloq.config import NMSKind, choices
 from yoloq.errors import InputError
 from yoloq.io import check_output_file
@@ -35,8 +35,8 @@ def build_parser(prog: str = "yoloq export"):
     p.add_argument("--opset", type=int)
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--nms", choices=choices(NMSKind), help="append end-to-end NMS: trt (EfficientNMS_TRT) | onnx")
-    p.add_argument("--score-thres", type=float, default=0.25, help="NMS score threshold (with --nms)")
-    p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold (with --nms)")
+    p.add_argument("--score-thres", type=unit_float, default=0.25, help="NMS score threshold (with --nms)")
+    p.add_argument("--iou-thres", type=unit_float, default=0.45, help="NMS IoU threshold (with --nms)")
     p.add_argument("--max-det", type=positive_int, default=100, help="NMS max detections (with --nms)")
     p.add_argument("--offset-mode", choices=OFFSET_MODES, default="subadd",
                    help="LSQ+ offset quantizers: subadd (TensorRT) | zero_point (onnxruntime; always for --variant ort*)")

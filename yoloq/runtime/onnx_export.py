@@ -411,6 +411,9 @@ def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1,
         raise ExportError(f"offset_mode must be one of {OFFSET_MODES}, got '{offset_mode}'")
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be >= 1 or None (dynamic), got {batch}")
+    if nms and not (0.0 <= score_threshold <= 1.0 and 0.0 < iou_threshold <= 1.0 and max_det >= 1):
+        raise ExportError(f"NMS settings: score threshold {score_threshold} and IoU threshold {iou_threshold} must "
+                          f"be in [0, 1] (IoU > 0), max detections {max_det} >= 1")
     plain = fp32 or fp16
     model, where = _resolve_model(model_or_ckpt)
     _check_quantized(model, where, plain, offset_mode)
