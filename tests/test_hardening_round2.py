@@ -408,6 +408,11 @@ def test_yaml_syntax_and_tag_errors_are_one_line(tmp_path, text, where, problem)
     (["trt", "build", "--precision", "int4", "--onnx", "m.onnx"], "yoloq trt build: argument --precision: invalid choice"),
     (["train", "--cfg", "yolov6n_qarepvgg", "--no-such-flag"], "yoloq train: unrecognized arguments: --no-such-flag"),
     (["bench-ort", "--cfg", "yolov6lite_s", "--weights", "w.pt", "--hardswish-as-relu"], "needs --random-weights"),
+    (["train", "--cfg", "yolov6n_qarepvgg", "--img-size", "-32"], "argument --img-size: expected an integer >= 1"),
+    (["bench-fidelity", "--cfg", "yolov6lite_s", "--ckpt", "q.pt", "--noise-std", "nan"],
+     "argument --noise-std: expected a finite number > 0, got nan"),
+    (["bench-eval", "--threads", "0"], "argument --threads: expected an integer >= 1"),
+    (["trt", "build", "--onnx", "m.onnx", "--workspace", "-1"], "argument --workspace: expected a finite number > 0"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(argv, named):
     line = one_error_line(yoloq_cli(*argv))

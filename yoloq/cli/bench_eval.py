@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser
+from yoloq.cli.common import non_negative_int, parser, positive_int
 from yoloq.bench.eval import DEFAULT_MODELS
 
 
 def build_parser(prog: str = "yoloq bench-eval"):
     p = parser(prog, __doc__)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="config[:img_size] entries (--set applies to each)")
-    p.add_argument("--images", type=int, default=64, help="val images per model (first N by id)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="loader processes (0: load in the main process)")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--images", type=positive_int, default=64, help="val images per model (first N by id)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--workers", type=non_negative_int, default=0, help="loader processes (0: load in the main process)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads")
     p.add_argument("--ann", default="val_ann", choices=["val_ann", "val_ann_official"])
     return p
 

@@ -162,6 +162,17 @@ def unit_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a std, a timeout, a size in GiB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
@@ -183,7 +194,7 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ann", choices=choices(AnnKey), help="ground-truth key of the dataset YAML (default: eval.val_ann)")
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images (by id)")
     p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=non_negative_int)
     p.add_argument("--backend", choices=choices(Backend))
     p.add_argument("--interpolation", choices=INTERPOLATIONS, default=DEFAULT_INTERPOLATION,
                    help="letterbox resampling (default: %(default)s, the reference protocol)")

@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 from typing import Optional, Sequence
 
-from yoloq.cli.common import CFG_HELP, add_threshold_arguments, parser, positive_int
+from yoloq.cli.common import CFG_HELP, add_threshold_arguments, non_negative_int, parser, positive_int
 from yoloq.config import (AnnKey, CalibMethod, ChannelScale, ReconDevice, Reconstruct, Sensitivity, SensitivityMode,
                           choices, load_config)
 
@@ -108,12 +108,12 @@ def _partial_flags(p) -> None:
     g.add_argument("--sensitivity-mode", choices=choices(SensitivityMode),
                    help="quantize-one: only the layer quantized; skip-one: all but the layer")
     g.add_argument("--sensitivity-images", type=positive_int, help="calibration images scored per layer")
-    g.add_argument("--skip-layers", type=int, metavar="K", help="keep the K most sensitive layers in float")
+    g.add_argument("--skip-layers", type=non_negative_int, metavar="K", help="keep the K most sensitive layers in float")
     g.add_argument("--skip", nargs="+", default=(), metavar="LAYER", help="also keep these layers in float (names)")
     g.add_argument("--max-drop", type=float, metavar="X",
                    help="keep the fewest most-sensitive layers in float so the AP drop on labeled train "
                         "images is <= X points")
-    g.add_argument("--max-skip", type=int, metavar="N", help="--max-drop keeps at most N layers in float")
+    g.add_argument("--max-skip", type=non_negative_int, metavar="N", help="--max-drop keeps at most N layers in float")
     g.add_argument("--select-images", type=positive_int,
                    help="labeled train images measured by --max-drop / --sensitivity map")
     g.add_argument("--no-diagnose", action="store_true", help="skip the per-layer range / SQNR diagnosis")
@@ -125,7 +125,7 @@ def _output_flags(p) -> None:
     g.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
     g.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
     add_threshold_arguments(g)
-    g.add_argument("--workers", type=int, help="data loader workers")
+    g.add_argument("--workers", type=non_negative_int, help="data loader workers")
     g.add_argument("--name", help="run name (default <model>_<calib>)")
     g.add_argument("--out", default="runs/ptq", help="output root (default %(default)s)")
     g.add_argument("--no-save", action="store_true", help="do not write quant.pt")

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import CFG_HELP, add_threshold_arguments, init_distributed, parser, positive_int
+from yoloq.cli.common import (CFG_HELP, add_threshold_arguments, init_distributed, non_negative_int, parser,
+                              positive_int)
 from yoloq.config import LSQMode, Optimizer, QATLoss, QATQuantizer, choices
 
 
@@ -40,7 +41,7 @@ def build_parser(prog: str = "yoloq qat"):
     p.add_argument("--augment", action="store_true", default=None,
                    help="train on augmented views (the config's augment section) instead of letterboxed images")
     p.add_argument("--scales", help="RepOpt models: the hyper-search scales file (QAT uses the RepOptimizer)")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=non_negative_int)
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
     add_threshold_arguments(p)
     p.add_argument("--name", help="run name (default <ptq name>_<quantizer>)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from yoloq.cli.common import CFG_HELP, init_distributed, parser
+from yoloq.cli.common import CFG_HELP, init_distributed, non_negative_int, parser, positive_int
 from yoloq.config import EvalSplit, choices
 
 
@@ -29,15 +29,15 @@ def build_parser(prog: str = "yoloq train"):
     p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--data", help="dataset YAML (default: the config's data)")
     p.add_argument("--weights", help="start from these weights (default: model.weights, else from scratch)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process and step")
-    p.add_argument("--img-size", type=int, help="square training / evaluation size (default: model.img_size)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="images per process and step")
+    p.add_argument("--img-size", type=positive_int, help="square training / evaluation size (default: model.img_size)")
     p.add_argument("--lr0", type=float)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--train-images", type=int, help="train on the first N labelled train images only")
+    p.add_argument("--workers", type=non_negative_int)
+    p.add_argument("--train-images", type=positive_int, help="train on the first N labelled train images only")
     p.add_argument("--eval-split", choices=choices(EvalSplit),
                    help="evaluate on val (default) or on the training images themselves (overfit check)")
-    p.add_argument("--max-eval-images", type=int, help="evaluate only the first N images (quick runs)")
+    p.add_argument("--max-eval-images", type=positive_int, help="evaluate only the first N images (quick runs)")
     p.add_argument("--scales", help="RepOpt target: scales file of the hyper-search model")
     p.add_argument("--name", help="run name (default: the model's name)")
     p.add_argument("--out", default="runs/train", help="output root (default %(default)s)")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from yoloq.cli.common import (CFG_HELP, add_evaluation_arguments, add_settings_argument, evaluation_overrides,
-                              parser, positive_int)
+                              non_negative_int, parser, positive_float, positive_int)
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import atomic_write_text, check_output_file
@@ -53,8 +53,8 @@ def build_parser(prog: str = "yoloq trt"):
     b.add_argument("--calib-batch", type=positive_int, default=8, help="calibration batch (dynamic-batch ONNX)")
     b.add_argument("--calib-cache", help="calibration cache (default <engine>.calib); reused when present")
     b.add_argument("--recalibrate", action="store_true", help="ignore an existing calibration cache")
-    b.add_argument("--workers", type=int, default=2, help="data loader workers for calibration")
-    b.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB (default %(default)s)")
+    b.add_argument("--workers", type=non_negative_int, default=2, help="data loader workers for calibration")
+    b.add_argument("--workspace", type=positive_float, default=4.0, help="builder workspace in GiB (default %(default)s)")
     b.add_argument("--min-batch", type=positive_int)
     b.add_argument("--opt-batch", type=positive_int)
     b.add_argument("--max-batch", type=positive_int)
@@ -72,7 +72,7 @@ def build_parser(prog: str = "yoloq trt"):
     n = sub.add_parser("bench", help="GPU latency / throughput of an engine (CUDA events)")
     n.add_argument("--engine", required=True)
     n.add_argument("--batch", type=positive_int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
-    n.add_argument("--warmup", type=int, default=50, help="untimed calls per batch size (default %(default)s)")
+    n.add_argument("--warmup", type=non_negative_int, default=50, help="untimed calls per batch size (default %(default)s)")
     n.add_argument("--iters", type=positive_int, default=200, help="timed calls per batch size (default %(default)s)")
     n.add_argument("--img-size", type=positive_int, help="input size of a dynamic-size engine (and the trtexec hint)")
     n.add_argument("--out", help="also write the results as JSON")
