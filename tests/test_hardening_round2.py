@@ -87,8 +87,10 @@ def test_model_name_from_a_config_cannot_leave_out(tiny_data, tmp_path):
     cfg.write_text(yaml.safe_dump(base))
     line = one_error_line(yoloq_cli("ptq", "--cfg", cfg, "--data", tiny_data, *QUICK_PTQ,
                                     "--out", tmp_path / "cfg" / "runs"))
-    assert "run name from model.name" in line and "path separator" in line
+    assert "model.name must be a plain name" in line and "'../../x/victim'" in line
     assert (victim / "a.txt").read_text() == "hi"
+    line = one_error_line(yoloq_cli("eval", "--cfg", cfg, "--data", tiny_data, "--random-weights"))
+    assert "model.name must be a plain name" in line          # its default --out runs/eval/<name>.json too
 
 
 def test_check_run_name_accepts_plain_names():

@@ -39,6 +39,11 @@ class ModelConfig(Section):
     weights: Optional[str] = None       # checkpoint path (resolved relative to the YAML file)
 
     def rules(self) -> None:
+        # the name becomes part of file names (runs/ptq/<name>_<calib>, runs/eval/<name>.json): one plain component
+        name = self.name
+        self._require(isinstance(name, str) and 0 < len(name) <= 120 and "/" not in name and "\\" not in name
+                      and not name.startswith(".") and all(ord(c) >= 32 for c in name), "name",
+                      "a plain name (no '/', not starting with '.', at most 120 characters), e.g. yolov6lite_s")
         # upper bounds keep a typo or a hostile file from building a model that fills the memory
         # (upstream's largest: depth 1.33, width 1.5, reg_max 16, 1280 px)
         for key in ("depth_multiple", "width_multiple"):
