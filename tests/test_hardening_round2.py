@@ -775,3 +775,22 @@ def test_export_onnx_refuses_nms_thresholds_out_of_range(tiny_quant, tmp_path):
     from yoloq.runtime.onnx_export import ExportError, export_onnx
     with pytest.raises(ExportError, match="NMS settings"):
         export_onnx(tiny_quant, tmp_path / "m.onnx", img_size=64, nms="onnx", score_threshold=float("nan"))
+
+
+@pytest.mark.parametrize("command", ["train", "qat"])
+def test_train_and_qat_do_not_write_into_a_folder_they_did_not_make(tiny_data, tmp_path, capsys, command):
+    keep = tmp_path / "runs" / "keep"
+    keep.mkdir(parents=True)
+    (keep / "a.txt").write_text("hi")
+    (tmp_path / "quant.pt").write_bytes(b"not read")
+    argv = {"train": ["train", "--cfg", "yolov6n_qarepvgg", "--epochs", "1"],
+            "qat": ["qat", "--cfg", "yolov6lite_s", "--from", str(tmp_path / "quant.pt")]}[command]
+    assert yoloq_main(argv + ["--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--name", "keep",
+                              "--no-progress"]) == 2
+    assert "not a yoloq run" in capsys.readouterr().err
+    assert sorted(p.name for p in keep.iterdir()) == ["a.txt"]
+    (keep / "a.txt").unlink()
+    (keep / RUN_MARKER).write_text('{"kind": "ptq"}')
+    assert yoloq_main(argv + ["--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--name", "keep",
+                              "--no-progress"]) == 2
+    assert f"holds a yoloq ptq run, not a {command} run" in capsys.readouterr().err
