@@ -212,11 +212,10 @@ def test_set_accepts_scientific_notation_in_flags_and_files(tmp_path):
     cfg = apply_settings(load_config("yolov6n_qarepvgg"), ["train.lr0=1e-3", "train.weight_decay=5E-4",
                                                           "quant.percentile=9.999e1"])
     assert (cfg.train.lr0, cfg.train.weight_decay, cfg.quant.percentile) == (1e-3, 5e-4, 99.99)
-    text = (REPO / "configs" / "yolov6n_qarepvgg.yaml").read_text()
-    (tmp_path / "sci.yaml").write_text(text + "\ntrain:\n  lr0: 2e-3\n" if "\ntrain:" not in text else
-                                       text.replace("\ntrain:\n", "\ntrain:\n  lrf: 1e-2\n", 1))
+    (tmp_path / "sci.yaml").write_text("model:\n  name: sci\n  arch: yolov6\n  img_size: 64\n"
+                                       "train:\n  lr0: 2e-3\n  epochs: 1e1\nquant:\n  percentile: 9.999E+1\n")
     loaded = load_config(tmp_path / "sci.yaml")
-    assert loaded.train.lr0 == 2e-3 or loaded.train.lrf == 1e-2
+    assert (loaded.train.lr0, loaded.train.epochs, loaded.quant.percentile) == (2e-3, 10, 99.99)
 
 
 @pytest.mark.parametrize("item", ["train.lr0=", "train.epochs= ", "model.img_size=", "loss.iou_type="])
