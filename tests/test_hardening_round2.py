@@ -430,7 +430,6 @@ def test_usage_errors_are_one_line_with_exit_2(argv, named):
     ("trt", ["eval", "--engine", "e.engine", "--cfg", "yolov6lite_s"]),
 ])
 def test_threshold_flags_and_set_reach_the_config(command, argv):
-    from yoloq.cli import command_main  # noqa: F401 - the module table
     import importlib
     from yoloq.cli import COMMANDS
     build = importlib.import_module(COMMANDS[command][0]).build_parser
