@@ -792,3 +792,16 @@ def test_train_and_qat_do_not_write_into_a_folder_they_did_not_make(tiny_data, t
     assert yoloq_main(argv + ["--data", str(tiny_data), "--out", str(tmp_path / "runs"), "--name", "keep",
                               "--no-progress"]) == 2
     assert f"holds a yoloq ptq run, not a {command} run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, named", [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": "2", "file_name": "b.jpg"}], "annotations": []}',
+     "'id' must be an integer"),
+])
+def test_hostile_coco_json_is_one_line(tmp_path, text, named):
+    from yoloq.data.coco import read_annotation_images
+    from yoloq.errors import YoloqError
+    (tmp_path / "ann.json").write_text(text)
+    with pytest.raises(YoloqError, match=named):
+        read_annotation_images(tmp_path / "ann.json")

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from yoloq.errors import InputError
+from yoloq.errors import InputError, short_repr
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PAD_VALUE = 114
@@ -138,6 +138,8 @@ def read_coco_json(ann_file: str | Path) -> dict:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{ann_file}: not valid JSON: {err}") from err
+    except RecursionError:
+        raise InputError(f"{ann_file}: JSON nested too deeply to be a COCO annotation file") from None
     if not isinstance(data, dict):
         raise InputError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -151,7 +153,10 @@ def read_annotation_images(ann_file: str | Path, data: Optional[dict] = None) ->
         raise InputError(f"{ann_file}: no 'images' list; is this a COCO instances file?")
     for entry in images:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            raise InputError(f"{ann_file}: image entry without 'id'/'file_name': {entry!r:.200}")
+            raise InputError(f"{ann_file}: image entry without 'id'/'file_name': {short_repr(entry, 200)}")
+        if isinstance(entry["id"], bool) or not isinstance(entry["id"], int) or not isinstance(entry["file_name"], str):
+            raise InputError(f"{ann_file}: image {short_repr(entry['id'])}: 'id' must be an integer and 'file_name' "
+                             f"a string, got {short_repr(entry['id'])} / {short_repr(entry['file_name'])}")
     return sorted(images, key=lambda e: e["id"])
 
 

@@ -190,7 +190,7 @@ def _read_cache(path: Path, expected: str) -> bool:
     try:
         with open(path) as f:
             return json.load(f).get("yoloq_fingerprint") == expected
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):     # any unreadable cache is rebuilt
         return False
 
 
