@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import CFG_HELP, non_negative_int, parser, positive_float, positive_int
+from yoloq.cli.common import CFG_HELP, parser, positive_float, positive_int
 
 
 def build_parser(prog: str = "yoloq bench-fidelity"):
@@ -34,11 +34,11 @@ def build_parser(prog: str = "yoloq bench-fidelity"):
     p.add_argument("--cfg", required=True, help=CFG_HELP + " (its dataset and eval settings)")
     p.add_argument("--ckpt", nargs="+", required=True, help="quantized checkpoints (quant.pt of yoloq ptq / yoloq qat)")
     p.add_argument("--images", type=positive_int, help="first N val images (default: all)")
-    p.add_argument("--noise", type=non_negative_int, default=0, metavar="N",
+    p.add_argument("--noise", type=int, default=0, metavar="N",
                    help="also evaluate fake-quant and onnxruntime on N seeds of the same input noise (paired)")
     p.add_argument("--noise-std", type=positive_float, default=1e-4,
                    help="std of the Gaussian input noise on 0..1 pixels (default 1e-4: 1/40 of an 8-bit step)")
-    p.add_argument("--output-images", type=non_negative_int, default=16, metavar="N",
+    p.add_argument("--output-images", type=int, default=16, metavar="N",
                    help="compare raw outputs (scores, boxes) on the first N val images (0: skip)")
     p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--out", help="also write the rows as JSON here")

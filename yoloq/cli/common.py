@@ -69,6 +69,8 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
             return EXIT_BROKEN_PIPE
         print(f"error: {_os_error_text(err)} (the output's file system is full or read-only)", file=sys.stderr)
         return EXIT_USER_ERROR
+    except SystemExit as exit_:                 # argparse: -h (0) or a usage error (2), already printed
+        return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
         return EXIT_INTERRUPTED
