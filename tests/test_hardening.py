@@ -149,7 +149,7 @@ def test_files_and_folders_get_normal_modes(tmp_path):
     old = os.umask(0o022)
     try:
         path = atomic_write_text(tmp_path / "a" / "report.md", "x")
-        with staging_dir(tmp_path / "run") as stage:
+        with staging_dir(tmp_path / "run", "ptq") as stage:
             atomic_write_text(stage / "b.json", "{}")
     finally:
         os.umask(old)
@@ -162,7 +162,7 @@ def test_stale_staging_folders_of_killed_runs_are_removed(tmp_path):
     stale = tmp_path / ".run.999999999.abcd.tmp"        # no such pid
     stale.mkdir()
     (stale / "half.json").write_text("{")
-    with staging_dir(tmp_path / "run"):
+    with staging_dir(tmp_path / "run", "ptq"):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -174,7 +174,7 @@ def test_sigterm_cleans_the_staging_folder(tmp_path):
         from yoloq.cli.common import run_command
         from yoloq.io import staging_dir
         def main(argv):
-            with staging_dir(Path({str(tmp_path)!r}) / "run") as stage:
+            with staging_dir(Path({str(tmp_path)!r}) / "run", "ptq") as stage:
                 (stage / "part.json").write_text("{{")
                 print("ready", flush=True)
                 time.sleep(60)

@@ -7,6 +7,8 @@ from ``ValueError`` or ``RuntimeError`` so that library callers can catch them t
 """
 from __future__ import annotations
 
+import reprlib
+
 
 class YoloqError(Exception):
     """Bad input: the message names the file, key or value at fault and what was expected."""
@@ -14,3 +16,15 @@ class YoloqError(Exception):
 
 class InputError(YoloqError, ValueError):
     """A value, file or option the user gave is invalid (a generic user error)."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+
+
+def short_repr(value, limit: int = 100) -> str:
+    """``repr(value)`` for an error message, bounded: a value from a file can be huge or nested
+    (YAML aliases expand to billions of items), and a message must stay one short line."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -21,6 +21,7 @@ import codecs
 import functools
 import os
 import pickle
+import re
 import types
 import zipfile
 from collections import OrderedDict
@@ -187,10 +188,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except RefusedGlobal as err:
         raise CheckpointError(
             f"{path}: refused to unpickle global '{err.qualname}' (not a tensor, container or model "
-            f"class); the file may execute code when loaded with plain torch.load. Only load it that "
-            f"way if you trust its origin.") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+            f"class): unpickling it could run code from the file; yoloq reads weights only. Save the "
+            f"weights as a state dict: torch.save(model.state_dict(), 'weights.pt')") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({describe_load_error(err)})") from None
 
 
 def load_plain(path: str | os.PathLike) -> Any:
@@ -199,5 +200,24 @@ def load_plain(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:                            # noqa: BLE001 - torch raises many kinds here
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({describe_load_error(err)})") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def describe_load_error(err: BaseException) -> str:
+    """torch.load's failure in one short line for a user. torch's own text spans many lines and
+    advises loading with ``weights_only=False``, which runs code from the file: never relayed."""
+    text = _ANSI.sub("", str(err))
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    if found:
+        return (f"it holds a pickled Python object ({found.group(1)}), not only tensors and plain containers; "
+                f"yoloq does not unpickle such objects")
+    if "Weights only load failed" in text or "weights_only" in text:
+        return "not a torch.save file of tensors and plain containers (damaged, or another format)"
+    if isinstance(err, (KeyError, EOFError, IndexError)) or not text.strip():
+        return f"damaged or not a torch.save file ({type(err).__name__})"
+    first = " ".join(text.strip().splitlines()[0].split())
+    return f"{type(err).__name__}: {first[:160]}"

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import torch
 
-from yoloq.config import load_config, load_data_config
+from yoloq.config import apply_settings, load_config, load_data_config
 from yoloq.eval import evaluate_model
 from yoloq.models import load_model
 
-DEFAULT_MODELS = ["yolov6lite_s.yaml:320", "yolov6s_repvgg.yaml:640"]     # shipped config names
+DEFAULT_MODELS = ["yolov6lite_s:320", "yolov6s_repvgg:640"]     # shipped configs by name
+
+
 
 
 def build_for_bench(cfg):
@@ -25,7 +27,7 @@ def build_for_bench(cfg):
 
 def bench_one(entry: str, args) -> dict:
     cfg_path, _, size = entry.partition(":")
-    cfg = load_config(cfg_path)                  # a path or the name of a shipped config
+    cfg = apply_settings(load_config(cfg_path), getattr(args, "settings", ()))
     img_size = int(size) if size else cfg.model.img_size
     model, weights = build_for_bench(cfg)
     eval_cfg = dataclasses.replace(cfg.eval, batch_size=args.batch_size, workers=args.workers)

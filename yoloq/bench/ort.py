@@ -192,12 +192,13 @@ def run(args) -> int:
     """The benchmark for parsed command-line ``args`` (``yoloq bench-ort``)."""
     from yoloq.config import load_config, load_data_config
     from yoloq.data.coco import calibration_loader
+    from yoloq.io import check_output_dir
     cfg = load_config(args.cfg)
     data_cfg = load_data_config(cfg.data)
     img_size = args.img_size or cfg.model.img_size
+    out = check_output_dir(Path(args.out or f"/tmp/bench_ort/{cfg.model.name}_{img_size}"), "--out")
     calib = [images for images, _ in calibration_loader(data_cfg, args.calib_images, img_size, 8, args.workers)]
     qmodel, where = build_quantized(cfg, args, calib)
-    out = Path(args.out or f"/tmp/bench_ort/{cfg.model.name}_{img_size}")
     paths = export_variants(qmodel, out, img_size, args.batch, calib, args.pre_act, args.other)
     repeats = [bench(paths, args.threads, args.batch, img_size, args.iters, args.warmup, args.rounds)
                for _ in range(args.repeat)]

@@ -26,7 +26,7 @@ from yoloq.eval.coco_eval import evaluate_model
 from yoloq.models import load_model
 from yoloq.recipes.common import load_calibration_set, seed_everything
 from yoloq.recipes.ptq import quantize, resolve
-from yoloq.io import atomic_write_bytes, atomic_write_text, to_json
+from yoloq.io import atomic_write_bytes, atomic_write_text, check_output_dir, check_run_name, to_json
 from yoloq.report.common import md_table, stat_drop
 
 YOLOQ_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse", "auto", "pipeline")
@@ -112,6 +112,8 @@ class Bench:
         cfg, data_cfg = resolve(args.cfg, quant={"calib_images": args.calib_images, "seed": args.seed},
                                 eval={"workers": args.workers}, model={"weights": args.weights}, data=args.data)
         self.args, self.cfg, self.data_cfg = args, cfg, data_cfg
+        name = args.name if args.name is not None else f"{cfg.model.name}_bench"
+        check_output_dir(Path(args.out) / check_run_name(name), "--out")       # before the work, not after
         self.progress = not args.no_progress
         seed_everything(cfg.quant.seed)
         self.fp32 = load_model(cfg.model)

@@ -1,8 +1,8 @@
 """Deployment fidelity: COCO mAP of the fake-quantized PyTorch model vs its exported Q/DQ ONNX in onnxruntime.
 
-    yoloq bench-fidelity --cfg configs/yolov6lite_s.yaml \\
+    yoloq bench-fidelity --cfg yolov6lite_s \\
         --ckpt runs/ptq/yolov6lite_s_auto/quant.pt runs/qat/yolov6lite_s_auto_lsqplus_offset/quant.pt
-    yoloq bench-fidelity --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --noise 3
+    yoloq bench-fidelity --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --noise 3
 
 For each quantized checkpoint: the fake-quant model's mAP, then the TensorRT-variant export
 (``export_onnx``; LSQ+ offset checkpoints in both offset forms, Sub/Add and zero point) run by
@@ -26,24 +26,24 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser
+from yoloq.cli.common import CFG_HELP, parser, positive_float, positive_int
 
 
 def build_parser(prog: str = "yoloq bench-fidelity"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config: dataset and eval settings (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help=CFG_HELP + " (its dataset and eval settings)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", nargs="+", help="quantized checkpoints (yoloq ptq / yoloq qat quant.pt)")
     src.add_argument("--weights", help="FP32 weights are not compared here: the error says which yoloq ptq command "
                                        "makes the quant.pt to pass as --ckpt")
-    p.add_argument("--images", type=int, help="first N val images (default: all)")
+    p.add_argument("--images", type=positive_int, help="first N val images (default: all)")
     p.add_argument("--noise", type=int, default=0, metavar="N",
                    help="also evaluate fake-quant and onnxruntime on N seeds of the same input noise (paired)")
-    p.add_argument("--noise-std", type=float, default=1e-4,
+    p.add_argument("--noise-std", type=positive_float, default=1e-4,
                    help="std of the Gaussian input noise on 0..1 pixels (default 1e-4: 1/40 of an 8-bit step)")
     p.add_argument("--output-images", type=int, default=16, metavar="N",
                    help="compare raw outputs (scores, boxes) on the first N val images (0: skip)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -1,8 +1,8 @@
 """onnxruntime CPU latency (and optionally COCO mAP) of FP32 vs INT8 exports of one quantized model.
 
-    yoloq bench-ort --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt
-    yoloq bench-ort --cfg configs/yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --map 100
-    yoloq bench-ort --cfg configs/yolov6n_repvgg.yaml --random-weights      # 640, no trained weights
+    yoloq bench-ort --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt
+    yoloq bench-ort --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --map 100
+    yoloq bench-ort --cfg yolov6n_repvgg --random-weights      # 640, no trained weights
 
 Exports four ONNX files (``export_onnx``): FP32, the TensorRT Q/DQ variant, and the onnxruntime
 fast path (``make_ort_fast``; "exact": convs before HardSwish/SiLU stay float; default: they get a
@@ -27,40 +27,40 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser, positive_int
+from yoloq.cli.common import CFG_HELP, non_negative_int, parser, positive_int
 
 
 def build_parser(prog: str = "yoloq bench-ort"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="quantized checkpoint (tools/ptq.py / tools/qat.py quant.pt)")
+    src.add_argument("--ckpt", help="quantized checkpoint (quant.pt of yoloq ptq / yoloq qat)")
     src.add_argument("--weights", help="FP32 checkpoint, max-calibrated on --calib-images train images")
     src.add_argument("--random-weights", action="store_true",
                      help="random weights, max-calibrated on --calib-images train images (latency only)")
     p.add_argument("--hardswish-as-relu", action="store_true",
                    help="with --random-weights: replace HardSwish by ReLU (latency of an all-integer graph of the architecture)")
-    p.add_argument("--img-size", type=int, help="input size (default: model.img_size)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--img-size", type=positive_int, help="input size (default: model.img_size)")
+    p.add_argument("--threads", type=positive_int, default=2, help="onnxruntime intra-op threads (default 2)")
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--iters", type=positive_int, default=60, help="timed runs per variant (default 60)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--warmup", type=non_negative_int, default=10)
     p.add_argument("--rounds", type=positive_int, default=6, help="round-robin blocks over the variants")
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="repeat the whole timing N times and show the range of the ratio to FP32 (shared "
                         "machines drift between slower and faster phases that last longer than a block)")
-    p.add_argument("--calib-images", type=int, default=32,
+    p.add_argument("--calib-images", type=positive_int, default=32,
                    help="train images calibrating the fast path's pre-activation ranges (and --random-weights)")
     p.add_argument("--pre-act", choices=("consumer", "minmax", "symmetric"), default="consumer",
                    help="scale of the fast path's new pre-activation Q/DQ (default: the consumer quantizer's)")
     p.add_argument("--other", choices=("float", "minmax"), default="float",
                    help="convs whose output is not self-gated (SE input, residual add): keep float (exact, "
                         "default) or give them a min/max-calibrated Q/DQ")
-    p.add_argument("--map", type=int, metavar="N", help="also COCO mAP on the first N val images")
+    p.add_argument("--map", type=positive_int, metavar="N", help="also COCO mAP on the first N val images")
     p.add_argument("--profile", type=positive_int, metavar="N",
                    help="also profile N runs of each variant (onnxruntime profiler) and print ms per op type and per conv kind")
     p.add_argument("--out", help="folder for the ONNX files (default /tmp/bench_ort/<model>)")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=0)
     return p
 
 

@@ -1,8 +1,8 @@
 """Peer benchmark: yoloq PTQ vs onnxruntime's ``quantize_static`` on the same FP32 model and the
 same calibration (train) images, evaluated through the same COCO pipeline.
 
-    yoloq bench-ptq --cfg configs/yolov6lite_s.yaml                        # 256 calib, all val
-    yoloq bench-ptq --cfg configs/yolov6lite_s.yaml --max-images 50 --calib-images 32   # quick
+    yoloq bench-ptq --cfg yolov6lite_s                        # 256 calib, all val
+    yoloq bench-ptq --cfg yolov6lite_s --max-images 50 --calib-images 32   # quick
 
 yoloq: TensorRT placement (Q/DQ on conv inputs and weights, shared scales), per-channel weights,
 every calibration method from one statistics pass (its time = that pass + the method's amax search),
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser
+from yoloq.cli.common import non_negative_int, parser, positive_float, positive_int
 from yoloq.bench.peers import DEFAULT_PEERS
 from yoloq.bench.ptq import ORT_VARIANTS, YOLOQ_METHODS
 
@@ -33,10 +33,10 @@ def build_parser(prog: str = "yoloq bench-ptq"):
     p.add_argument("--cfg", required=True)
     p.add_argument("--weights", help="FP32 checkpoint (default: model.weights of the config)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
-    p.add_argument("--calib-images", type=int, default=256)
-    p.add_argument("--max-images", type=int, help="evaluate only the first N val images")
+    p.add_argument("--calib-images", type=positive_int, default=256)
+    p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images")
     p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=non_negative_int)
     p.add_argument("--methods", nargs="+", default=list(YOLOQ_METHODS), help="yoloq rows (default: every range rule, auto and pipeline)")
     p.add_argument("--ort-variants", nargs="+", default=list(ORT_VARIANTS), choices=ORT_VARIANTS)
     p.add_argument("--skip-yoloq", action="store_true")
@@ -47,9 +47,9 @@ def build_parser(prog: str = "yoloq bench-ptq"):
                         " (all: yoloq.bench.peers.PEER_VARIANTS); none by default")
     p.add_argument("--peer-python", nargs="+", default=[], metavar="PEER=PYTHON",
                    help="interpreter per peer, e.g. nncf=/work/venvs/nncf/bin/python (default: this one)")
-    p.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per peer variant")
-    p.add_argument("--peer-iterations", type=int, default=1000, help="AdaRound / AdaQuant iterations per layer")
-    p.add_argument("--peer-adaround-images", type=int, default=64,
+    p.add_argument("--peer-timeout", type=positive_float, default=3600.0, help="seconds per peer variant")
+    p.add_argument("--peer-iterations", type=positive_int, default=1000, help="AdaRound / AdaQuant iterations per layer")
+    p.add_argument("--peer-adaround-images", type=positive_int, default=64,
                    help="calibration images AdaRound / AdaQuant optimize on (ranges use all of them)")
     p.add_argument("--name")
     p.add_argument("--out", default="runs/bench_ptq")

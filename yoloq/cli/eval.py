@@ -1,14 +1,14 @@
 """COCO mAP of a model (PyTorch weights, a quantized quant.pt) or an ONNX file, with the upstream
 YOLOv6 protocol; AP per class, precision-recall curves and per-image timing.
 
-    yoloq eval --cfg yolov6lite_s.yaml
-    yoloq eval --cfg yolov6lite_s.yaml --ann val_ann_official --out runs/eval/s.json
-    yoloq eval --cfg yolov6lite_s.yaml --weights my_yolov6lite_s.pt --device cuda
-    yoloq eval --cfg yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt    # fake-quant INT8
-    yoloq eval --cfg yolov6lite_s.yaml --onnx runs/export/yolov6lite_s.onnx
-    yoloq eval --cfg yolov6s_repvgg.yaml --onnx yolov6s.onnx     # upstream's export_onnx.py output too
-    yoloq eval --cfg yolov6lite_s.yaml --save-json dets.json     # COCO results file (evaluation server)
-    torchrun --nproc_per_node 2 tools/eval.py --cfg yolov6lite_s.yaml   # sharded over 2 processes
+    yoloq eval --cfg yolov6lite_s
+    yoloq eval --cfg yolov6lite_s --ann val_ann_official --out runs/eval/s.json
+    yoloq eval --cfg yolov6lite_s --weights my_yolov6lite_s.pt --device cuda
+    yoloq eval --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt    # fake-quant INT8
+    yoloq eval --cfg yolov6lite_s --onnx runs/export/yolov6lite_s.onnx
+    yoloq eval --cfg yolov6s_repvgg --onnx yolov6s.onnx     # upstream's export_onnx.py output too
+    yoloq eval --cfg yolov6lite_s --save-json dets.json     # COCO results file (evaluation server)
+    torchrun --nproc_per_node 2 tools/eval.py --cfg yolov6lite_s   # sharded over 2 processes
 
 Writes the result JSON (--out: stats, AP per class, PR curves, timing, detections), a PR-curve plot
 beside it (<out>_pr.png) and, with --save-json, the detections as a COCO results file. Under
@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import add_evaluation_arguments, evaluation_overrides, parser
+from yoloq.cli.common import CFG_HELP, add_evaluation_arguments, evaluation_overrides, parser, positive_int
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import check_output_file
@@ -30,7 +30,7 @@ from yoloq.recipes.common import align_classes
 def build_parser(prog: str = "yoloq eval"):
     from yoloq.runtime.layouts import LAYOUTS
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (a shipped name such as yolov6lite_s.yaml, or a path)")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--weights", help="checkpoint (default: model.weights of the config); every form yoloq reads")
     p.add_argument("--ckpt", help="a quantized checkpoint (quant.pt of ptq / qat): evaluate it fake-quantized")
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
@@ -46,7 +46,7 @@ def build_parser(prog: str = "yoloq eval"):
     p.add_argument("--device", default="auto",
                    help="PyTorch models: auto (cuda when available), cpu, cuda, cuda:N (ONNX runs on the CPU)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
-    p.add_argument("--img-size", type=int, help="square input size (default: ONNX input, else model.img_size)")
+    p.add_argument("--img-size", type=positive_int, help="square input size (default: ONNX input, else model.img_size)")
     p.add_argument("--out", help="result JSON (default: runs/eval/<model name>[_onnx|_int8].json)")
     p.add_argument("--save-json", nargs="?", const="", metavar="PATH",
                    help="also write the detections as a COCO results file (default path: <out>_predictions.json)")
@@ -80,11 +80,13 @@ def _default_out(args, cfg) -> str:
 
 
 def _outputs(args, cfg) -> tuple[Path, Optional[Path], Optional[Path]]:
-    out = check_output_file(args.out or _default_out(args, cfg), "--out")
+    inputs = {"--weights": cfg.model.weights, "--ckpt": args.ckpt, "--onnx": args.onnx, "--cfg": cfg.path,
+              "--data": cfg.data}
+    out = check_output_file(args.out or _default_out(args, cfg), "--out", inputs=inputs)
     stem = out.with_suffix("")
-    plot = None if args.no_plots else Path(f"{stem}_pr.png")
+    plot = None if args.no_plots else check_output_file(f"{stem}_pr.png", "the PR-curve plot", inputs=inputs)
     coco = None if args.save_json is None else check_output_file(args.save_json or f"{stem}_predictions.json",
-                                                                  "--save-json")
+                                                                  "--save-json", inputs=inputs)
     return out, plot, coco
 
 

@@ -1,7 +1,7 @@
 """Export a quantized checkpoint to ONNX with Q/DQ (TensorRT explicit INT8) or as plain FP32 / FP16.
 
     yoloq export --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --out lite_s_int8.onnx --dynamic-batch
-    yoloq eval --cfg configs/yolov6lite_s.yaml --onnx lite_s_int8.onnx      # deployed mAP (onnxruntime)
+    yoloq eval --cfg yolov6lite_s --onnx lite_s_int8.onnx      # deployed mAP (onnxruntime)
 
 Variants: trt (Q/DQ on conv inputs and weights), ort (onnxruntime CPU fast path: Q/DQ also on conv
 outputs, pre-activation zero points from --calib-images train images), ort-exact (fast path
@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser, positive_int
+from yoloq.cli.common import parser, positive_int, unit_float
 from yoloq.config import NMSKind, choices
 from yoloq.errors import InputError
 from yoloq.io import check_output_file
@@ -35,8 +35,8 @@ def build_parser(prog: str = "yoloq export"):
     p.add_argument("--opset", type=int)
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--nms", choices=choices(NMSKind), help="append end-to-end NMS: trt (EfficientNMS_TRT) | onnx")
-    p.add_argument("--score-thres", type=float, default=0.25, help="NMS score threshold (with --nms)")
-    p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold (with --nms)")
+    p.add_argument("--score-thres", type=unit_float, default=0.25, help="NMS score threshold (with --nms)")
+    p.add_argument("--iou-thres", type=unit_float, default=0.45, help="NMS IoU threshold (with --nms)")
     p.add_argument("--max-det", type=positive_int, default=100, help="NMS max detections (with --nms)")
     p.add_argument("--offset-mode", choices=OFFSET_MODES, default="subadd",
                    help="LSQ+ offset quantizers: subadd (TensorRT) | zero_point (onnxruntime; always for --variant ort*)")
@@ -57,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       scale_summary)
     from yoloq.runtime.tensorrt.trtexec import trtexec_hint
     a = build_parser().parse_args(argv)
-    check_output_file(a.out, "--out")
+    check_output_file(a.out, "--out", inputs={"--ckpt": a.ckpt, "--weights": a.weights,
+                                              "--cfg": str(a.cfg) if a.cfg else None})
     defaults = export_defaults(a.cfg)
     batch = None if (a.dynamic_batch or (a.batch is None and defaults.dynamic_batch)) else (a.batch or 1)
     req = DeployRequest(variant=a.variant, img_size=a.img_size, batch=batch, opset=a.opset or defaults.opset,

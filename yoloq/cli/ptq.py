@@ -1,13 +1,13 @@
 """Post-training INT8 quantization of a YOLOv6 model: calibrate on train images, evaluate FP32 and
 INT8 on val, report the drop, per-layer sensitivity and diagnosis, save the quantized model.
 
-    yoloq ptq --cfg configs/yolov6lite_s.yaml                       # calib from the config
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --calib mse --calib-images 256
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --sensitivity fast --skip-layers 3
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --max-drop 1.0        # fewest float layers with drop <= 1 point
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --max-images 50 --calib-images 32   # quick run
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize on --channel-scale all --bias-correction on
-    yoloq ptq --cfg configs/yolov6lite_s.yaml --equalize auto --channel-scale auto --bias-correction auto
+    yoloq ptq --cfg yolov6lite_s                       # calib from the config
+    yoloq ptq --cfg yolov6lite_s --calib mse --calib-images 256
+    yoloq ptq --cfg yolov6lite_s --sensitivity fast --skip-layers 3
+    yoloq ptq --cfg yolov6lite_s --max-drop 1.0        # fewest float layers with drop <= 1 point
+    yoloq ptq --cfg yolov6lite_s --max-images 50 --calib-images 32   # quick run
+    yoloq ptq --cfg yolov6lite_s --equalize on --channel-scale all --bias-correction on
+    yoloq ptq --cfg yolov6lite_s --equalize auto --channel-scale auto --bias-correction auto
 
 (``python tools/ptq.py ...`` is the same command; ``torchrun --nproc_per_node N tools/ptq.py ...``
 shards the FP32 / INT8 evaluations over N processes, and rank 0 alone writes.) Output: <out>/<name>/ with report.md,
@@ -24,7 +24,7 @@ import argparse
 import dataclasses
 from typing import Optional, Sequence
 
-from yoloq.cli.common import parser, positive_int
+from yoloq.cli.common import CFG_HELP, add_threshold_arguments, non_negative_int, parser, positive_int
 from yoloq.config import (AnnKey, CalibMethod, ChannelScale, ReconDevice, Reconstruct, Sensitivity, SensitivityMode,
                           choices, load_config)
 
@@ -33,7 +33,7 @@ SWITCH = {"on": True, "off": False, "auto": "auto"}      # --equalize / --bias-c
 
 def build_parser(prog: str = "yoloq ptq"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--weights", help="checkpoint to quantize (default: model.weights of the config); any form "
                                      "yoloq reads: upstream release pickles, plain or deploy-form state dicts")
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
@@ -109,12 +109,12 @@ def _partial_flags(p) -> None:
     g.add_argument("--sensitivity-mode", choices=choices(SensitivityMode),
                    help="quantize-one: only the layer quantized; skip-one: all but the layer")
     g.add_argument("--sensitivity-images", type=positive_int, help="calibration images scored per layer")
-    g.add_argument("--skip-layers", type=int, metavar="K", help="keep the K most sensitive layers in float")
+    g.add_argument("--skip-layers", type=non_negative_int, metavar="K", help="keep the K most sensitive layers in float")
     g.add_argument("--skip", nargs="+", default=(), metavar="LAYER", help="also keep these layers in float (names)")
     g.add_argument("--max-drop", type=float, metavar="X",
                    help="keep the fewest most-sensitive layers in float so the AP drop on labeled train "
                         "images is <= X points")
-    g.add_argument("--max-skip", type=int, metavar="N", help="--max-drop keeps at most N layers in float")
+    g.add_argument("--max-skip", type=non_negative_int, metavar="N", help="--max-drop keeps at most N layers in float")
     g.add_argument("--select-images", type=positive_int,
                    help="labeled train images measured by --max-drop / --sensitivity map")
     g.add_argument("--no-diagnose", action="store_true", help="skip the per-layer range / SQNR diagnosis")
@@ -125,7 +125,8 @@ def _output_flags(p) -> None:
     g.add_argument("--ann", choices=choices(AnnKey), help="ground truth (default eval.val_ann)")
     g.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
     g.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
-    g.add_argument("--workers", type=int, help="data loader workers")
+    add_threshold_arguments(g)
+    g.add_argument("--workers", type=non_negative_int, help="data loader workers")
     g.add_argument("--name", help="run name (default <model>_<calib>)")
     g.add_argument("--out", default="runs/ptq", help="output root (default %(default)s)")
     g.add_argument("--no-save", action="store_true", help="do not write quant.pt")

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import init_distributed, parser, positive_int
+from yoloq.cli.common import (CFG_HELP, add_threshold_arguments, init_distributed, non_negative_int, parser,
+                              positive_int)
 from yoloq.config import LSQMode, Optimizer, QATLoss, QATQuantizer, choices
 
 
 def build_parser(prog: str = "yoloq qat"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", dest="from_dir", help="PTQ run folder runs/ptq/<name> (or its quant.pt)")
     src.add_argument("--weights", help="FP32 checkpoint: quantize it with the config's quant settings "
@@ -47,9 +48,10 @@ def build_parser(prog: str = "yoloq qat"):
     p.add_argument("--augment", action="store_true", default=None,
                    help="train on augmented views (the config's augment section) instead of letterboxed images")
     p.add_argument("--scales", help="RepOpt models: the hyper-search scales file (QAT uses the RepOptimizer)")
-    p.add_argument("--workers", type=int, help="DataLoader processes (default: qat.workers, this machine's cores - 1, "
+    p.add_argument("--workers", type=non_negative_int, help="DataLoader processes (default: qat.workers, this machine's cores - 1, "
                                                "at most 2)")
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images (quick runs)")
+    add_threshold_arguments(p)
     p.add_argument("--name", help="run name (default <ptq name>_<quantizer>)")
     p.add_argument("--out", default="runs/qat", help="output root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<name>/last.pt")

@@ -1,10 +1,10 @@
 """RepOpt step 2: extract the trained scales of a hyper-search model into a scales file.
 
-    yoloq repopt-scales --cfg configs/yolov6n_hs.yaml \\
+    yoloq repopt-scales --cfg yolov6n_hs \\
         --weights runs/train/yolov6n_hs/best.pt --out runs/train/yolov6n_hs/scales.pt
 
 The file holds, per LinearAddBlock (by module path), the per-channel scales of its 3x3, 1x1 and
-identity branches. ``yoloq train --cfg configs/yolov6n_repopt.yaml --scales <file>`` checks it
+identity branches. ``yoloq train --cfg yolov6n_repopt --scales <file>`` checks it
 against the target model, re-initialises the target's kernels from it and trains with the
 RepOptimizer (gradient masks from the scales). See docs/training.md.
 """
@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from yoloq.cli.common import parser
 from yoloq.config import ConfigError, load_config
+from yoloq.io import check_output_file
 
 
 def build_parser(prog: str = "yoloq repopt-scales"):
@@ -30,6 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.train.repopt import extract_scales, save_scales
     from yoloq.weights import load_weights
     a = build_parser().parse_args(argv)
+    check_output_file(a.out, "--out", inputs={"--weights": a.weights, "--cfg": str(a.cfg)})
     cfg = load_config(a.cfg)
     weights = a.weights or cfg.model.weights
     if not weights:

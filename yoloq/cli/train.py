@@ -1,12 +1,12 @@
 """Train a YOLOv6 detector (RepVGG / QARepVGG / RepOpt) on labelled data (COCO JSON or YOLO .txt labels).
 
-    yoloq train --cfg configs/yolov6n_qarepvgg.yaml --epochs 300
-    yoloq train --cfg configs/yolov6n_repvgg.yaml --data data/coco_shared.yaml --batch-size 32
-    yoloq train --cfg configs/yolov6n_repvgg.yaml --data my_yolo_data.yaml   # upstream YOLO data YAML
-    yoloq train --cfg configs/yolov6n_hs.yaml --epochs 100               # RepOpt step 1: hyper-search
-    yoloq repopt-scales --cfg configs/yolov6n_hs.yaml \\
+    yoloq train --cfg yolov6n_qarepvgg --epochs 300
+    yoloq train --cfg yolov6n_repvgg --data coco_shared --batch-size 32
+    yoloq train --cfg yolov6n_repvgg --data my_yolo_data.yaml   # upstream YOLO data YAML (.txt labels)
+    yoloq train --cfg yolov6n_hs --epochs 100               # RepOpt step 1: hyper-search
+    yoloq repopt-scales --cfg yolov6n_hs \\
         --weights runs/train/yolov6n_hs/best.pt --out runs/train/yolov6n_hs/scales.pt   # step 2
-    yoloq train --cfg configs/yolov6n_repopt.yaml \\
+    yoloq train --cfg yolov6n_repopt \\
         --scales runs/train/yolov6n_hs/scales.pt                                 # step 3: RepOptimizer
     yoloq train ... --resume                                            # continue runs/train/<name>
     yoloq train ... --set train.weight_decay_mode=custom_l2 augment.mosaic=0   # any config key
@@ -22,28 +22,26 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from yoloq.cli.common import init_distributed, parser
+from yoloq.cli.common import CFG_HELP, init_distributed, non_negative_int, parser, positive_int
 from yoloq.config import EvalSplit, choices
 
 
 def build_parser(prog: str = "yoloq train"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    p.add_argument("--cfg", required=True, help=CFG_HELP)
     p.add_argument("--data", help="dataset YAML (default: the config's data)")
     p.add_argument("--weights", help="start from these weights (default: model.weights, else from scratch)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process and step")
-    p.add_argument("--img-size", type=int, help="square training / evaluation size (default: model.img_size)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="images per process and step")
+    p.add_argument("--img-size", type=positive_int, help="square training / evaluation size (default: model.img_size)")
     p.add_argument("--lr0", type=float)
-    p.add_argument("--workers", type=int, help="DataLoader processes (default: train.workers, this machine's cores "
-                                               "- 1, at most 4)")
-    p.add_argument("--train-images", type=int, help="train on the first N labelled train images only")
+    p.add_argument("--workers", type=non_negative_int, help="DataLoader processes (default: train.workers, this machine's cores "
+                                                           "- 1, at most 4)")
+    p.add_argument("--train-images", type=positive_int, help="train on the first N labelled train images only")
     p.add_argument("--eval-split", choices=choices(EvalSplit),
                    help="evaluate on val (default) or on the training images themselves (overfit check)")
-    p.add_argument("--max-eval-images", type=int, help="evaluate only the first N images (quick runs)")
+    p.add_argument("--max-eval-images", type=positive_int, help="evaluate only the first N images (quick runs)")
     p.add_argument("--scales", help="RepOpt target: scales file of the hyper-search model")
-    p.add_argument("--set", dest="settings", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override config keys, e.g. train.lr0=0.02 loss.iou_type=siou augment.mosaic=0")
     p.add_argument("--name", help="run name (default: the model's name)")
     p.add_argument("--out", default="runs/train", help="output root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue <out>/<name>/last.pt")

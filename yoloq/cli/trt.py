@@ -6,8 +6,8 @@
     yoloq trt build --onnx runs/export/yolov6lite_s_fp32.onnx --precision fp16
     # implicit-calibration baseline (upstream's "simple PTQ"): plain ONNX + TensorRT entropy calibrator
     yoloq trt build --onnx runs/export/yolov6lite_s_fp32.onnx --precision int8 --calib entropy \\
-        --cfg configs/yolov6lite_s.yaml --calib-images 256
-    yoloq trt eval  --engine runs/export/yolov6lite_s_qdq_int8.engine --cfg configs/yolov6lite_s.yaml
+        --cfg yolov6lite_s --calib-images 256
+    yoloq trt eval  --engine runs/export/yolov6lite_s_qdq_int8.engine --cfg yolov6lite_s
     yoloq trt bench --engine runs/export/yolov6lite_s_qdq_int8.engine --batch 1 32
 
 Each build also prints the equivalent trtexec command. Without the 'tensorrt' package or a CUDA GPU,
@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from yoloq.cli.common import add_evaluation_arguments, evaluation_overrides, parser, positive_int
+from yoloq.cli.common import (CFG_HELP, add_evaluation_arguments, add_settings_argument, evaluation_overrides,
+                              non_negative_int, parser, positive_float, positive_int)
 from yoloq.config import load_config, load_data_config
 from yoloq.errors import InputError
 from yoloq.io import atomic_write_text, check_output_file
@@ -37,7 +38,7 @@ class TensorRTMissing(InputError):
 
 
 def build_parser(prog: str = "yoloq trt"):
-    p = parser(prog, __doc__)
+    p = parser(prog, __doc__, settings=False)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build an engine from an ONNX file")
     b.add_argument("--onnx", required=True, help="ONNX file (Q/DQ export for int8, plain FP32 export otherwise)")
@@ -52,24 +53,26 @@ def build_parser(prog: str = "yoloq trt"):
     b.add_argument("--calib-batch", type=positive_int, default=8, help="calibration batch (dynamic-batch ONNX)")
     b.add_argument("--calib-cache", help="calibration cache (default <engine>.calib); reused when present")
     b.add_argument("--recalibrate", action="store_true", help="ignore an existing calibration cache")
-    b.add_argument("--workers", type=int, default=2, help="data loader workers for calibration")
-    b.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB (default %(default)s)")
+    b.add_argument("--workers", type=non_negative_int, default=2, help="data loader workers for calibration")
+    b.add_argument("--workspace", type=positive_float, default=4.0, help="builder workspace in GiB (default %(default)s)")
     b.add_argument("--min-batch", type=positive_int)
     b.add_argument("--opt-batch", type=positive_int)
     b.add_argument("--max-batch", type=positive_int)
     b.add_argument("--img-size", type=positive_int, help="input size when the ONNX height/width are dynamic")
     b.add_argument("--verbose", action="store_true", help="TensorRT verbose log")
+    add_settings_argument(b)
     e = sub.add_parser("eval", help="COCO mAP of an engine (same pipeline as `yoloq eval`)")
     e.add_argument("--engine", required=True)
-    e.add_argument("--cfg", required=True, help="experiment config (configs/*.yaml)")
+    e.add_argument("--cfg", required=True, help=CFG_HELP)
     e.add_argument("--data", help="dataset YAML (default: data of the config)")
     e.add_argument("--img-size", type=positive_int, help="input size (default: the engine's)")
     e.add_argument("--out", help="result JSON (default runs/eval/<engine stem>_trt.json)")
     add_evaluation_arguments(e)
+    add_settings_argument(e)
     n = sub.add_parser("bench", help="GPU latency / throughput of an engine (CUDA events)")
     n.add_argument("--engine", required=True)
     n.add_argument("--batch", type=positive_int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
-    n.add_argument("--warmup", type=int, default=50, help="untimed calls per batch size (default %(default)s)")
+    n.add_argument("--warmup", type=non_negative_int, default=50, help="untimed calls per batch size (default %(default)s)")
     n.add_argument("--iters", type=positive_int, default=200, help="timed calls per batch size (default %(default)s)")
     n.add_argument("--img-size", type=positive_int, help="input size of a dynamic-size engine (and the trtexec hint)")
     n.add_argument("--out", help="also write the results as JSON")
@@ -124,7 +127,7 @@ def cmd_build(args) -> int:
         raise InputError("--calib needs calibration images: give --cfg (or --data)")
     yt.build_mode(info, precision, calibrating=bool(args.calib))      # impossible combinations: an error
     engine = Path(args.engine) if args.engine else default_engine_path(onnx, precision, args.calib)
-    check_output_file(engine, "--engine")
+    check_output_file(engine, "--engine", inputs={"--onnx": onnx, "--calib-cache": args.calib_cache})
     cache = Path(args.calib_cache) if args.calib_cache else engine.with_suffix(".calib")
     shapes = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch, img_size=args.img_size)
     command = yt.trtexec_hint(onnx, precision, engine_path=engine, workspace_gb=args.workspace,
@@ -164,7 +167,7 @@ def cmd_eval(args) -> int:
     if not engine.is_file():
         raise InputError(f"TensorRT engine not found: {engine}")
     cfg, data_cfg = _data_config(args.cfg, args.data)
-    out = check_output_file(args.out or f"runs/eval/{engine.stem}_trt.json", "--out")
+    out = check_output_file(args.out or f"runs/eval/{engine.stem}_trt.json", "--out", inputs={"--engine": engine})
     require_tensorrt("COCO evaluation of an engine",
                      f"{yt.trtexec_bench_command(engine)} (trtexec times the engine; mAP needs the Python API)")
     cfg = cfg.with_overrides(eval=evaluation_overrides(args))
@@ -184,7 +187,7 @@ def cmd_bench(args) -> int:
     if not engine.is_file():
         raise InputError(f"TensorRT engine not found: {engine}")
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", inputs={"--engine": engine})
     commands = " ; ".join(yt.trtexec_bench_command(engine, b, args.img_size, iters=args.iters) for b in args.batch)
     require_tensorrt("benchmarking an engine", commands)
     results = yt.benchmark(engine, args.batch, warmup=args.warmup, iters=args.iters, img_size=args.img_size)

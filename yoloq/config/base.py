@@ -10,7 +10,7 @@ import re
 import typing
 from typing import Any, Literal, Optional
 
-from yoloq.errors import YoloqError
+from yoloq.errors import YoloqError, short_repr
 
 __all__ = ["AUTO_METHODS", "AnnKey", "Arch", "Backbone", "Backend", "Block", "CALIB_METHODS", "CHANNEL_SCALE_ALPHAS",
            "CalibMethod", "ChannelScale", "ConfigError", "EvalSplit", "IMG_SIZE_MULTIPLE", "IouType", "LSQInit",
@@ -86,7 +86,7 @@ class Section:
             value = getattr(self, f.name)
             if choices and not _is_choice(value, choices) and not (value is None and _is_optional(hints.get(f.name))):
                 names = [_yaml_name(c) for c in choices]
-                hint = difflib.get_close_matches(str(value), names, n=1)
+                hint = difflib.get_close_matches(_yaml_name(value), names, n=1)
                 raise ConfigError(f"{self.section}.{f.name}: '{_yaml_name(value)}' is not one of {', '.join(names)}"
                                   + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         self.rules()
@@ -96,7 +96,7 @@ class Section:
 
     def _require(self, ok: bool, key: str, rule: str) -> None:
         if not ok:
-            raise ConfigError(f"{self.section}.{key} must be {rule}, got {getattr(self, key)!r}")
+            raise ConfigError(f"{self.section}.{key} must be {rule}, got {short_repr(getattr(self, key))}")
 
 
 def _literal_choices(hint) -> tuple:
@@ -107,8 +107,10 @@ def _literal_choices(hint) -> tuple:
 
 
 def _yaml_name(value) -> str:
-    """How a YAML file spells a value (true / false for booleans)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    """How a YAML file spells a value (true / false for booleans), bounded for messages."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) and len(value) <= 100 else short_repr(value).strip("'")
 
 
 def _is_choice(value, choices: tuple) -> bool:
@@ -138,20 +140,22 @@ def _check_type(name: str, value: Any, default: Any, where: str) -> Any:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: '{name}' must be true/false, got {value!r}")
+            raise ConfigError(f"{where}: '{name}' must be true/false, got {short_repr(value)}")
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: '{name}' must be a number, got {value!r}")
+            raise ConfigError(f"{where}: '{name}' must be a number, got {short_repr(value)}")
         return float(value)
     elif isinstance(default, int):
+        if isinstance(value, float) and value.is_integer() and abs(value) <= 2 ** 53:
+            return int(value)           # 1e4 / 5e1 (scientific notation reads as a float)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
+            raise ConfigError(f"{where}: '{name}' must be an integer, got {short_repr(value)}")
     elif isinstance(default, str):
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: '{name}' must be a string, got {value!r}")
+            raise ConfigError(f"{where}: '{name}' must be a string, got {short_repr(value)}")
     elif isinstance(default, list):
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{name}' must be a list, got {value!r}")
+            raise ConfigError(f"{where}: '{name}' must be a list, got {short_repr(value)}")
     return value
 
 

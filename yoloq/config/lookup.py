@@ -30,6 +30,11 @@ _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 _warned_shared: set[str] = set()
 
 
+class SharedFolderWarning(UserWarning):
+    """``${YOLOQ_SHARED}`` is unset and its default folder is missing (commands given both --weights
+    and --data do not need it and silence this)."""
+
+
 # --------------------------------------------------------------------------- shipped files
 def available_configs(directory: Path = CONFIG_DIR) -> list[str]:
     """Names (file stems) of the shipped configs in ``directory``."""
@@ -113,7 +118,7 @@ def expand_path_vars(value: str, where: str) -> str:
                 _warned_shared.add(str(shared))
                 warnings.warn(f"{where}: {SHARED_ENV} is not set and the default shared folder {shared} "
                               f"does not exist; set {SHARED_ENV}=/path/to/shared or pass your own paths "
-                              "(--data, --weights)", stacklevel=4)
+                              "(--data, --weights)", SharedFolderWarning, stacklevel=4)
             return str(shared)
         raise ConfigError(f"{where}: environment variable ${name} in '{value}' is not set")
 

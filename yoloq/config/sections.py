@@ -13,6 +13,12 @@ from yoloq.config.base import (default_workers, AUTO_METHODS, CHANNEL_SCALE_ALPH
                                parse_method)
 
 
+MAX_MULTIPLE = 4.0          # depth / width multiple
+MAX_REG_MAX = 64            # DFL bins - 1
+MAX_CLASSES = 100_000
+MAX_IMG_SIZE = 8192
+
+
 @dataclass
 class ModelConfig(Section):
     section = "model"
@@ -33,12 +39,20 @@ class ModelConfig(Section):
     weights: Optional[str] = None       # checkpoint path (resolved relative to the YAML file)
 
     def rules(self) -> None:
-        for key in ("depth_multiple", "width_multiple", "csp_e"):
-            self._require(getattr(self, key) > 0, key, "> 0")
-        self._require(self.reg_max >= 0, "reg_max", ">= 0")
-        self._require(self.nc >= 1, "nc", ">= 1")
-        self._require(self.img_size > 0 and self.img_size % IMG_SIZE_MULTIPLE == 0, "img_size",
-                      f"a positive multiple of {IMG_SIZE_MULTIPLE} (the model's stride-32 level)")
+        # the name becomes part of file names (runs/ptq/<name>_<calib>, runs/eval/<name>.json): one plain component
+        name = self.name
+        self._require(isinstance(name, str) and 0 < len(name) <= 120 and "/" not in name and "\\" not in name
+                      and not name.startswith(".") and all(ord(c) >= 32 for c in name), "name",
+                      "a plain name (no '/', not starting with '.', at most 120 characters), e.g. yolov6lite_s")
+        # upper bounds keep a typo or a hostile file from building a model that fills the memory
+        # (upstream's largest: depth 1.33, width 1.5, reg_max 16, 1280 px)
+        for key in ("depth_multiple", "width_multiple"):
+            self._require(0 < getattr(self, key) <= MAX_MULTIPLE, key, f"in (0, {MAX_MULTIPLE:g}]")
+        self._require(0 < self.csp_e <= 1, "csp_e", "in (0, 1]")
+        self._require(0 <= self.reg_max <= MAX_REG_MAX, "reg_max", f"in [0, {MAX_REG_MAX}]")
+        self._require(1 <= self.nc <= MAX_CLASSES, "nc", f"in [1, {MAX_CLASSES}]")
+        self._require(0 < self.img_size <= MAX_IMG_SIZE and self.img_size % IMG_SIZE_MULTIPLE == 0, "img_size",
+                      f"a positive multiple of {IMG_SIZE_MULTIPLE} (the model's stride-32 level) <= {MAX_IMG_SIZE}")
 
 
 @dataclass
@@ -296,6 +310,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     path: Optional[str] = None          # the YAML this came from (set by load_config)
+
+    def __str__(self) -> str:                   # messages name a config by its file
+        return str(self.path or "config")
 
     def with_overrides(self, data: Optional[str] = None, **sections: Optional[dict]) -> "Config":
         """A copy with ``section={key: value}`` changes applied (``None`` values are skipped, so

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from yoloq.errors import InputError
+from yoloq.errors import InputError, short_repr
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PAD_VALUE = 114
@@ -94,12 +94,16 @@ def read_image(path: str | Path) -> Optional[np.ndarray]:
     return cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
 
 
+JPEG_START = b"\xff\xd8\xff"
+
+
 def jpeg_truncated(path: str | Path) -> bool:
-    """A .jpg / .jpeg file without the end-of-image marker: libjpeg would decode its first part and
-    only print a warning, leaving the rest grey."""
-    if Path(path).suffix.lower() not in (".jpg", ".jpeg"):
-        return False
+    """A JPEG file (by content, whatever its name: a PNG named .jpg is decoded as the PNG it is)
+    without the end-of-image marker: libjpeg would decode its first part and only print a warning,
+    leaving the rest grey."""
     with open(path, "rb") as f:
+        if f.read(len(JPEG_START)) != JPEG_START:
+            return False
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 1024))
         tail = f.read().rstrip(b"\x00")
@@ -139,6 +143,8 @@ def read_coco_json(ann_file: str | Path) -> dict:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{ann_file}: not valid JSON: {err}") from err
+    except RecursionError:
+        raise InputError(f"{ann_file}: JSON nested too deeply to be a COCO annotation file") from None
     if not isinstance(data, dict):
         raise InputError(f"{ann_file}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -152,7 +158,10 @@ def read_annotation_images(ann_file: str | Path, data: Optional[dict] = None) ->
         raise InputError(f"{ann_file}: no 'images' list; is this a COCO instances file?")
     for entry in images:
         if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-            raise InputError(f"{ann_file}: image entry without 'id'/'file_name': {entry!r:.200}")
+            raise InputError(f"{ann_file}: image entry without 'id'/'file_name': {short_repr(entry, 200)}")
+        if isinstance(entry["id"], bool) or not isinstance(entry["id"], int) or not isinstance(entry["file_name"], str):
+            raise InputError(f"{ann_file}: image {short_repr(entry['id'])}: 'id' must be an integer and 'file_name' "
+                             f"a string, got {short_repr(entry['id'])} / {short_repr(entry['file_name'])}")
     return sorted(images, key=lambda e: e["id"])
 
 

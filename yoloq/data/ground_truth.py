@@ -17,6 +17,7 @@ from typing import Any
 from yoloq.errors import InputError
 
 MAX_NAMED = 5
+_warned_zero_size: set[str] = set()
 
 
 class GroundTruthError(InputError):
@@ -31,15 +32,21 @@ def validate_ground_truth(data: dict, ann_file: str | Path) -> None:
                                f"against (an image-info file?); expected a COCO instances JSON")
     image_ids = _unique_image_ids(data, ann_file)
     categories = {c.get("id") for c in data.get("categories", []) if isinstance(c, dict)}
-    degenerate = []
+    degenerate, ann_ids = [], set()
     for ann in data["annotations"]:
-        where = f"{ann_file}: annotation {ann.get('id', '?')} (image {ann.get('image_id', '?')})" \
+        where = f"{ann_file}: annotation {ann.get('id', '?')!s:.40} (image {ann.get('image_id', '?')!s:.40})" \
             if isinstance(ann, dict) else f"{ann_file}: annotation {ann!r:.80}"
         if not isinstance(ann, dict):
             raise GroundTruthError(f"{where}: expected an object")
-        if ann.get("image_id") not in image_ids:
+        ann_id = ann.get("id")
+        if not _hashable(ann_id):
+            raise GroundTruthError(f"{where}: id must be a number")
+        if ann_id is not None and ann_id in ann_ids:
+            raise GroundTruthError(f"{where}: annotation id listed twice (the box would be counted twice)")
+        ann_ids.add(ann_id)
+        if not _hashable(ann.get("image_id")) or ann.get("image_id") not in image_ids:
             raise GroundTruthError(f"{where}: image_id is not in the 'images' list")
-        if ann.get("category_id") not in categories:
+        if not _hashable(ann.get("category_id")) or ann.get("category_id") not in categories:
             raise GroundTruthError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
         x, y, w, h = _bbox(ann.get("bbox"), where)
         if w < 0 or h < 0:
@@ -47,9 +54,11 @@ def validate_ground_truth(data: dict, ann_file: str | Path) -> None:
                                    f"expected [x, y, w, h] with w, h >= 0")
         if w == 0 or h == 0:
             degenerate.append(f"annotation {ann.get('id')} (image {ann['image_id']}, bbox {ann['bbox']})")
-    if degenerate:
-        warnings.warn(f"{ann_file}: {len(degenerate)} zero-size box(es) can never be matched and cost recall: "
-                      f"{'; '.join(degenerate[:MAX_NAMED])}", stacklevel=3)
+    message = (f"{ann_file}: {len(degenerate)} zero-size box(es) can never be matched and cost recall: "
+               f"{'; '.join(degenerate[:MAX_NAMED])}")
+    if degenerate and message not in _warned_zero_size:      # once per dataset, not on every evaluation
+        _warned_zero_size.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _unique_image_ids(data: dict, ann_file: str | Path) -> set:
@@ -68,6 +77,14 @@ def _unique_image_ids(data: dict, ann_file: str | Path) -> set:
         ids.add(entry["id"])
         names.add(entry["file_name"])
     return ids
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _bbox(value: Any, where: str) -> tuple[float, float, float, float]:

@@ -72,11 +72,17 @@ def _parse_line(line: str, path: Path, line_no: int, nc: int) -> tuple:
 
 
 def read_labels(path: str | Path, nc: int) -> list[tuple[int, float, float, float, float]]:
-    """The boxes ``(class, cx, cy, w, h)`` of one label file; [] when it does not exist (background).
+    """The boxes ``(class, cx, cy, w, h)`` of one label file; [] when it does not exist (background);
+    a folder or a broken link in its place is a YoloLabelError.
     Exact duplicate lines are dropped with a warning (as upstream); bad lines raise YoloLabelError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
+        if path.is_symlink():
+            raise YoloLabelError(f"{path}: a broken symbolic link where the image's label file belongs")
         return []
+    if not path.is_file():
+        raise YoloLabelError(f"{path}: not a file (a directory?) where the image's label file belongs; expected a "
+                             f".txt file of 'class cx cy w h' lines, or no file for a background image")
     try:
         text = path.read_text()
     except UnicodeDecodeError as err:
@@ -184,7 +190,7 @@ def _read_cache(path: Path, expected: str) -> bool:
     try:
         with open(path) as f:
             return json.load(f).get("yoloq_fingerprint") == expected
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):     # any unreadable cache is rebuilt
         return False
 
 

@@ -144,7 +144,33 @@ def _read(path: Path) -> dict:
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise QuantCheckpointError(f"{path}: missing key(s) {', '.join(missing)}")
+    _check_finite(ckpt, path)
     return ckpt
+
+
+def _float_tensors(obj, where: str):
+    """(name, tensor) of every floating-point tensor in the stored containers."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield where, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _float_tensors(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _float_tensors(v, f"{where}[{i}]")
+
+
+def _check_finite(ckpt: dict, path: Path) -> None:
+    """NaN / inf weights, ranges, scales or shifts give a model that detects nothing (AP 0, an ONNX
+    file of NaN): refuse the file on load, naming the first bad tensor, as FP32 weights are."""
+    stored = {k: ckpt.get(k) for k in ("weights", "input_quantizers", "weight_amax", "input_scales", "bias_shifts")}
+    tensors = list(_float_tensors(stored, ""))
+    bad = [name for name, t in tensors if not torch.isfinite(t).all()]
+    if bad:
+        raise QuantCheckpointError(f"{path}: {len(bad)} of {len(tensors)} tensors hold NaN/inf values (first: "
+                                   f"'{bad[0]}'); the quantized model is not finite (a diverged QAT run, an edited "
+                                   f"file?) and cannot be evaluated or exported")
 
 
 def _learnable_classes() -> dict[str, type]:

@@ -32,7 +32,7 @@ from yoloq.config import Config, DataConfig, load_config, load_data_config
 from yoloq.distributed import output_dir_on_main
 from yoloq.errors import InputError, YoloqError
 from yoloq.eval.coco_eval import EvalResult, evaluate_model
-from yoloq.io import check_output_dir, staging_dir
+from yoloq.io import check_run_folder, staging_dir
 from yoloq.models import load_model
 from yoloq.models.build import NO_WEIGHTS_HINT
 from yoloq.quant.calibrate import calibrate, calibrate_auto
@@ -287,13 +287,14 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     opts = dataclasses.replace(options or PTQOptions(), **option_overrides)
     cfg, data_cfg = resolve(cfg, quant=quant, eval=eval, model=model, data=data, random_weights=opts.random_weights)
     _check_options(opts, cfg)
-    name = opts.name or f"{cfg.model.name}_{cfg.quant.calib}"
-    final_dir = Path(opts.out) / name
-    check_output_dir(final_dir, "--out")
+    name = opts.name if opts.name is not None else f"{cfg.model.name}_{cfg.quant.calib}"
+    final_dir = check_run_folder(opts.out, name, "ptq",
+                                 "--name" if opts.name is not None else "run name from model.name",
+                                 inputs={"--weights": cfg.model.weights, "--data": cfg.data})
     seed_everything(cfg.quant.seed)
     run = PTQRun(name=name, cfg=cfg, data_cfg=data_cfg, opts=opts)
     # under torchrun every rank runs the pipeline (evaluations sharded) and rank 0 alone writes the run
-    with output_dir_on_main(lambda: staging_dir(final_dir)) as stage_dir, tempfile.TemporaryDirectory() as scratch:
+    with output_dir_on_main(lambda: staging_dir(final_dir, "ptq")) as stage_dir, tempfile.TemporaryDirectory() as scratch:
         _quantize_and_evaluate(run, Path(scratch))
         report = build_report(run)
         if opts.save_model:

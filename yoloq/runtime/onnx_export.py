@@ -212,7 +212,7 @@ def _check_quantized(model: nn.Module, where: str, fp32: bool, offset_mode: str)
         return                                  # a plain FP32 model: exported as the float graph
     if not has_quant_state(model):
         raise ExportError(f"{where}: not a quantized model (no quantizer placement; run yoloq.quant.prepare "
-                          f"and calibrate, or pass a quantized checkpoint from tools/ptq.py / tools/qat.py)")
+                          f"and calibrate, or pass a quantized checkpoint from yoloq ptq / yoloq qat)")
     if fp32:
         return
     names = _quantizer_names(model)
@@ -371,6 +371,21 @@ def _trace_to_onnx(model: nn.Module, img_size: int, batch: Optional[int], opset:
 # --------------------------------------------------------------------------- public API
 
 
+def max_opset() -> int:
+    """The newest opset torch's TorchScript-based exporter (the one yoloq uses) writes."""
+    from torch.onnx import _constants
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+
+
+def _check_img_size(img_size) -> None:
+    """A square input the detector can run: a positive multiple of its largest concatenated stride."""
+    from yoloq.config import IMG_SIZE_MULTIPLE
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < IMG_SIZE_MULTIPLE \
+            or img_size % IMG_SIZE_MULTIPLE or img_size > 8192:
+        raise ExportError(f"--img-size {img_size}: expected a multiple of {IMG_SIZE_MULTIPLE} (the model's "
+                          f"largest stride) in {IMG_SIZE_MULTIPLE}..8192, e.g. 320 or 640")
+
+
 def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1, opset: int = 13,
                 simplify: bool = True, nms: Optional[str] = None, offset_mode: str = "subadd",
                 fp32: bool = False, fp16: bool = False, score_threshold: float = 0.25,
@@ -387,12 +402,18 @@ def export_onnx(model_or_ckpt, path, *, img_size: int, batch: Optional[int] = 1,
 
     if opset < 13:
         raise ExportError(f"opset {opset}: per-channel QuantizeLinear needs opset >= 13")
+    if opset > max_opset():
+        raise ExportError(f"opset {opset}: this torch ({torch.__version__}) exports ONNX opsets 13..{max_opset()}")
+    _check_img_size(img_size)
     if nms not in (None,) + NMS_KINDS:
         raise ExportError(f"nms must be None, 'trt' or 'onnx', got {nms!r}")
     if offset_mode not in OFFSET_MODES:
         raise ExportError(f"offset_mode must be one of {OFFSET_MODES}, got '{offset_mode}'")
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be >= 1 or None (dynamic), got {batch}")
+    if nms and not (0.0 <= score_threshold <= 1.0 and 0.0 < iou_threshold <= 1.0 and max_det >= 1):
+        raise ExportError(f"NMS settings: score threshold {score_threshold} and IoU threshold {iou_threshold} must "
+                          f"be in [0, 1] (IoU > 0), max detections {max_det} >= 1")
     plain = fp32 or fp16
     model, where = _resolve_model(model_or_ckpt)
     _check_quantized(model, where, plain, offset_mode)

@@ -369,7 +369,7 @@ def load_qdq_model(path: str | os.PathLike) -> onnx.ModelProto:
     ops = {n.op_type for n in model.graph.node}
     if "QuantizeLinear" not in ops or "DequantizeLinear" not in ops:
         raise OrtFastError(f"{path}: no QuantizeLinear/DequantizeLinear nodes — this is not a Q/DQ (INT8) "
-                           "export; make one with tools/export.py from a quantized checkpoint")
+                           "export; make one with yoloq export --variant ort from a quantized checkpoint")
     if len(model.graph.input) != 1:
         raise OrtFastError(f"{path}: expected one image input, found {[i.name for i in model.graph.input]}")
     return model

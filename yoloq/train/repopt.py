@@ -34,6 +34,7 @@ from torch import nn
 from yoloq.models.blocks import LinearAddBlock, RealVGGBlock, repopt_grad_mask, repopt_reinit_kernel
 from yoloq.train.errors import ScalesMismatchError
 from yoloq.io import atomic_torch_save
+from yoloq.safe_load import CheckpointError, load_plain
 
 SCALES_FORMAT = "yoloq-repopt-scales"
 MAX_LISTED = 5
@@ -110,12 +111,12 @@ def load_scales(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ScalesMismatchError(f"RepOpt scales file not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:   # noqa: BLE001 - any read failure is a bad file for the user
-        raise ScalesMismatchError(f"{path}: cannot read the RepOpt scales file ({err})") from err
+        data = load_plain(path)                  # TorchScript / foreign zips refused, torch's text shortened
+    except CheckpointError as err:
+        raise ScalesMismatchError(f"RepOpt scales file {str(err).replace('checkpoint', 'file')}") from None
     if not isinstance(data, dict) or data.get("format") != SCALES_FORMAT or not isinstance(data.get("blocks"), dict):
         raise ScalesMismatchError(f"{path}: not a RepOpt scales file (expected a dict with format "
-                                  f"'{SCALES_FORMAT}'; write one with tools/repopt_scales.py)")
+                                  f"'{SCALES_FORMAT}'; write one with yoloq repopt-scales)")
     data["path"] = str(path)
     return data
 

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yoloq.config import Config, ConfigError, load_config, load_data_config
+from yoloq.config import Config, ConfigError, apply_settings, load_config, load_data_config
 from yoloq.device import resolve_device
-from yoloq.io import atomic_write_text
+from yoloq.io import atomic_write_text, check_run_folder
 from yoloq.models.detector import init_head_biases
 from yoloq.train.augment import Augmenter
 from yoloq.train.dataset import (AugmentedDataset, LabelledImages, make_train_loader, records_for,
@@ -72,21 +72,6 @@ class TrainResult:
     fit: Optional[FitResult] = field(default=None, repr=False)
 
 
-def apply_settings(cfg: Config, settings: Sequence[str]) -> Config:
-    """``["section.key=value", ...]`` (values in YAML syntax) onto ``cfg`` through
-    ``Config.with_overrides``: an unknown section or key, or a bad value, is a ConfigError naming it."""
-    import yaml
-    sections: dict[str, dict] = {}
-    for item in settings:
-        name, sep, text = item.partition("=")
-        section, dot, key = name.strip().partition(".")
-        if not sep or not dot or not key:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr0=0.02")
-        try:
-            sections.setdefault(section, {})[key] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from err
-    return cfg.with_overrides(**sections)
 
 
 def _resolve(cfg, opts: TrainOptions):
@@ -112,7 +97,7 @@ def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[d
     check_trainable(model, cfg.path or "config")
     if cfg.model.block == "repopt" and scales is None:
         raise TrainError(f"{cfg.path}: block 'repopt' trains with the RepOptimizer: set train.scales (or --scales) "
-                         "to the hyper-search scales file (tools/repopt_scales.py)")
+                         "to the hyper-search scales file (yoloq repopt-scales)")
     if scales is not None:
         check_scales(model, scales)
     if weights:
@@ -156,8 +141,9 @@ def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> Train
     img_size = opts.img_size or cfg.model.img_size
     if img_size % 32:
         raise ConfigError(f"image size must be a multiple of 32 (the largest stride), got {img_size}")
-    name = opts.name or cfg.model.name
-    out_dir = Path(opts.out) / name
+    name = opts.name if opts.name is not None else cfg.model.name
+    out_dir = check_run_folder(opts.out, name, "train",
+                              "--name" if opts.name is not None else "run name from model.name")
     if (out_dir / "last.pt").is_file() and not opts.resume:
         raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
     if opts.resume and not (out_dir / "last.pt").is_file():
@@ -173,7 +159,7 @@ def run_train(cfg, options: Optional[TrainOptions] = None, **overrides) -> Train
     dataset = AugmentedDataset(LabelledImages(records), Augmenter(cfg.augment, img_size), seed=tcfg.seed)
     loader, sampler = make_train_loader(dataset, tcfg.batch_size, tcfg.workers, tcfg.seed)
     fingerprint = _fingerprint(cfg, data_cfg, img_size, weights, world)
-    with new_run_folder(out_dir, rank):
+    with new_run_folder(out_dir, "train", rank):
         if world > 1:
             dist.barrier()
         evaluate = _evaluator(cfg, data_cfg, records, out_dir, img_size, opts, device)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from yoloq.io import open_run_folder
 from yoloq.safe_load import load_plain
 from yoloq.train.errors import TrainError
 
@@ -65,10 +66,11 @@ def logs_removed_on_failure(out_dir: Optional[Path]):
 
 
 @contextlib.contextmanager
-def new_run_folder(out_dir: Path, rank: int = 0):
-    """The folder of a run (rank 0 makes it, with any missing parents): when this call made it and the
-    run fails before its first last.pt, what it made is removed again -- a failed run leaves nothing
-    new. With a last.pt the folder stays: an interrupted run continues with --resume."""
+def new_run_folder(out_dir: Path, kind: str, rank: int = 0):
+    """The folder of a ``kind`` run ("train", "qat"; rank 0 makes it, with any missing parents, and
+    marks it as yoloq's: ``yoloq.io.open_run_folder``): when this call made it and the run fails
+    before its first last.pt, what it made is removed again -- a failed run leaves nothing new. With a
+    last.pt the folder stays: an interrupted run continues with --resume."""
     if rank != 0:
         yield out_dir
         return
@@ -77,7 +79,7 @@ def new_run_folder(out_dir: Path, rank: int = 0):
         if folder.exists():
             break
         made = folder
-    out_dir.mkdir(parents=True, exist_ok=True)
+    open_run_folder(out_dir, kind)
     try:
         yield out_dir
     except BaseException:

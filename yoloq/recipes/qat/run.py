@@ -35,7 +35,7 @@ from yoloq.config import Config, DataConfig, QATConfig, load_config, load_data_c
 from yoloq.data.coco import calibration_loader
 from yoloq.device import resolve_device
 from yoloq.eval.coco_eval import evaluate_model
-from yoloq.io import check_output_dir
+from yoloq.io import check_run_folder
 from yoloq.models import load_model
 from yoloq.quant.checkpoint import load_quantized, save_quantized
 from yoloq.quant.swap import freeze_quantizers, swap_quantizers
@@ -236,9 +236,9 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
     ``eval`` override config keys (``None`` values are ignored); other keywords are ``QATOptions``."""
     opts = dataclasses.replace(options or QATOptions(), **option_overrides)
     cfg, data_cfg, ckpt = _resolve(cfg, opts, {"qat": qat, "eval": eval, "data": data})
-    name = opts.name or run_name(cfg.qat, ckpt, cfg.model.name)
-    out_dir = Path(opts.out) / name
-    check_output_dir(out_dir, "--out")
+    name = opts.name if opts.name is not None else run_name(cfg.qat, ckpt, cfg.model.name)
+    out_dir = check_run_folder(opts.out, name, "qat",
+                               "--name" if opts.name is not None else "run name from the PTQ run / model.name")
     last = out_dir / "last.pt"
     if last.is_file() and not opts.resume:
         raise QATError(f"{out_dir} already holds a run (last.pt); pass --resume to continue it or choose --name")
@@ -248,7 +248,7 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
     main = rank == 0
     torch.manual_seed(cfg.qat.seed)
     timer = StageTimer()
-    with new_run_folder(out_dir, rank), library_log(out_dir / LIBRARY_LOG if main else None):
+    with new_run_folder(out_dir, "qat", rank), library_log(out_dir / LIBRARY_LOG if main else None):
         if ckpt is not None:
             student, ptq_meta = load_quantized(ckpt)
         else:

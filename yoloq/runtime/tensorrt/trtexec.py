@@ -42,7 +42,7 @@ def trtexec_command(onnx_path: str | os.PathLike, precision: str = "int8", *,
                              "no FP32 engine from it")
     elif precision == "int8" and info is not None and not info.has_qdq and not calib_cache:
         raise InputError(f"{onnx_path} has no Q/DQ nodes: trtexec --int8 needs --calib=<cache>, which only a "
-                         "Python build with a calibrator writes (tools/trt.py build --calib entropy); without "
+                         "Python build with a calibrator writes (yoloq trt build --calib entropy); without "
                          "it TensorRT uses placeholder scales")
     parts = ["trtexec", f"--onnx={source}", f"--saveEngine={engine_path}"]
     if trt_major < STRONGLY_TYPED_MAJOR:
