@@ -190,7 +190,7 @@ def test_output_error_on_detector_layout():
 def calibrated_n():
     torch.manual_seed(0)
     model = build_model(load_config(REPO / "configs/yolov6n_qarepvgg.yaml").model).fuse().eval()
-    q = prepare(model, QuantConfig(skip_layers=["detect.cls_preds.0"]))
+    q = prepare(model, QuantConfig.of(skip_layers=["detect.cls_preds.0"]))
     calibrate(q, [torch.rand(2, 3, 64, 64)], method="percentile", progress=False)
     return q
 

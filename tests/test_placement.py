@@ -203,7 +203,7 @@ def test_calibrated_concat_inputs_share_amax(toy):
 
 
 def test_skip_gives_private_disabled_quantizer_and_reenable_restores(toy):
-    q = prepare(toy, QuantConfig(skip_layers=["left.0"]))
+    q = prepare(toy, QuantConfig.of(skip_layers=["left.0"]))
     shared = input_quantizers(q)[quant_state(q).placement.site_of("left.0").name]
     assert q.left[0]._input_quantizer is not shared and q.left[0]._input_quantizer._disabled
     assert q.left[0]._weight_quantizer._disabled

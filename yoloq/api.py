@@ -88,15 +88,16 @@ def ptq(model: nn.Module, data: Optional[str | os.PathLike | DataConfig] = None,
         **quant: object) -> QuantizedModel:
     """Calibrate ``model`` (an FP32 model from :func:`load`) on ``calib_images`` train images of
     ``data`` with ``method`` (max, percentile, entropy, mse, auto); other keywords are ``quant``
-    config fields (``equalize=True``, ``channel_scale="all"``, ``reconstruct="brecq"``, ...), applied
-    as ``yoloq ptq`` applies them. Returns the :class:`QuantizedModel`."""
+    config keys, flat (``equalize=True``, ``channel_scale="all"``, ``reconstruct="brecq"``, ...) or
+    dotted (``**{"transforms.images": 32}``), applied as ``yoloq ptq`` applies them. Returns the
+    :class:`QuantizedModel`."""
     from yoloq.recipes.common import load_calibration_set
-    from yoloq.recipes.ptq import quantize
+    from yoloq.recipes.ptq import run_quantization
     cfg = getattr(model, "yoloq_config", None) or Config(model=model.cfg)
     cfg = cfg.with_overrides(quant={"calib": method, "calib_images": calib_images, "batch_size": batch_size, **quant})
     data_cfg = _data(data, cfg)
     calib = load_calibration_set(data_cfg, calib_images, cfg.model.img_size, batch_size, workers, cfg.quant.seed)
-    run = quantize(cfg, data_cfg, model, calib, progress=progress)     # the PTQ transforms too, as yoloq ptq
+    run = run_quantization(cfg, data_cfg, model, calib, progress=progress)     # the PTQ transforms too, as yoloq ptq
     return QuantizedModel(run.qmodel, cfg, data_cfg)
 
 

@@ -26,7 +26,9 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloq.config import AUTO_METHODS, CALIB_METHODS, parse_method
+from yoloq.device import module_device
 from yoloq.errors import InputError, YoloqError
+from yoloq.quant.batches import image_batch
 from yoloq.quant.metrics import output_error
 from yoloq.quant.prepare import fix_dead_channels, input_quantizers, quant_layers, set_amax, set_layers_quantized
 from yoloq.quant.scheme import NUM_BITS, quiet_pytorch_quantization
@@ -138,21 +140,6 @@ class _SiteCollector:
                          width=h.width or 0.0, count=self.count)
 
 
-def _images(batch) -> torch.Tensor:
-    """Accept a tensor or a loader item ``(images, meta...)``."""
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-        raise CalibrationError(f"calibration batches must be [B,3,H,W] tensors (or (images, ...) tuples), "
-                               f"got {type(batch).__name__}{tuple(batch.shape) if isinstance(batch, torch.Tensor) else ''}")
-    return batch
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def collect_statistics(model: nn.Module, batches: Iterable, num_bins: int = 2048, progress: bool = True,
                        keep: int = 0) -> list[torch.Tensor]:
@@ -168,7 +155,7 @@ def collect_statistics(model: nn.Module, batches: Iterable, num_bins: int = 2048
     was_training = model.training
     saved = {n: (q._calibrator, q._if_calib, q._if_quant, q._disabled) for n, q in tensor_qs.items()}
     saved_w = [(q._if_quant, q._disabled) for q in weight_qs]
-    device, kept, seen = _device(model), [], 0
+    device, kept, seen = module_device(model), [], 0
     model.eval()
     with quiet_pytorch_quantization():
         set_layers_quantized(model, skipped, True)      # every site sees data (all runs in FP32)
@@ -179,7 +166,7 @@ def collect_statistics(model: nn.Module, batches: Iterable, num_bins: int = 2048
                 q._if_quant = False
             total = len(batches) if hasattr(batches, "__len__") else None
             for i, batch in enumerate(tqdm(batches, total=total, desc="calibrate", disable=not progress)):
-                images = _images(batch).to(device)
+                images = image_batch(batch).to(device)
                 for c in collectors.values():
                     c.new_batch(i)
                 model(images)

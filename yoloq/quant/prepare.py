@@ -15,7 +15,7 @@
   per-channel symmetric weight quantization is exactly invariant to that per-channel scaling, so
   quantizing the folded kernel is what the engine runs.
 
-Skipped layers (``skip_layers`` / ``qcfg.skip_layers`` / ``set_layers_quantized(..., False)``):
+Skipped layers (``skip_layers`` / ``qcfg.partial.skip_layers`` / ``set_layers_quantized(..., False)``):
 weight quantizer disabled and the layer gets its *own disabled* input quantizer, so it reads the
 float tensor while the other readers of a shared site stay quantized; in the exported graph the
 skipped conv then has no Q/DQ in front of it. A residual quantizer follows the conv it fuses with.
@@ -47,11 +47,15 @@ from pytorch_quantization import nn as quant_nn
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: Iterable[str] = ()) -> nn.Module:
-    """Deep copy of ``model`` (deploy form, FP32) with quantized convs and shared quantizers."""
+def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: Iterable[str] = (),
+            fold_bn: Optional[bool] = None) -> nn.Module:
+    """Deep copy of ``model`` (deploy form, FP32) with quantized convs and shared quantizers.
+    ``skip_layers`` (and ``qcfg.partial.skip_layers``) stay in float; ``fold_bn`` (default
+    ``qcfg.fold_qarepvgg_post_bn``) folds BNs surviving ``fuse()`` first."""
     qcfg = qcfg or QuantConfig()
+    fold_bn = qcfg.fold_qarepvgg_post_bn if fold_bn is None else fold_bn
     qmodel = copy.deepcopy(model).eval()
-    if qcfg.fold_qarepvgg_post_bn:
+    if fold_bn:
         from yoloq.models.common import fold_remaining_bn
         fold_remaining_bn(qmodel)
     placement = analyze(qmodel)
@@ -68,8 +72,8 @@ def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: I
     _insert_residual_quantizers(qmodel, placement, quantizers)
 
     attach_state(qmodel, QuantState(placement=placement, quantizers=quantizers, skip_layers=[],
-                                    fold_bn=bool(qcfg.fold_qarepvgg_post_bn)))
-    skips = list(dict.fromkeys(list(qcfg.skip_layers) + list(skip_layers)))
+                                    fold_bn=bool(fold_bn)))
+    skips = list(dict.fromkeys(list(qcfg.partial.skip_layers) + list(skip_layers)))
     if skips:
         set_layers_quantized(qmodel, skips, False)
     return qmodel

@@ -43,7 +43,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from tqdm import tqdm
 
 from yoloq.config import RECON_METHODS, ConfigError
+from yoloq.device import module_device, resolve_device
 from yoloq.quant.adaround import AdaRoundWeight, LearnedStepQuantizer, annealed_beta
+from yoloq.quant.batches import image_batches
 from yoloq.quant.metrics import power_ratio_db
 from yoloq.quant.prepare import set_amax
 from yoloq.quant.recon_blocks import Block, BlockWalk, ReconstructionError, find_blocks, run_chunked
@@ -65,7 +67,7 @@ class ReconOptions:
     drop_prob: float = 0.5          # QDrop: probability of keeping an activation element in float
     learn_act: bool = True          # learn the activation step sizes
     max_convs: int = 12             # block size limit (brecq / qdrop); adaround uses 1
-    device: str = "auto"            # auto | cpu | cuda
+    device: Optional[str] = None    # None: the quantized model's device; else auto | cpu | cuda | cuda:N
     chunk: int = 32                 # images per forward when computing block inputs / losses
     seed: int = 0
     progress: bool = True
@@ -79,28 +81,10 @@ class ReconOptions:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"reconstruction option {key}={getattr(self, key)!r} is out of range")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"reconstruction device '{self.device}' is not one of auto, cpu, cuda")
-
-    @classmethod
-    def from_quant_config(cls, qcfg, progress: bool = True) -> "ReconOptions":
-        """The options a ``QuantConfig`` (``quant.reconstruct`` and the ``recon_*`` keys) asks for."""
-        if qcfg.reconstruct not in RECON_METHODS:
-            raise ConfigError(f"quant.reconstruct: '{qcfg.reconstruct}' is not a reconstruction method "
-                              f"({', '.join(RECON_METHODS)})")
-        return cls(method=qcfg.reconstruct, iters=qcfg.recon_iters, batch_size=qcfg.recon_batch_size,
-                   reg_weight=qcfg.recon_lambda, drop_prob=qcfg.recon_drop_prob, device=qcfg.recon_device,
-                   seed=qcfg.seed, progress=progress)
 
     @property
     def block_size(self) -> int:
         return 1 if self.method == "adaround" else self.max_convs
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("reconstruction device 'cuda': no CUDA GPU is available (use cpu or auto)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 # --------------------------------------------------------------------------- losses
@@ -275,19 +259,6 @@ def reconstruct_block(qmodel: nn.Module, block: Block, args: tuple, kwargs: dict
 # --------------------------------------------------------------------------- the model
 
 
-def _images(batches: Iterable) -> torch.Tensor:
-    out = []
-    for b in batches:
-        if isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor):
-            b = b[0]
-        if not isinstance(b, torch.Tensor) or b.dim() != 4:
-            raise ReconstructionError(f"reconstruction batches must be [B,3,H,W] tensors, got {type(b).__name__}")
-        out.append(b)
-    if not out:
-        raise ReconstructionError("reconstruction got no calibration images")
-    return torch.cat(out)
-
-
 @contextmanager
 def _on_device(models: list[nn.Module], device: torch.device):
     homes = [next(m.parameters()).device for m in models]
@@ -312,9 +283,9 @@ def reconstruct(qmodel: nn.Module, fp32_model: nn.Module, batches: Iterable, opt
     if state.qat_kind:
         raise ReconstructionError(f"reconstruction works on PTQ models (pytorch-quantization TensorQuantizers); "
                                   f"this one carries QAT quantizers ({state.qat_kind})")
-    images = _images(batches)
+    images = torch.cat(image_batches(batches, "reconstruction"))
     images = images[:max_images] if max_images else images
-    device = resolve_device(opts.device)
+    device = module_device(qmodel) if opts.device is None else resolve_device(opts.device)
     blocks, graph = find_blocks(qmodel, opts.block_size)
     start, cpu_start = time.perf_counter(), time.process_time()
     records: list[dict] = []

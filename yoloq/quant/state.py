@@ -10,7 +10,8 @@ later stage reads and updates that one object instead of loose attributes:
 - ``calib``: calibration statistics, the method used and how many images it saw;
 - ``qat_kind``: the learnable quantizers swapped in by QAT (``pact``, ``lsqplus-symmetric`` ...);
 - ``bias_shifts``: layer -> what bias correction subtracted from its bias (``yoloq.quant.bias_correct``);
-  the correction belongs to the layer's weight rounding, so a layer kept in float gets it back.
+  the correction belongs to the layer's weight rounding, so a layer kept in float gets it back;
+- ``records``: what each step of ``yoloq.quant.quantize`` did (a report's material; not saved).
 
 A deep copy of the model copies its state consistently (the site map points at the copied
 quantizers), which is what ``copy.deepcopy`` of an ``nn.Module`` attribute does.
@@ -51,6 +52,7 @@ class QuantState:
     calib: CalibrationState = field(default_factory=CalibrationState)
     qat_kind: Optional[str] = None
     bias_shifts: dict = field(default_factory=dict)   # layer -> tensor subtracted from its bias
+    records: dict = field(default_factory=dict)       # step name -> what quantize() recorded
 
     def site_slots(self, model: nn.Module) -> Iterator[tuple[QuantSite, nn.Module, str, str]]:
         """Every place a site quantizer is held: (site, holder module, attribute, the layer whose
