@@ -420,7 +420,8 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
     from yoloq.runtime.onnx_export import to_export_model
     fp32 = export_test_model(name)
     plan = TransformPlan(True, False, "all", 0.5, True)
-    qmodel = quantize(fp32, plan.steps(images=4) + [Calibrate("max")], [images(4, seed=5)])
+    steps = plan.steps(images=4)                                   # Equalize, ChannelScale, BiasCorrect
+    qmodel = quantize(fp32, steps[:2] + [Calibrate("max")] + steps[2:], [images(4, seed=5)])
     info = export_onnx(qmodel, tmp_path / "scaled.onnx", img_size=SIZE, batch=None)
     assert not any("onnxslim failed" in n for n in info.notes), info.notes
     graph = onnx.load(info.path).graph

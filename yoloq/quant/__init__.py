@@ -12,7 +12,8 @@ The model stays an ``nn.Module`` (deploy form, fused); its quantization state is
 - the entry point: ``recipe`` (step configs, their handlers, ``quantize``), ``recipe_config`` (the
   recipe of a ``QuantConfig``, the automatic choice of the transforms), ``batches`` (calibration
   data);
-- the scheme and its placement: ``scheme`` (INT8 levels, ``QDQSpec``), ``placement``, ``prepare``, ``state``;
+- the scheme and its placement: ``scheme`` (INT8 levels, ``QDQSpec``), ``backend`` (the one
+  boundary to pytorch-quantization), ``placement``, ``prepare``, ``state``;
 - the steps: ``calibrate``, ``equalize``, ``channel_scale``, ``squeeze_excite``, ``bias_correct``,
   ``reconstruct`` (with ``adaround``, ``recon_blocks``), ``sensitivity``, ``partial``;
 - measuring: ``metrics``, ``diagnose``;

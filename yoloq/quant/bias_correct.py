@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yoloq.quant.backend import input_quantizer, weight_quantizer
 from yoloq.quant.channel_scale import scaled_input
 from yoloq.quant.state import quant_state
 
@@ -32,12 +33,12 @@ from yoloq.quant.state import quant_state
 def quantized_input(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What ``conv`` convolves: its input, divided by its per-channel input scale when it has one
     (``yoloq.quant.channel_scale``), through its input quantizer."""
-    return conv._input_quantizer(scaled_input(conv, x))
+    return input_quantizer(conv)(scaled_input(conv, x))
 
 
 def weight_rounding_shift(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per-output-channel mean of (W_q - W) * x_q over images and positions (float64)."""
-    error = conv._weight_quantizer(conv.weight) - conv.weight
+    error = weight_quantizer(conv)(conv.weight) - conv.weight
     y = F.conv2d(quantized_input(conv, x), error, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return y.mean(dim=(0, 2, 3)).double()
 

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
 import torch
-from pytorch_quantization.nn import QuantConv2d
 from torch import nn
 
+from yoloq.quant.backend import QuantConv2d, retype
 from yoloq.quant.equalize import compensable, input_ranges, scale_input_channels
 from yoloq.quant.placement import TracedGraph, trace
 from yoloq.quant.state import quant_state
@@ -207,9 +207,7 @@ def set_input_scale(model: nn.Module, layer: str, scale: torch.Tensor, fold_into
     if isinstance(conv, InputScaledConv2d):
         scale = conv.input_scale * scale
     else:
-        # same object, one more step in forward: parameters, shared quantizers and module paths
-        # stay exactly as prepare made them
-        conv.__class__ = InputScaledConv2d
+        retype(conv, InputScaledConv2d)         # the documented class swap (yoloq.quant.backend)
     conv.register_buffer("input_scale", scale, persistent=False)
 
 

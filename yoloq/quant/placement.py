@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoloq.models.detector import Decode
+from yoloq.quant.backend import INPUT_QUANTIZER
 
 # --------------------------------------------------------------------------- TensorRT rules as data
 
@@ -363,7 +364,7 @@ def _build_placement(graph, uf, tags, conv_inputs, residual_nodes, float_layers,
     for gid, root in enumerate(roots):
         readers = sorted(consumers.get(root, []), key=module_order.__getitem__)
         slots = residuals.get(root, [])
-        name = f"{readers[0]}._input_quantizer" if readers else f"{slots[0].owner}.{slots[0].attr}"
+        name = f"{readers[0]}.{INPUT_QUANTIZER}" if readers else f"{slots[0].owner}.{slots[0].attr}"
         group_tags = set().union(*(tags.get(n, set()) for n in members[root]))
         sites.append(QuantSite(name=name, consumers=readers, reason=_reason(readers, slots, group_tags),
                                group=gid, tensors=[n.name for n in members[root]], residuals=slots))

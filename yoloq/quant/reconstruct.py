@@ -47,9 +47,11 @@ from yoloq.device import module_device, resolve_device
 from yoloq.quant.adaround import AdaRoundWeight, LearnedStepQuantizer, annealed_beta
 from yoloq.quant.batches import image_batches
 from yoloq.quant.metrics import power_ratio_db
-from yoloq.quant.prepare import set_amax
+from yoloq.quant import backend
+from yoloq.quant.backend import set_amax
 from yoloq.quant.recon_blocks import Block, BlockWalk, ReconstructionError, find_blocks, run_chunked
-from yoloq.quant.scheme import DEAD_AMAX, QMAX, TensorQuantizer, quiet_pytorch_quantization
+from yoloq.quant.backend import TensorQuantizer
+from yoloq.quant.scheme import DEAD_AMAX, QMAX
 from yoloq.quant.state import quant_state, quantizer_slots
 
 MIN_STEP = DEAD_AMAX / QMAX
@@ -128,18 +130,19 @@ def _make_learnables(qmodel: nn.Module, block: Block, module: nn.Module, claimed
     rounding = {}
     for name in block.layers:
         conv = qmodel.get_submodule(name)
-        wq = conv._weight_quantizer
-        if isinstance(wq, TensorQuantizer) and not wq._disabled and getattr(wq, "_amax", None) is not None:
-            rounding[name] = AdaRoundWeight(conv.weight, wq._amax)
+        wq = backend.weight_quantizer(conv)
+        if isinstance(wq, TensorQuantizer) and backend.is_enabled(wq) and backend.get_amax(wq) is not None:
+            rounding[name] = AdaRoundWeight(conv.weight, backend.get_amax(wq))
     steps = {}
     for slot in quantizer_slots(module, (TensorQuantizer,)):
         q = slot.quantizer
-        if slot.is_weight or q._disabled or id(q) in steps or getattr(q, "_amax", None) is None:
+        amax = backend.get_amax(q)
+        if slot.is_weight or not backend.is_enabled(q) or id(q) in steps or amax is None:
             continue
         learn = opts.learn_act and id(q) not in claimed
-        wrapper = LearnedStepQuantizer(q._amax, learn, opts.drop_prob if opts.method == "qdrop" else 0.0)
+        wrapper = LearnedStepQuantizer(amax, learn, opts.drop_prob if opts.method == "qdrop" else 0.0)
         wrapper.generator = generator
-        steps[id(q)] = (q, wrapper.to(q._amax.device))
+        steps[id(q)] = (q, wrapper.to(amax.device))
     return _Learnables(rounding, steps)
 
 
@@ -148,7 +151,7 @@ def _swapped_in(qmodel: nn.Module, module: nn.Module, learn: _Learnables):
     """Put the AdaRound / learned-step modules in place of the block's quantizers; always put the
     originals back. The block's own parameters are frozen meanwhile."""
     convs = {name: qmodel.get_submodule(name) for name in learn.rounding}
-    saved_w = {name: conv._weight_quantizer for name, conv in convs.items()}
+    saved_w = {name: backend.weight_quantizer(conv) for name, conv in convs.items()}
     act_slots = [s for s in quantizer_slots(module, (TensorQuantizer,)) if id(s.quantizer) in learn.steps]
     saved_a = [(s.holder, s.attr, s.quantizer) for s in act_slots]
     grads = {p: p.requires_grad for p in module.parameters()}
@@ -156,13 +159,13 @@ def _swapped_in(qmodel: nn.Module, module: nn.Module, learn: _Learnables):
         for p in grads:
             p.requires_grad_(False)
         for name, conv in convs.items():
-            conv._weight_quantizer = learn.rounding[name].to(conv.weight.device)
+            backend.set_weight_quantizer(conv, learn.rounding[name].to(conv.weight.device))
         for holder, attr, q in saved_a:
             setattr(holder, attr, learn.steps[id(q)][1])
         yield
     finally:
         for name, conv in convs.items():
-            conv._weight_quantizer = saved_w[name]
+            backend.set_weight_quantizer(conv, saved_w[name])
         for holder, attr, q in saved_a:
             setattr(holder, attr, q)
         for p, flag in grads.items():
@@ -292,7 +295,7 @@ def reconstruct(qmodel: nn.Module, fp32_model: nn.Module, batches: Iterable, opt
     claimed: set[int] = set()
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     total = len(blocks) * opts.iters
-    with _on_device([qmodel, fp32_model], device), quiet_pytorch_quantization(), \
+    with _on_device([qmodel, fp32_model], device), backend.quiet(), \
             tqdm(total=total, desc=f"reconstruct ({opts.method})", disable=not opts.progress) as bar:
         def visit(block: Block, q_args, q_kwargs, fp_args, fp_kwargs):
             target = run_chunked(fp32_model.get_submodule(block.name), fp_args, fp_kwargs, opts.chunk)

@@ -29,7 +29,7 @@ from yoloq.errors import InputError
 from yoloq.config import SensitivityMode, choices
 from yoloq.quant.metrics import output_error
 from yoloq.quant.prepare import quant_layers, set_layers_quantized
-from yoloq.quant.scheme import quiet_pytorch_quantization
+from yoloq.quant import backend
 from yoloq.quant.state import quant_state
 
 MODES = choices(SensitivityMode)
@@ -65,7 +65,7 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
     refs = _outputs(fp32_model, images)
     saved_skips = list(quant_state(qmodel).skip_layers)
     rows = []
-    with quiet_pytorch_quantization():
+    with backend.quiet():
         try:
             # reference point: everything quantized (skip-one) or nothing (quantize-one)
             set_layers_quantized(qmodel, all_layers, mode == "skip-one")

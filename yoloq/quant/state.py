@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional
 from torch import nn
 
 from yoloq.errors import InputError
+from yoloq.quant.backend import INPUT_QUANTIZER, WEIGHT_QUANTIZER
 from yoloq.quant.placement import Placement, QuantSite
 from yoloq.quant.scheme import QUANTIZER_TYPES
 
@@ -59,7 +60,7 @@ class QuantState:
         quantized / float status decides it)."""
         for site in self.placement.sites:
             for layer in site.consumers:
-                yield site, model.get_submodule(layer), "_input_quantizer", layer
+                yield site, model.get_submodule(layer), INPUT_QUANTIZER, layer
             for slot in site.residuals:
                 yield site, model.get_submodule(slot.owner), slot.attr, slot.fusing_layer
 
@@ -104,7 +105,7 @@ class Slot:
 
     @property
     def is_weight(self) -> bool:
-        return self.attr == "_weight_quantizer"
+        return self.attr == WEIGHT_QUANTIZER
 
 
 def quantizer_slots(model: nn.Module, types: tuple = QUANTIZER_TYPES) -> Iterator[Slot]:

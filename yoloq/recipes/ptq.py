@@ -264,7 +264,7 @@ def _save_model(run: PTQRun, path: Path) -> None:
 
 def build_report(run: PTQRun) -> dict:
     """The report dict (``yoloq.report.ptq`` renders it)."""
-    import pytorch_quantization
+    from yoloq.quant import backend
     cfg, opts, state = run.cfg, run.opts, quant_state(run.qmodel)
     fp32_eval, int8_eval = run.fp32_eval, run.int8_eval
     stats = lambda s: {k: float(s[k]) for k in s}          # noqa: E731
@@ -305,5 +305,5 @@ def build_report(run: PTQRun) -> dict:
         "files": ["report.md", "report.json"],
         "notes": notes,
         "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "pytorch_quantization": getattr(pytorch_quantization, "__version__", "?")},
+                "pytorch_quantization": backend.version()},
     }

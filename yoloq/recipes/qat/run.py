@@ -212,7 +212,7 @@ def _meta(name: str, cfg: Config, ckpt: Path, ptq_meta: dict, result: FitResult,
 
 def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Path, ptq_meta: dict, result: FitResult,
                  data: QATData, timings: dict) -> dict:
-    import pytorch_quantization
+    from yoloq.quant import backend
     fp32, ptq = result.extra.get("fp32", {}), result.extra.get("ptq", {})
     rows = {r["epoch"]: r for r in result.history}
     best = rows.get(result.best_epoch, result.history[-1] if result.history else {})
@@ -238,6 +238,6 @@ def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Path, ptq_meta:
         "files": ["report.md", "report.json", "curves.csv", "curves.png", "results.csv", "tensorboard/", "quant.pt",
                   "last.pt", "best.pt"],
         "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "pytorch_quantization": getattr(pytorch_quantization, "__version__", "?"),
+                "pytorch_quantization": backend.version(),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1},
     }
