@@ -10,8 +10,9 @@
     q = yoloq.load_quantized("quant.pt")                     # QuantizedModel again
     q = yoloq.qat(q, data="coco_shared", epochs=1, images=64)
 
-Everything here calls the same library functions as the ``yoloq`` command. Each function returns
-one type: ``load`` an :class:`FP32Model` (the fused ``nn.Module`` in ``.model`` with the experiment
+Everything here calls the same library functions as the ``yoloq`` command. ``device=`` takes the
+names of ``--device`` (``auto``: cuda when available, ``cpu``, ``cuda``, ``cuda:N``; a model is
+moved there); every stage then runs on it. Each function returns one type: ``load`` an :class:`FP32Model` (the fused ``nn.Module`` in ``.model`` with the experiment
 config it came from in ``.config``), ``load_quantized`` / ``ptq`` / ``qat`` a
 :class:`QuantizedModel`, ``evaluate`` a dict of COCO stats.
 """
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from yoloq.config import Config, DataConfig, QATConfig, QuantConfig, load_config, load_data_config
+from yoloq.device import DeviceLike, resolve_device
 from yoloq.errors import InputError
 
 
@@ -40,9 +42,9 @@ class FP32Model:
         return self.model(images)
 
     def evaluate(self, data: Optional[str | DataConfig] = None, max_images: Optional[int] = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, device: DeviceLike = None) -> dict:
         """COCO stats (fractions) on the val images of ``data`` (default: the config's dataset)."""
-        return evaluate(self, data, max_images=max_images, progress=progress)
+        return evaluate(self, data, max_images=max_images, progress=progress, device=device)
 
 
 @dataclass
@@ -56,9 +58,9 @@ class QuantizedModel:
         return self.model(images)
 
     def evaluate(self, data: Optional[str | DataConfig] = None, max_images: Optional[int] = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, device: DeviceLike = None) -> dict:
         """COCO stats (fractions) on the val images of ``data`` (default: the calibration dataset)."""
-        return evaluate(self, data or self.data, max_images=max_images, progress=progress)
+        return evaluate(self, data or self.data, max_images=max_images, progress=progress, device=device)
 
     def export_onnx(self, path: str | os.PathLike, **kwargs):
         """The Q/DQ ONNX TensorRT builds (``yoloq.runtime.onnx_export.export_onnx`` keywords)."""
@@ -98,36 +100,45 @@ def _unwrap(model: AnyModel) -> tuple[nn.Module, Config]:
                      f"by yoloq.models.build_model), got {type(model).__name__}")
 
 
-def load(source: str | os.PathLike | Config, weights: Optional[str | os.PathLike] = None) -> FP32Model:
+def load(source: str | os.PathLike | Config, weights: Optional[str | os.PathLike] = None,
+         device: DeviceLike = "auto") -> FP32Model:
     """A config (path, shipped name, upstream ``.py``) -> its FP32 model, fused, with ``weights``
-    (default: the config's). A quantized checkpoint is read by :func:`load_quantized`."""
+    (default: the config's), on ``device``. A quantized checkpoint is read by :func:`load_quantized`."""
     if not isinstance(source, Config) and Path(source).suffix == ".pt":
         raise InputError(f"{source}: a .pt file is a checkpoint, not a config: yoloq.load_quantized('{source}') reads "
                          f"a quant.pt; FP32 weights go with their config: yoloq.load(config, weights='{source}')")
     from yoloq.models import load_model
     cfg = _config(source)
     cfg = cfg.with_overrides(model={"weights": str(weights)}) if weights is not None else cfg
-    return FP32Model(load_model(cfg.model, weights), cfg)
+    target = resolve_device(device)
+    return FP32Model(load_model(cfg.model, weights).to(target), cfg)
 
 
-def load_quantized(path: str | os.PathLike) -> QuantizedModel:
-    """A quantized checkpoint (``quant.pt`` of ``yoloq ptq`` / ``yoloq qat`` / ``QuantizedModel.save``)."""
+def load_quantized(path: str | os.PathLike, device: DeviceLike = "auto") -> QuantizedModel:
+    """A quantized checkpoint (``quant.pt`` of ``yoloq ptq`` / ``yoloq qat`` / ``QuantizedModel.save``;
+    written on any device) on ``device``."""
     from yoloq.quant.checkpoint import load_quantized as read
-    qmodel, _meta = read(path)
+    qmodel, _meta = read(path, device=resolve_device(device))
     return QuantizedModel(qmodel, Config(model=qmodel.cfg, path=str(path)))
+
+
+def _on(module: nn.Module, device: DeviceLike) -> nn.Module:
+    """``module`` moved to ``device`` (None: where it is)."""
+    return module if device is None else module.to(resolve_device(device))
 
 
 def ptq(model: FP32Model | nn.Module, data: Optional[str | os.PathLike | DataConfig] = None, method: str = "auto",
         calib_images: int = 256, batch_size: int = 8, workers: int = 0, progress: bool = False,
-        **quant: object) -> QuantizedModel:
+        device: DeviceLike = None, **quant: object) -> QuantizedModel:
     """Calibrate ``model`` (an FP32 model from :func:`load`) on ``calib_images`` train images of
     ``data`` with ``method`` (max, percentile, entropy, mse, auto); other keywords are ``quant``
     config keys, flat (``equalize=True``, ``channel_scale="all"``, ``reconstruct="brecq"``, ...) or
-    dotted (``**{"transforms.images": 32}``), applied as ``yoloq ptq`` applies them. Returns the
-    :class:`QuantizedModel`."""
+    dotted (``**{"transforms.images": 32}``), applied as ``yoloq ptq`` applies them. Every stage
+    runs on ``device`` (None: where the model is). Returns the :class:`QuantizedModel`."""
     from yoloq.recipes.common import load_calibration_set
     from yoloq.recipes.ptq import run_quantization
     module, cfg = _unwrap(model)
+    module = _on(module, device)
     cfg = cfg.with_overrides(quant={"calib": method, "calib_images": calib_images, "batch_size": batch_size, **quant})
     data_cfg = _data(data, cfg)
     calib = load_calibration_set(data_cfg, calib_images, cfg.model.img_size, batch_size, workers, cfg.quant.seed)
@@ -136,10 +147,12 @@ def ptq(model: FP32Model | nn.Module, data: Optional[str | os.PathLike | DataCon
 
 
 def evaluate(model: AnyModel, data: Optional[str | os.PathLike | DataConfig] = None, config: Optional[Config] = None,
-             max_images: Optional[int] = None, progress: bool = False) -> dict:
-    """COCO stats (fractions) of any model on the val images of ``data`` (default: its config's)."""
+             max_images: Optional[int] = None, progress: bool = False, device: DeviceLike = None) -> dict:
+    """COCO stats (fractions) of any model on the val images of ``data`` (default: its config's),
+    run on ``device`` (None: where the model is)."""
     from yoloq.eval.coco_eval import evaluate_model
     module, own = _unwrap(model)
+    module = _on(module, device)
     cfg = config or own
     data_cfg = _data(data, cfg)
     eval_cfg = replace(cfg.eval, workers=0)

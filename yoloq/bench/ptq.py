@@ -3,6 +3,7 @@ calibration images, through the same COCO evaluation: the logic of ``yoloq bench
 settings: ``yoloq.cli.bench_ptq``)."""
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import signal
 import tempfile
@@ -17,6 +18,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 from yoloq.bench import peers
+from yoloq.device import resolve_device
 from yoloq.eval.coco_eval import evaluate
 from yoloq.runtime.ort import OnnxPredictor
 from yoloq.quant.calibrate import (AUTO_METHODS, apply_calibration, calibrate_auto, collect_statistics,
@@ -43,11 +45,11 @@ ORT_VARIANTS = ("minmax_s8s8", "entropy_s8s8", "percentile_s8s8", "minmax_u8s8",
 
 
 def export_fp32_onnx(model: torch.nn.Module, path: Path, img_size: int, opset: int = 13) -> Path:
-    """Plain FP32 export of the fused model (legacy exporter), dynamic batch."""
+    """Plain FP32 export of the fused model (legacy exporter, traced on a CPU copy), dynamic batch."""
     dummy = torch.zeros(1, 3, img_size, img_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), dummy, str(path), input_names=["images"], output_names=["outputs"],
+        torch.onnx.export(copy.deepcopy(model).cpu().eval(), dummy, str(path), input_names=["images"], output_names=["outputs"],
                           opset_version=opset, dynamic_axes={"images": {0: "batch"}, "outputs": {0: "batch"}},
                           dynamo=False)
     return path
@@ -114,7 +116,8 @@ class Bench:
         self.args, self.cfg, self.data_cfg = args, cfg, data_cfg
         self.progress = not args.no_progress
         seed_everything(cfg.quant.seed)
-        self.fp32 = load_model(cfg.model)
+        self.device = resolve_device(args.device)          # yoloq's rows; onnxruntime and the peers use the CPU
+        self.fp32 = load_model(cfg.model).to(self.device)
         self.calib = load_calibration_set(data_cfg, cfg.quant.calibration.images, cfg.model.img_size,
                                           cfg.quant.loader.batch_size, cfg.eval.workers, cfg.quant.seed)
         self.rows: list[dict] = []

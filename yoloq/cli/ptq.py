@@ -38,6 +38,8 @@ def build_parser(prog: str = "yoloq ptq"):
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
     p.add_argument("--img-size", type=positive_int, help="input size (default: model.img_size; a multiple of 32)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
+    p.add_argument("--device", default="auto",
+                   help="where every stage runs: auto (cuda when available), cpu, cuda or cuda:N (default: auto)")
     _calibration_flags(p)
     _transform_flags(p)
     _reconstruction_flags(p)
@@ -172,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_ptq_config(a)
     opts = PTQOptions(skip_count=a.skip_layers, random_weights=a.random_weights, max_images=a.max_images, name=a.name, out=a.out,
                       save_model=not a.no_save, plots=not a.no_plots, print_placement=a.print_placement,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, device=a.device)
     result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights, "img_size": a.img_size}, data=a.data,
                      eval=dict(val_ann=a.ann, batch_size=a.batch_size, workers=a.workers))
     print(format_summary(result.report))

@@ -155,17 +155,18 @@ def get_amax(q: TensorQuantizer) -> Optional[torch.Tensor]:
     return amax if isinstance(amax, torch.Tensor) else None
 
 
-def set_amax(q: TensorQuantizer, amax) -> None:
-    """Set (or create) the ``_amax`` buffer, float32, on the quantizer's device (in place when the
-    shape is unchanged, so references to the buffer stay valid)."""
+def set_amax(q: TensorQuantizer, amax, device: Optional[torch.device] = None) -> None:
+    """Set (or create) the ``_amax`` buffer, float32, in place when the shape is unchanged (so
+    references to the buffer stay valid). It lives on ``device`` when given, else where the old
+    buffer was, else where ``amax`` is (a quantizer holds no other tensor to follow)."""
     amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
     old = get_amax(q)
-    if old is not None:
-        amax = amax.to(old.device)
-        if old.shape == amax.shape:
-            with torch.no_grad():
-                old.copy_(amax)
-            return
+    if device is not None or old is not None:
+        amax = amax.to(device if device is not None else old.device)
+    if old is not None and old.device == amax.device and old.shape == amax.shape:
+        with torch.no_grad():
+            old.copy_(amax)
+        return
     if "_amax" in q._buffers:
         del q._buffers["_amax"]
     q.register_buffer("_amax", amax)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from yoloq.device import module_device
 from yoloq.quant.backend import input_quantizer, weight_quantizer
 from yoloq.quant.channel_scale import scaled_input
 from yoloq.quant.state import quant_state
@@ -58,7 +59,7 @@ def bias_correction(qmodel: nn.Module, images: torch.Tensor) -> dict:
     recorded = quant_state(qmodel).bias_shifts
     was_training = qmodel.training
     qmodel.eval()
-    images = images.to(next(qmodel.parameters()).device)
+    images = images.to(module_device(qmodel))
     shifts: dict[str, float] = {}
 
     def hook(name):

@@ -323,10 +323,11 @@ def apply_calibration(model: nn.Module, method: str = "max", percentile: float =
     max; dead channels fixed. Sites that saw no data get a tiny amax. Returns site name -> amax."""
     amaxes = compute_amaxes(model, method, percentile)
     quantizers = input_quantizers(model)
+    device = module_device(model)
     with backend.quiet():
         for name, q in quantizers.items():
             if isinstance(q, TensorQuantizer):
-                set_amax(q, torch.tensor(amaxes.get(name, 0.0)))
+                set_amax(q, torch.tensor(amaxes.get(name, 0.0)), device)
         calibrate_weights(model)
         fix_dead_channels(model)
     quant_state(model).calib.method = method_key(method, percentile)

@@ -1,5 +1,9 @@
 """Quantized checkpoints: everything needed to rebuild a calibrated / QAT model, as plain data.
 
+Device-independent: every tensor is saved from the CPU (whatever device the model ran on) and read
+with ``map_location="cpu"`` (``yoloq.safe_load``); ``load_quantized(path, device)`` moves the rebuilt
+model.
+
 The file (``torch.save`` of a dict of tensors and plain containers, so ``torch.load(...,
 weights_only=True)`` reads it) holds the ``ModelConfig``, the fused FP32 weights (BN folding as
 used by ``prepare``), the placement (sharing groups), the skipped layers, every activation amax
@@ -185,14 +189,16 @@ def _checked_amax(amax, where: str, numel: Optional[int]) -> Optional[torch.Tens
     return amax
 
 
-def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild a quantized model saved by ``save_quantized``. Returns ``(model, meta)`` (CPU, eval).
+def load_quantized(path: str | os.PathLike, device: Optional[torch.device | str] = None) -> tuple[nn.Module, dict]:
+    """Rebuild a quantized model saved by ``save_quantized`` (on any device: the file holds CPU
+    tensors only). Returns ``(model, meta)``, eval mode, on ``device`` (default: the CPU).
     Every stored field is checked: an edited or damaged file is a ``QuantCheckpointError`` naming
     the file and the field, never a traceback from deep inside."""
     path = Path(path)
     ckpt = _read(path)
     try:
-        return _rebuild(ckpt, path)
+        model, meta = _rebuild(ckpt, path)
+        return (model if device is None else model.to(device)), meta
     except YoloqError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as err:

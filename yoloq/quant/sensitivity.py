@@ -29,6 +29,7 @@ from yoloq.errors import InputError
 from yoloq.config import SensitivityMode, choices
 from yoloq.quant.metrics import output_error
 from yoloq.quant.prepare import quant_layers, set_layers_quantized
+from yoloq.device import module_device
 from yoloq.quant import backend
 from yoloq.quant.state import quant_state
 
@@ -37,7 +38,8 @@ MODES = choices(SensitivityMode)
 
 @torch.no_grad()
 def _outputs(model: nn.Module, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([model(x) for x in images])
+    device = module_device(model)
+    return torch.cat([model(x.to(device)) for x in images])
 
 
 @torch.no_grad()

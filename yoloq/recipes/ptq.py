@@ -21,16 +21,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from yoloq.config import Config, DataConfig, load_config, load_data_config
+from yoloq.device import resolve_device
 from yoloq.errors import YoloqError
 from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import check_output_dir, staging_dir
@@ -39,7 +38,8 @@ from yoloq.models.build import NO_WEIGHTS_HINT
 from yoloq.quant.recipe import RecipeError, quantize
 from yoloq.quant.recipe_config import recipe_from_config, report_record
 from yoloq.quant.state import quant_state
-from yoloq.recipes.common import CalibrationSet, StageTimer, align_classes, load_calibration_set, seed_everything
+from yoloq.recipes.common import (CalibrationSet, StageTimer, align_classes, load_calibration_set, peak_memory,
+                                  reset_peak_memory, run_environment, seed_everything)
 from yoloq.recipes.partial import Selection
 from yoloq.report.common import stat_drop
 from yoloq.report.ptq import write_report
@@ -61,6 +61,7 @@ class PTQOptions:
     plots: bool = True
     print_placement: bool = False
     progress: bool = True
+    device: str = "auto"                        # every stage runs here (yoloq.device names)
 
 
 @dataclass
@@ -194,6 +195,7 @@ def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
     cfg, qcfg, timer, log = run.cfg, run.cfg.quant, run.timer, _logger(run.opts)
     with timer.stage("load"):
         fp32 = load_model(cfg.model, random_weights=run.opts.random_weights, seed=qcfg.seed)
+        fp32.to(resolve_device(run.opts.device))
     with timer.stage("load_calibration_images"):
         calib = load_calibration_set(run.data_cfg, qcfg.calibration.images, cfg.model.img_size,
                                      qcfg.loader.batch_size, cfg.eval.workers, qcfg.seed)
@@ -230,6 +232,7 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     keys (``None`` values are ignored), ``data`` the dataset YAML; other keywords are
     ``PTQOptions`` fields."""
     opts = dataclasses.replace(options or PTQOptions(), **option_overrides)
+    resolve_device(opts.device)                 # a GPU that is not there: one line, before any work
     cfg, data_cfg = resolve(cfg, quant=quant, eval=eval, model=model, data=data, random_weights=opts.random_weights)
     _check_options(opts, cfg)
     name = opts.name or f"{cfg.model.name}_{cfg.quant.calibration.method}"
@@ -237,6 +240,7 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     check_output_dir(final_dir, "--out")
     seed_everything(cfg.quant.seed)
     run = PTQRun(name=name, cfg=cfg, data_cfg=data_cfg, opts=opts)
+    reset_peak_memory(resolve_device(opts.device))
     with staging_dir(final_dir) as stage_dir, tempfile.TemporaryDirectory() as scratch:
         _quantize_and_evaluate(run, Path(scratch))
         report = build_report(run)
@@ -244,6 +248,7 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
             _save_model(run, stage_dir / "quant.pt")
             report["files"].append("quant.pt")
         report["timings"] = run.timer.with_total()
+        report["memory"] = peak_memory(resolve_device(opts.device))
         write_report(report, stage_dir, plots=opts.plots)
     state = quant_state(run.qmodel)
     return PTQResult(name=name, out_dir=final_dir, fp32=report["fp32"], int8=report["int8"], drop=report["drop"],
@@ -264,7 +269,6 @@ def _save_model(run: PTQRun, path: Path) -> None:
 
 def build_report(run: PTQRun) -> dict:
     """The report dict (``yoloq.report.ptq`` renders it)."""
-    from yoloq.quant import backend
     cfg, opts, state = run.cfg, run.opts, quant_state(run.qmodel)
     fp32_eval, int8_eval = run.fp32_eval, run.int8_eval
     stats = lambda s: {k: float(s[k]) for k in s}          # noqa: E731
@@ -304,6 +308,5 @@ def build_report(run: PTQRun) -> dict:
         "timings": dict(run.timer.times),
         "files": ["report.md", "report.json"],
         "notes": notes,
-        "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "pytorch_quantization": backend.version()},
+        "env": run_environment(resolve_device(opts.device)),
     }
