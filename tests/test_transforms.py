@@ -266,6 +266,44 @@ def test_bias_correction_removes_the_weight_rounding_shift():
         assert torch.allclose(moved, expected[n], rtol=1e-4, atol=1e-6), n
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(6, 6, 5, stride=2, padding=2, groups=6),
+                                  nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2), nn.Conv2d(6, 8, 1)],
+                         ids=["dense", "depthwise-s2", "dilated-s2", "pointwise-scaled"])
+def test_bias_shift_is_the_error_conv_mean_whatever_the_threads(conv):
+    """weight_rounding_shift adds the input's quantization levels as integers per kernel tap: it
+    equals the float64 mean of the error conv (computed here independently) to float64 precision,
+    also through a channel-scaled conv, and it is bit-identical with 1 and 2 threads."""
+    import torch.nn.functional as F
+    from yoloq.quant.bias_correct import quantized_input, weight_rounding_shift
+    torch.manual_seed(0)
+    qmodel = prepare(nn.Sequential(conv).eval())
+    if conv.kernel_size == (1, 1):
+        set_input_scale(qmodel, "0", torch.rand(6) + 0.5)
+    x = torch.randn(8, 6, 17, 19, generator=torch.Generator().manual_seed(3))
+    calibrate(qmodel, [x], "max", progress=False)
+    layer = qmodel.get_submodule("0")
+    with torch.no_grad():
+        error = (layer._weight_quantizer(layer.weight) - layer.weight).double()
+        step = 1 / (127 / layer._input_quantizer.amax.float()).double()   # x_q = level / (127 / amax) exactly
+        xq = quantized_input(layer, x)
+        levels = torch.round(xq.double() / step)
+        oracle = F.conv2d(levels * step, error, None, conv.stride, conv.padding, conv.dilation,
+                          conv.groups).mean(dim=(0, 2, 3))
+        as_run = F.conv2d(xq.double(), error, None, conv.stride, conv.padding, conv.dilation,
+                          conv.groups).mean(dim=(0, 2, 3))
+        threads = torch.get_num_threads()
+        try:
+            shifts = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                shifts.append(weight_rounding_shift(layer, x))
+        finally:
+            torch.set_num_threads(threads)
+    assert shifts[0].dtype == torch.float64 and torch.equal(shifts[0], shifts[1])
+    assert torch.allclose(shifts[0], oracle, rtol=1e-10, atol=1e-15)
+    assert torch.allclose(shifts[0], as_run, rtol=1e-5, atol=1e-9)      # the float32 x_q the conv sees
+
+
 def test_bias_correction_leaves_skipped_layers_alone():
     fp32 = toy_convnet()
     qmodel = prepare(fp32)

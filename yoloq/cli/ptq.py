@@ -40,6 +40,9 @@ def build_parser(prog: str = "yoloq ptq"):
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
     p.add_argument("--device", default="auto",
                    help="where every stage runs: auto (cuda when available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--thread-invariant", action="store_true",
+                   help="PyTorch's own conv kernels instead of oneDNN's: the same numbers with any thread count "
+                        "(oneDNN's differ in the last bits, which fake quantization can amplify), 1.3-2x slower")
     _calibration_flags(p)
     _transform_flags(p)
     _reconstruction_flags(p)
@@ -174,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_ptq_config(a)
     opts = PTQOptions(skip_count=a.skip_layers, random_weights=a.random_weights, max_images=a.max_images, name=a.name, out=a.out,
                       save_model=not a.no_save, plots=not a.no_plots, print_placement=a.print_placement,
-                      progress=not a.no_progress, device=a.device)
+                      progress=not a.no_progress, device=a.device, thread_invariant=a.thread_invariant)
     result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights, "img_size": a.img_size}, data=a.data,
                      eval=dict(val_ann=a.ann, batch_size=a.batch_size, workers=a.workers))
     print(format_summary(result.report))

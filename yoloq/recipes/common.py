@@ -125,3 +125,26 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@contextmanager
+def thread_invariant_kernels(enabled: bool = True):
+    """Within the block, convolutions run on PyTorch's own kernels instead of oneDNN's on the CPU
+    (and cuDNN picks deterministic algorithms on a GPU). oneDNN splits some convolutions differently
+    with the thread count, so their float32 outputs differ in the last bits, and fake quantization
+    turns a few of those into whole-level flips that carry to the mAP (docs/results.md, determinism).
+    PyTorch's kernels give the same bits with any thread count, at 1.3-2x the CPU time."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with torch.backends.mkldnn.flags(enabled=False), \
+            cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=cudnn.allow_tf32):
+        yield
+
+
+def conv_kernels(thread_invariant: bool) -> str:
+    """How the report names the kernels a run used."""
+    if thread_invariant:
+        return "pytorch (thread-count independent)"
+    return "onednn" if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else "pytorch"

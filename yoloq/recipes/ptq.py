@@ -38,8 +38,9 @@ from yoloq.models.build import NO_WEIGHTS_HINT
 from yoloq.quant.recipe import RecipeError, quantize
 from yoloq.quant.recipe_config import recipe_from_config, report_record
 from yoloq.quant.state import quant_state
-from yoloq.recipes.common import (CalibrationSet, StageTimer, align_classes, load_calibration_set, peak_memory,
-                                  reset_peak_memory, run_environment, seed_everything)
+from yoloq.recipes.common import (CalibrationSet, StageTimer, align_classes, conv_kernels, load_calibration_set,
+                                  peak_memory, reset_peak_memory, run_environment, seed_everything,
+                                  thread_invariant_kernels)
 from yoloq.recipes.partial import Selection
 from yoloq.report.common import stat_drop
 from yoloq.report.ptq import write_report
@@ -62,6 +63,7 @@ class PTQOptions:
     print_placement: bool = False
     progress: bool = True
     device: str = "auto"                        # every stage runs here (yoloq.device names)
+    thread_invariant: bool = False              # PyTorch's conv kernels: the same numbers with any thread count
 
 
 @dataclass
@@ -241,7 +243,8 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     seed_everything(cfg.quant.seed)
     run = PTQRun(name=name, cfg=cfg, data_cfg=data_cfg, opts=opts)
     reset_peak_memory(resolve_device(opts.device))
-    with staging_dir(final_dir) as stage_dir, tempfile.TemporaryDirectory() as scratch:
+    with staging_dir(final_dir) as stage_dir, tempfile.TemporaryDirectory() as scratch, \
+            thread_invariant_kernels(opts.thread_invariant):
         _quantize_and_evaluate(run, Path(scratch))
         report = build_report(run)
         if opts.save_model:
@@ -308,5 +311,5 @@ def build_report(run: PTQRun) -> dict:
         "timings": dict(run.timer.times),
         "files": ["report.md", "report.json"],
         "notes": notes,
-        "env": run_environment(resolve_device(opts.device)),
+        "env": {**run_environment(resolve_device(opts.device)), "conv_kernels": conv_kernels(opts.thread_invariant)},
     }
