@@ -78,13 +78,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     """The COCO evaluation flags every evaluating command shares (defaults: the config's eval section)."""
     from yoloq.config import AnnKey, Backend, choices

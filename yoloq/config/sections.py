@@ -70,8 +70,9 @@ class QATConfig(Section):
     batch_size: int = 8
     lr: float = 1e-4                    # conv weights and biases
     quantizer_lr: float = 1e-3
-    weight_scale_lr: Optional[float] = 1e-5   # LSQ weight scales (None = lr): at 1e-4 the depthwise
-    #                                     scales of Lite-S collapse to <= 0 within 10 steps
+    weight_scale_lr: Optional[float] = 1e-5   # LSQ weight scales (None = lr): near-dead depthwise
+    #                                     channels have tiny scales that lr would drive below zero
+    #                                     (measured: docs/results.md, QAT learning-rate notes)
     weight_decay: float = 5e-5
     alpha_decay: float = 1e-4           # L2 on PACT clip values
     distill_weight: float = 1.0         # channel-wise distillation (CWD) on the neck outputs
@@ -81,7 +82,7 @@ class QATConfig(Section):
     momentum: float = 0.9
     init_images: int = 32               # train images for the PACT sign / LSQ+ MSE initialisation
     lsq_init: LSQInit = "amax"          # amax: start at the PTQ ranges | mse: MSE search on init_images
-    #                                     (Lite-S, 100 val images: amax 23.3 AP at start, mse 8.4)
+    #                                     (mse starts far below PTQ: docs/results.md, QAT)
     max_scale_growth: float = 1000.0    # stop when a learned scale / clip moves more than this factor
     loss: QATLoss = "distill"           # det+distill: + the YOLOv6 loss on labelled train images
     det_weight: float = 1.0             # weight of the detection loss in det+distill

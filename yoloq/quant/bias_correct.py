@@ -7,14 +7,13 @@ by layer in graph order (one forward pass: a hook corrects each conv's bias and 
 conv sees corrected inputs). The result is plain conv biases: checkpoints, QAT and export carry it
 unchanged. Each shift is also recorded in the model's ``QuantState.bias_shifts``, so a layer later
 kept in float (sensitivity, ``--max-drop``, diagnosis) gets its original bias back: without that a
-Lite-M with every layer in float sat at 27.5 dB output SQNR from FP32 instead of being exact.
+model with every layer in float is not FP32 again (measured on Lite-M: docs/results.md).
 
 Only the *weight* error is corrected, on purpose. Correcting the whole output shift
 E[y_int8] - E[y_fp32] (the "empirical" variant) also moves the clipping error of the input
 quantizer into the bias; that error sits on the few large activations (the objects), while a bias
-shifts every position (the background). On YOLOv6-Lite-S (equalization + channel scaling, entropy,
-500 val images) the whole-shift variant took the INT8 AP from 22.07 to 16.61 (19.55 when the
-prediction convs were left out); the weight-only correction took it to 22.33.
+shifts every position (the background): on Lite-S the whole-shift variant cost several AP points
+where the weight-only correction gained (docs/results.md, PTQ section).
 
 Convs without a bias are left as they are (none in the fused YOLOv6 / Lite models), as are float
 convs outside the placement (DFL) and skipped layers.

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from yoloq.config import AUTO_METHODS, CALIB_METHODS, parse_method
+from yoloq.config import AUTO_METHODS, parse_method
 from yoloq.device import module_device
 from yoloq.errors import InputError, YoloqError
 from yoloq.quant.batches import image_batch
@@ -34,7 +34,6 @@ from yoloq.quant.prepare import fix_dead_channels, input_quantizers, quant_layer
 from yoloq.quant.scheme import NUM_BITS
 from yoloq.quant.state import CalibrationState, quant_state
 
-METHODS = CALIB_METHODS
 START_BIN = 128            # pytorch-quantization / TensorRT: smallest candidate clip for entropy & mse
 SEARCH_MAX_BINS = 4096     # entropy / mse search on at most this many bins (merged beyond)
 

@@ -167,8 +167,8 @@ def smooth_scale(r: torch.Tensor, w: Optional[torch.Tensor], alpha: float) -> to
     s = 1, i.e. its raw values. Its range is unknown, not small: the SE convs' inputs (ReLU of one
     pooled value per channel and image) have channels that are exactly 0 on 64 images and fire on
     a few others, and a floored s (~1e-5^alpha) would blow those up ~10^4 x past every other
-    channel, so the per-tensor amax grows with them and the live channels round to zero (Lite-M:
-    one SE conv's calibrated amax 19596 for live inputs <= 6.6)."""
+    channel, so the per-tensor amax grows with them and the live channels round to zero (measured
+    on Lite-M: docs/results.md, PTQ section)."""
     r = r.float()
     dead = r <= float(r.max()) * RANGE_FLOOR
     r = r.clamp(min=float(r.max()) * RANGE_FLOOR + 1e-12)

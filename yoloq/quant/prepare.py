@@ -194,7 +194,8 @@ def replace_input_quantizer(model: nn.Module, site_name: str, new: nn.Module) ->
     state = quant_state(model)
     if site_name not in state.quantizers:
         hint = difflib.get_close_matches(site_name, list(state.quantizers), n=1)
-        raise KeyError(f"no quantizer site '{site_name}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        raise InputError(f"replace_input_quantizer: no quantizer site '{site_name}'"
+                         + (f"; did you mean '{hint[0]}'?" if hint else ""))
     old = state.quantizers[site_name]
     for site, holder, attr, _ in state.site_slots(model):
         if site.name == site_name and getattr(holder, attr) is old:

@@ -3,7 +3,7 @@
 The fast metric needs no labels and never touches validation data: a handful of *calibration*
 batches go through the FP32 model once (references), then through the calibrated quantized model
 in one configuration per layer, and the detector outputs are compared with
-``yoloq.quant.calibrate.output_error`` (SQNR of class scores and of score-weighted boxes, dB).
+``yoloq.quant.metrics.output_error`` (SQNR of class scores and of score-weighted boxes, dB).
 
 Two modes:
 

@@ -53,7 +53,6 @@ OFFSET_MODES = ("subadd", "zero_point")
 NMS_KINDS = choices(NMSKind)
 INPUT_NAME = "images"
 OUTPUT_NAME = "outputs"
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 SLIM_SKIP = ["FusionConvMul"]
 
 

@@ -4,7 +4,7 @@ Why. The TensorRT variant (``export_onnx``) quantizes conv *inputs* and weights 
 the rest. onnxruntime 1.32's QDQ transformer (``qdq_selector_action_transformer.cc``) only replaces
 a Conv by ``QLinearConv`` for the exact unit ``DQ(x), DQ(w)[, DQ(b)] -> Conv -> Q`` (the Conv's only
 consumer a QuantizeLinear); otherwise it runs a float Conv on dequantized tensors, which is slower
-than FP32 (DESIGN.md §4: 1.4-1.6x). Other units it fuses: ``DQ -> {GlobalAveragePool, AveragePool,
+than FP32 (about 2x on YOLOv6-Lite: docs/results.md, deployment section). Other units it fuses: ``DQ -> {GlobalAveragePool, AveragePool,
 LeakyRelu, Sigmoid, Softmax} -> Q`` (QLinear* with lookup tables), ``DQ,DQ -> {Add, Mul} -> Q``,
 ``DQ.. -> Concat -> Q`` (QLinearConcat), and it drops Q/DQ around MaxPool, Resize, Reshape,
 Transpose, Slice, ... when scales match. ``Relu -> Q`` is folded only when the Q's zero point is the
@@ -102,11 +102,6 @@ class OrtFastInfo:
 
 
 # --------------------------------------------------------------------------- graph helpers
-def _is_qdq_graph(g: OnnxGraph) -> bool:
-    ops = {n.op_type for n in g.g.node}
-    return "QuantizeLinear" in ops and "DequantizeLinear" in ops
-
-
 def _quantized_conv(g: OnnxGraph, conv: onnx.NodeProto) -> bool:
     """A Conv reading a DQ activation and DQ weights (an onnxruntime QLinearConv candidate)."""
     if len(conv.input) < 2:
