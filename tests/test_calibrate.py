@@ -45,15 +45,15 @@ def test_histogram_keeps_width_and_counts_exactly():
     h.collect(torch.tensor([0.0, 0.5, 1.0]))           # width 0.01
     h.collect(torch.tensor([-2.0, 0.25]))               # range grows: bins appended, same width
     assert h.width == pytest.approx(0.01)
-    assert h._calib_hist.numel() == 200 and float(h._calib_hist.sum()) == 5
-    assert float(h._calib_hist[199]) == 1 and float(h._calib_hist[25]) == 1
+    assert h.hist.numel() == 200 and float(h.hist.sum()) == 5
+    assert float(h.hist[199]) == 1 and float(h.hist[25]) == 1
 
 
 def test_histogram_merges_bins_when_range_explodes():
     h = RangeHistogram(64)
     h.collect(torch.rand(1000) * 1e-3)
     h.collect(torch.tensor([10.0]))
-    assert h._calib_hist.numel() <= 8 * 64 and float(h._calib_hist.sum()) == 1001
+    assert h.hist.numel() <= 8 * 64 and float(h.hist.sum()) == 1001
 
 
 # --------------------------------------------------------------------------- amax rules
@@ -74,7 +74,7 @@ def test_percentile_on_gaussian_matches_quantile():
     h = hist_of(torch.randn(2_000_000))
     for p in (99.9, 99.99):
         analytic = norm.ppf(0.5 + p / 200)                   # quantile of |x|
-        assert amax_percentile(h._calib_hist, h.width, p) == pytest.approx(analytic, abs=0.05)
+        assert amax_percentile(h.hist, h.width, p) == pytest.approx(analytic, abs=0.05)
 
 
 def test_mse_on_gaussian_near_analytic_optimum():
@@ -82,7 +82,7 @@ def test_mse_on_gaussian_near_analytic_optimum():
     torch.manual_seed(0)
     sigma = 2.0
     h = hist_of(torch.randn(1_000_000) * sigma)
-    amax = amax_mse(h._calib_hist, h.width)
+    amax = amax_mse(h.hist, h.width)
     assert 3.6 * sigma < amax < 4.3 * sigma
 
 
@@ -101,16 +101,16 @@ def test_mse_and_entropy_match_pytorch_quantization(dist):
             "laplace": torch.distributions.Laplace(0.0, 1.0).sample((100_000,)),
             "outliers": torch.cat([torch.rand(50_000), torch.rand(20) * 40])}[dist]
     h = hist_of(data, 512)
-    assert amax_mse(h._calib_hist, h.width) == pytest.approx(_reference_mse(h._calib_hist, h.width))
-    edges = (torch.arange(h._calib_hist.numel() + 1, dtype=torch.float64) * h.width).numpy()
-    ref = float(_compute_amax_entropy(h._calib_hist.numpy().astype(np.int64), edges, 8, False))
-    assert amax_entropy(h._calib_hist, h.width) == pytest.approx(ref, rel=1e-6)
+    assert amax_mse(h.hist, h.width) == pytest.approx(_reference_mse(h.hist, h.width))
+    edges = (torch.arange(h.hist.numel() + 1, dtype=torch.float64) * h.width).numpy()
+    ref = float(_compute_amax_entropy(h.hist.numpy().astype(np.int64), edges, 8, False))
+    assert amax_entropy(h.hist, h.width) == pytest.approx(ref, rel=1e-6)
 
 
 def test_entropy_on_gaussian_is_reasonable():
     torch.manual_seed(0)
     h = hist_of(torch.randn(1_000_000))
-    assert 3.0 < amax_entropy(h._calib_hist, h.width) < float(h.width * h._calib_hist.numel())
+    assert 3.0 < amax_entropy(h.hist, h.width) < float(h.width * h.hist.numel())
 
 
 # --------------------------------------------------------------------------- calibrate()
@@ -190,7 +190,7 @@ def test_output_error_on_detector_layout():
 def calibrated_n():
     torch.manual_seed(0)
     model = build_model(load_config(REPO / "configs/yolov6n_qarepvgg.yaml").model).fuse().eval()
-    q = prepare(model, QuantConfig(skip_layers=["detect.cls_preds.0"]))
+    q = prepare(model, QuantConfig.of(skip_layers=["detect.cls_preds.0"]))
     calibrate(q, [torch.rand(2, 3, 64, 64)], method="percentile", progress=False)
     return q
 

@@ -126,3 +126,65 @@ def test_shipped_configs_load():
     dc = load_data_config(shared)
     assert dc.nc == 80 and len(dc.names) == 80
     assert Path(dc.val_images).is_absolute()
+
+
+# --------------------------------------------------------------------------- the quant section: nested and flat keys
+
+NESTED_QUANT = """quant:
+  seed: 3
+  loader: {batch_size: 4}
+  calibration: {method: entropy, images: 32, auto_methods: [max, mse]}
+  transforms: {channel_scale: all, channel_scale_alpha: 0.8, bias_correction: auto, images: 16}
+  reconstruction: {method: brecq, iters: 7, reg_weight: 0.1, device: cpu}
+  sensitivity: {metric: map, images: 4}
+  partial: {skip_layers: [backbone.stem], max_drop: 0.5}
+"""
+FLAT_QUANT = """quant:
+  seed: 3
+  batch_size: 4
+  calib: entropy
+  calib_images: 32
+  auto_methods: [max, mse]
+  channel_scale: all
+  channel_scale_alpha: 0.8
+  bias_correction: auto
+  transform_images: 16
+  reconstruct: brecq
+  recon_iters: 7
+  recon_lambda: 0.1
+  recon_device: cpu
+  sensitivity: map
+  sensitivity_images: 4
+  skip_layers: [backbone.stem]
+  max_drop: 0.5
+"""
+
+
+def test_quant_section_nested_and_earlier_flat_keys_read_the_same(tmp_path):
+    nested = load_config(write(tmp_path / "n.yaml", NESTED_QUANT)).quant
+    flat = load_config(write(tmp_path / "f.yaml", FLAT_QUANT)).quant
+    assert nested == flat
+    assert (nested.calibration.method, nested.calibration.images, nested.loader.batch_size) == ("entropy", 32, 4)
+    assert nested.transforms.bias_correction == "auto" and nested.reconstruction.reg_weight == 0.1
+    assert nested.sensitivity.metric == "map" and nested.partial.max_drop == 0.5 and nested.seed == 3
+    dotted = Config().with_overrides(quant={"calibration.method": "mse", "transforms.images": 8, "recon_iters": 9})
+    assert (dotted.quant.calibration.method, dotted.quant.transforms.images, dotted.quant.reconstruction.iters) \
+        == ("mse", 8, 9)
+    assert dotted.quant.calibration.images == 256                       # the rest of the section kept
+
+
+@pytest.mark.parametrize("text, match", [
+    ("quant:\n  calib: max\n  calibration: {method: mse}\n", "'calib' and 'calibration.method' both set"),
+    ("quant:\n  calibration: {method: kl}\n", r"quant.calibration.method: 'kl' is not one of"),
+    ("quant:\n  calib: kl\n", r"quant.calibration.method: 'kl' is not one of"),
+    ("quant:\n  calibration: {imags: 3}\n", r"quant.calibration: unknown key 'imags' \(did you mean 'images'\?\)"),
+    ("quant:\n  calib_image: 3\n", r"quant: unknown key 'calib_image' \(did you mean 'calib_images'\?\)"),
+    ("quant:\n  transforms: 3\n", "quant.transforms: expected a mapping"),
+    ("quant:\n  transforms: {images: 0}\n", r"quant.transforms.images must be >= 1"),
+    ("quant:\n  reconstruction: {device: gpu0}\n", "reconstruction.device must be null .* cuda:N"),
+])
+def test_quant_section_errors_name_the_key(tmp_path, text, match):
+    cfg = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(cfg)
+    assert str(cfg) in str(err.value)

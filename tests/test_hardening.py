@@ -127,7 +127,7 @@ def test_binary_config_names_the_file(tmp_path):
 
 def test_unknown_choice_names_key_and_closest_value():
     cfg = load_config(LITE_S_CFG)
-    with pytest.raises(ConfigError, match="quant.calib: 'entopy' is not one of .*did you mean 'entropy'"):
+    with pytest.raises(ConfigError, match="quant.calibration.method: 'entopy' is not one of .*did you mean 'entropy'"):
         cfg.with_overrides(quant={"calib": "entopy"})
     with pytest.raises(ConfigError, match="qat.lr must be > 0"):
         cfg.with_overrides(qat={"lr": -1.0})
@@ -279,11 +279,11 @@ def test_non_finite_fp32_weights_are_named(tmp_path):
 def tiny_quant_ckpt(tmp_path_factory):
     """A real quantized checkpoint of a random Lite-S (calibrated on noise)."""
     from yoloq.models import build_model
-    from yoloq.quant import quantize, save_quantized
+    from yoloq.quant import Calibrate, quantize, save_quantized
     cfg = load_config(CONFIGS / "yolov6lite_s.yaml").with_overrides(model={"img_size": 64})
     torch.manual_seed(0)
     model = build_model(cfg.model).fuse().eval()
-    qmodel = quantize(model, [torch.rand(2, 3, 64, 64)], progress=False)
+    qmodel = quantize(model, [Calibrate()], [torch.rand(2, 3, 64, 64)])
     path = tmp_path_factory.mktemp("q") / "quant.pt"
     save_quantized(qmodel, path, meta={"name": "tiny"})
     return path

@@ -203,7 +203,7 @@ def test_calibrated_concat_inputs_share_amax(toy):
 
 
 def test_skip_gives_private_disabled_quantizer_and_reenable_restores(toy):
-    q = prepare(toy, QuantConfig(skip_layers=["left.0"]))
+    q = prepare(toy, QuantConfig.of(skip_layers=["left.0"]))
     shared = input_quantizers(q)[quant_state(q).placement.site_of("left.0").name]
     assert q.left[0]._input_quantizer is not shared and q.left[0]._input_quantizer._disabled
     assert q.left[0]._weight_quantizer._disabled
@@ -235,6 +235,11 @@ def test_replace_input_quantizer_keeps_sharing(toy):
     replace_input_quantizer(q, name, new)
     assert q.left[0]._input_quantizer is new and q.right[0]._input_quantizer is new
     assert input_quantizers(q)[name] is new
+    from yoloq.errors import InputError                     # a wrong name is a user error naming the site
+    with pytest.raises(InputError, match=rf"no quantizer site '{name}x'; did you mean '{name}'"):
+        replace_input_quantizer(q, name + "x", new)
+    with pytest.raises(InputError, match="'nope' is not a quantized layer"):
+        quant_state(q).placement.site_of("nope")
 
 
 def test_fix_dead_channels(toy):

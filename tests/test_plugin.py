@@ -76,7 +76,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     q, trained = namespace["q"], namespace["trained"]
     assert (tmp_path / "lite_s_int8.onnx").is_file() and (tmp_path / "lite_s_quant.pt").is_file()
     import yoloq
-    reloaded = yoloq.load(tmp_path / "lite_s_quant.pt")
+    reloaded = yoloq.load_quantized(tmp_path / "lite_s_quant.pt")
     x = torch.rand(1, 3, 320, 320)
     with torch.no_grad():
         assert torch.allclose(reloaded(x), q(x), atol=1e-5)

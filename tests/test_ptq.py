@@ -103,12 +103,12 @@ def test_partial_quantization_keeps_top_k_and_explicit_skips():
     function of the skipped set here; the real one is COCO mAP on train images, tested above)."""
     from test_sensitivity import calibrated, toy
     from yoloq.quant.prepare import set_layers_quantized
-    from yoloq.recipes.partial import partial_quantization
+    from yoloq.quant.partial import partial_quantization
     fp32 = toy()
     q, images = calibrated(fp32)
     set_layers_quantized(q, ["6"], False)                                   # e.g. from quant.skip_layers
     sens = {"ranking": [{"layer": name} for name in ("2", "6", "4", "0")]}   # most sensitive first
-    part = partial_quantization(q, sens, None, QuantConfig(), skip_count=2, progress=False)
+    part = partial_quantization(q, sens, None, skip_count=2, max_drop=None, max_skip=None, progress=False)
     assert part["k"] == 2 and quant_state(q).skip_layers == ["2", "4", "6"]        # model order; "6" not counted
 
     class Drops:                                                            # drop falls as layers stay in float
@@ -118,7 +118,7 @@ def test_partial_quantization_keeps_top_k_and_explicit_skips():
             return 3.0 - len(quant_state(model).skip_layers)
 
     set_layers_quantized(q, ["2", "4"], True)                               # back to only "6" in float
-    part = partial_quantization(q, sens, Drops(), QuantConfig(max_drop=1.0), skip_count=None, progress=False)
+    part = partial_quantization(q, sens, Drops(), skip_count=None, max_drop=1.0, max_skip=None, progress=False)
     assert part["k"] == 1 and quant_state(q).skip_layers == ["2", "6"]
     assert [t["k"] for t in part["search"]] == [0, 1]
 
@@ -162,11 +162,11 @@ def test_unreadable_calibration_images(tmp_path):
 @needs_shared
 def test_invalid_quant_section(tmp_path):
     out = tmp_path / "runs"
-    with pytest.raises(ConfigError, match="quant.calib: 'kl' is not one of max, percentile, entropy, mse, auto"):
+    with pytest.raises(ConfigError, match="quant.calibration.method: 'kl' is not one of max, percentile, entropy, mse, auto"):
         run_ptq(write_cfg(tmp_path, quant={"calib": "kl"}), out=str(out), **TINY)
     with pytest.raises(ConfigError, match="unknown key 'calib_image'"):
         run_ptq(write_cfg(tmp_path, quant={"calib_image": 8}), out=str(out), **TINY)
-    with pytest.raises(ConfigError, match="quant.percentile"):
+    with pytest.raises(ConfigError, match="quant.calibration.percentile"):
         run_ptq(write_cfg(tmp_path, quant={"calib": "percentile", "percentile": 120}), out=str(out), **TINY)
     with pytest.raises(PTQError, match="give one"):
         run_ptq(write_cfg(tmp_path), out=str(out), skip_count=2, **tiny(max_drop=1.0))
@@ -192,7 +192,7 @@ def test_nan_weights_are_named_before_any_work(tmp_path):
 def test_options_are_a_dataclass_with_defaults():
     opts = PTQOptions()
     assert opts.skip_count is None and opts.out == "runs/ptq" and opts.save_model
-    assert QuantConfig().sensitivity == "fast"
+    assert QuantConfig().sensitivity.metric == "fast"
 
 
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import tiny_coco
 from yoloq.config import load_config
 from yoloq.models import build_model
-from yoloq.quant import quantize, save_quantized
+from yoloq.quant import Calibrate, quantize, save_quantized
 from yoloq.recipes.qat.run import repopt_masks, run_qat
 
 
@@ -38,7 +38,7 @@ def _setup(tmp_path, block: str = "repvgg", qat: dict | None = None):
     cfg_dict["model"]["weights"] = str(weights)
     cfg_path.write_text(yaml.safe_dump(cfg_dict))
     fused = fp32.eval().fuse()
-    qmodel = quantize(fused, [torch.rand(2, 3, 64, 64) for _ in range(2)], progress=False)
+    qmodel = quantize(fused, [Calibrate()], [torch.rand(2, 3, 64, 64) for _ in range(2)])
     save_quantized(qmodel, tmp_path / "ptq" / "quant.pt", meta={"name": "tiny"})
     return cfg_path, tmp_path / "ptq"
 

@@ -20,6 +20,7 @@ from yoloq.quant.checkpoint import load_quantized, save_quantized
 from yoloq.quant.prepare import prepare, quant_layers
 from yoloq.quant.recon_blocks import ReconstructionError, find_blocks
 from yoloq.quant.reconstruct import ReconOptions, block_error, reconstruct
+from yoloq.quant.recipe_config import recipe_from_config
 from yoloq.quant.state import quant_state
 from conftest import LITE_S_WEIGHTS, needs_shared
 
@@ -253,17 +254,18 @@ def test_conv_called_twice_is_a_clear_error():
 
 
 def test_unknown_method_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"quant.reconstruct: 'adarond'.*did you mean 'adaround'"):
-        QuantConfig(reconstruct="adarond")
+    with pytest.raises(ConfigError, match=r"quant.reconstruction.method: 'adarond'.*did you mean 'adaround'"):
+        QuantConfig.of(reconstruct="adarond")
     with pytest.raises(ConfigError, match="reconstruction method 'brec'"):
         ReconOptions(method="brec")
-    with pytest.raises(ConfigError, match="recon_drop_prob must be in"):
-        QuantConfig(recon_drop_prob=1.0)
+    with pytest.raises(ConfigError, match="reconstruction.drop_prob must be in"):
+        QuantConfig.of(recon_drop_prob=1.0)
     path = tmp_path / "cfg.yaml"
     path.write_text("quant:\n  reconstruct: qdorp\n")
-    with pytest.raises(ConfigError, match=rf"{path}.*quant.reconstruct: 'qdorp'.*did you mean 'qdrop'"):
+    with pytest.raises(ConfigError, match=rf"{path}.*quant.reconstruction.method: 'qdorp'.*did you mean 'qdrop'"):
         load_config(path)
-    assert ReconOptions.from_quant_config(QuantConfig(reconstruct="qdrop", recon_iters=7)).iters == 7
+    step = recipe_from_config(QuantConfig.of(reconstruct="qdrop", recon_iters=7))[-1]
+    assert step.method == "qdrop" and ReconOptions(method=step.method, **dict(step.options)).iters == 7
 
 
 def test_uncalibrated_model_and_missing_cuda_are_clear_errors():
@@ -271,7 +273,8 @@ def test_uncalibrated_model_and_missing_cuda_are_clear_errors():
     with pytest.raises(ReconstructionError, match="calibrated"):
         reconstruct(prepare(fp32), fp32, [rand_images(2, 16, 0)], ReconOptions(iters=1, progress=False))
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA GPU"):
+        from yoloq.device import DeviceError
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
             reconstruct(calibrated(fp32, [rand_images(2, 16, 0)]), fp32, [rand_images(2, 16, 0)],
                         ReconOptions(iters=1, device="cuda", progress=False))
 

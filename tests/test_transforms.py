@@ -30,7 +30,8 @@ from yoloq.quant.equalize import equalize, find_pairs  # noqa: E402
 from yoloq.quant.prepare import prepare, set_layers_quantized  # noqa: E402
 from yoloq.quant.squeeze_excite import conv_macs, flop_share, pooled_map_convs  # noqa: E402
 from yoloq.quant.state import quant_state  # noqa: E402
-from yoloq.recipes.transforms import Transforms, TransformPlan, needs_search  # noqa: E402
+from yoloq.quant.recipe import BiasCorrect, Calibrate, ChannelScale, Equalize, FloatSE, quantize  # noqa: E402
+from yoloq.quant.recipe_config import AutoTransforms, TransformPlan, needs_search, recipe_from_config  # noqa: E402
 from conftest import CONFIGS, WEIGHTS, toy_convnet  # noqa: E402
 
 SIZE = 64           # Lite's coarsest level is stride 64; YOLOv6-N's 32
@@ -265,6 +266,44 @@ def test_bias_correction_removes_the_weight_rounding_shift():
         assert torch.allclose(moved, expected[n], rtol=1e-4, atol=1e-6), n
 
 
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(6, 6, 5, stride=2, padding=2, groups=6),
+                                  nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2), nn.Conv2d(6, 8, 1)],
+                         ids=["dense", "depthwise-s2", "dilated-s2", "pointwise-scaled"])
+def test_bias_shift_is_the_error_conv_mean_whatever_the_threads(conv):
+    """weight_rounding_shift adds the input's quantization levels as integers per kernel tap: it
+    equals the float64 mean of the error conv (computed here independently) to float64 precision,
+    also through a channel-scaled conv, and it is bit-identical with 1 and 2 threads."""
+    import torch.nn.functional as F
+    from yoloq.quant.bias_correct import quantized_input, weight_rounding_shift
+    torch.manual_seed(0)
+    qmodel = prepare(nn.Sequential(conv).eval())
+    if conv.kernel_size == (1, 1):
+        set_input_scale(qmodel, "0", torch.rand(6) + 0.5)
+    x = torch.randn(8, 6, 17, 19, generator=torch.Generator().manual_seed(3))
+    calibrate(qmodel, [x], "max", progress=False)
+    layer = qmodel.get_submodule("0")
+    with torch.no_grad():
+        error = (layer._weight_quantizer(layer.weight) - layer.weight).double()
+        step = 1 / (127 / layer._input_quantizer.amax.float()).double()   # x_q = level / (127 / amax) exactly
+        xq = quantized_input(layer, x)
+        levels = torch.round(xq.double() / step)
+        oracle = F.conv2d(levels * step, error, None, conv.stride, conv.padding, conv.dilation,
+                          conv.groups).mean(dim=(0, 2, 3))
+        as_run = F.conv2d(xq.double(), error, None, conv.stride, conv.padding, conv.dilation,
+                          conv.groups).mean(dim=(0, 2, 3))
+        threads = torch.get_num_threads()
+        try:
+            shifts = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                shifts.append(weight_rounding_shift(layer, x))
+        finally:
+            torch.set_num_threads(threads)
+    assert shifts[0].dtype == torch.float64 and torch.equal(shifts[0], shifts[1])
+    assert torch.allclose(shifts[0], oracle, rtol=1e-10, atol=1e-15)
+    assert torch.allclose(shifts[0], as_run, rtol=1e-5, atol=1e-9)      # the float32 x_q the conv sees
+
+
 def test_bias_correction_leaves_skipped_layers_alone():
     fp32 = toy_convnet()
     qmodel = prepare(fp32)
@@ -317,12 +356,17 @@ def test_se_convs_found_from_the_graph():
 def test_auto_choice_scores_candidates_on_calibration_images():
     torch.manual_seed(0)
     fp32 = toy_convnet().eval()
-    qcfg = QuantConfig(calib="max", equalize="auto", channel_scale="auto", bias_correction="auto",
-                       channel_scale_alphas=[0.5, 0.8], auto_images=8, batch_size=8)
-    assert needs_search(qcfg) and not needs_search(QuantConfig(channel_scale="all", channel_scale_alpha=0.5))
-    steps = Transforms(fp32, qcfg, torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
-    plan, trials = steps.search(qcfg)
+    qcfg = QuantConfig.of(calib="max", equalize="auto", channel_scale="auto", bias_correction="auto",
+                          channel_scale_alphas=[0.5, 0.8], auto_images=8, batch_size=8)
+    assert needs_search(qcfg) and not needs_search(QuantConfig.of(channel_scale="all", channel_scale_alpha=0.5))
+    recipe = recipe_from_config(qcfg)
+    assert isinstance(recipe[0], AutoTransforms) and [s.phase for s in recipe] == sorted(s.phase for s in recipe)
+    calib = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1)).split(8)
+    qmodel = quantize(fp32, recipe, calib)
+    records = quant_state(qmodel).records
+    plan, trials = records["transforms_auto"]["plan"], records["transforms_auto"]["trials"]
     assert isinstance(plan, TransformPlan)
+    assert ("bias_correction" in records) == plan.bias_correction and ("equalize" in records) == plan.equalize
     labels = [t["plan"] for t in trials]
     assert len(labels) == len(set(labels)) == 2 + 3 + 1       # equalize off/on; depthwise, all x2; bias on
     best = {t["plan"]: t["sqnr_db"] for t in trials}
@@ -336,13 +380,11 @@ def test_auto_choice_scores_candidates_on_calibration_images():
 def transformed_lite(tmp_path_factory):
     """Lite-S with every transform, calibrated on random images, saved."""
     fp32 = fp32_model("yolov6lite_s")
-    qcfg = QuantConfig(calib="max", equalize=True, se_float=True, channel_scale="all", channel_scale_alpha=0.5,
-                       bias_correction=True)
-    steps = Transforms(fp32, qcfg, images(4, seed=5))
-    plan = TransformPlan(True, True, "all", 0.5, True)
-    qmodel = steps.build(plan, lambda m: prepare(m, qcfg))
-    calibrate(qmodel, [images(4, seed=5)], "max", progress=False)
-    steps.correct_biases(qmodel)
+    qcfg = QuantConfig.of(calib="max", equalize=True, se_float=True, channel_scale="all", channel_scale_alpha=0.5,
+                          bias_correction=True, transform_images=4)
+    recipe = recipe_from_config(qcfg)
+    assert recipe == [Equalize(), *recipe[1:2], FloatSE(), ChannelScale("all", 0.5, 4), Calibrate("max"), BiasCorrect(4)]
+    qmodel = quantize(fp32, recipe, [images(4, seed=5)])
     path = tmp_path_factory.mktemp("ckpt") / "quant.pt"
     save_quantized(qmodel, path, {"transforms": "all"})
     return qmodel, path
@@ -415,12 +457,9 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
     from yoloq.runtime import export_onnx
     from yoloq.runtime.onnx_export import to_export_model
     fp32 = export_test_model(name)
-    qcfg = QuantConfig(calib="max")
-    steps = Transforms(fp32, qcfg, images(4, seed=5))
     plan = TransformPlan(True, False, "all", 0.5, True)
-    qmodel = steps.build(plan, lambda m: prepare(m, qcfg))
-    calibrate(qmodel, [images(4, seed=5)], "max", progress=False)
-    steps.correct_biases(qmodel)
+    steps = plan.steps(images=4)                                   # Equalize, ChannelScale, BiasCorrect
+    qmodel = quantize(fp32, steps[:2] + [Calibrate("max")] + steps[2:], [images(4, seed=5)])
     info = export_onnx(qmodel, tmp_path / "scaled.onnx", img_size=SIZE, batch=None)
     assert not any("onnxslim failed" in n for n in info.notes), info.notes
     graph = onnx.load(info.path).graph
@@ -451,7 +490,7 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
 
 @pytest.mark.parametrize("key, value, match", [
     ("channel_scale", "dephtwise", "did you mean 'depthwise'"), ("equalize", "maybe", "false, true, auto"),
-    ("bias_correction", 1, "false, true, auto"), ("se_float", "yes", "quant.se_float"),
+    ("bias_correction", 1, "false, true, auto"), ("se_float", "yes", "quant.transforms.se_float"),
     ("channel_scale_alpha", 1.5, "in \\[0, 1\\]"), ("channel_scale_alphas", [0.5, "x"], "channel_scale_alphas"),
     ("transform_images", 0, ">= 1")])
 def test_unknown_transform_settings_are_clear_errors(key, value, match):
@@ -462,19 +501,21 @@ def test_unknown_transform_settings_are_clear_errors(key, value, match):
 def test_yaml_off_and_auto_values():
     import yaml
     q = from_dict(QuantConfig, yaml.safe_load("channel_scale: off\nequalize: on\nbias_correction: auto"), "q")
-    assert (q.channel_scale, q.equalize, q.bias_correction) == ("off", True, "auto")
+    t = q.transforms
+    assert (t.channel_scale, t.equalize, t.bias_correction) == ("off", True, "auto")
 
 
 def test_cli_alpha_auto_searches_even_when_the_config_fixes_it():
     from yoloq.cli.ptq import build_parser, load_ptq_config, quant_overrides
     parser = build_parser()
-    assert load_config("yolov6lite_l").quant.channel_scale_alpha == 0.8
+    key = "transforms.channel_scale_alpha"
+    assert load_config("yolov6lite_l").quant.transforms.channel_scale_alpha == 0.8
     a = parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", "auto"])
     cfg = load_ptq_config(a)
-    assert cfg.quant.channel_scale_alpha is None and quant_overrides(a, cfg)["channel_scale_alpha"] is None
+    assert cfg.quant.transforms.channel_scale_alpha is None and quant_overrides(a, cfg)[key] is None
     assert needs_search(cfg.quant)
     a = parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", "0.9"])
-    assert load_ptq_config(a).quant.channel_scale_alpha == 0.8 and quant_overrides(a, cfg)["channel_scale_alpha"] == 0.9
+    assert load_ptq_config(a).quant.transforms.channel_scale_alpha == 0.8 and quant_overrides(a, cfg)[key] == 0.9
     for bad in ("1.5", "high"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", bad])

@@ -9,7 +9,7 @@ See ``yoloq.api`` (the Python API) and ``yoloq.cli`` (the ``yoloq`` command).
 """
 __version__ = "0.3.0"
 
-_API = ("load", "ptq", "qat", "evaluate", "QuantizedModel")
+_API = ("load", "load_quantized", "ptq", "qat", "evaluate", "FP32Model", "QuantizedModel")
 
 
 def __getattr__(name: str):

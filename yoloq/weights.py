@@ -16,7 +16,7 @@ Formats read by ``read_checkpoint(path)``:
 Then, on every format: tensors are cast to float32 (integer buffers kept), training-only head
 branches (``cls_preds_ab`` / ``reg_preds_ab`` from anchor-aided training, ``reg_preds_dist`` from
 distillation) are dropped with a note in ``info['ignored']``, and, when the target model's keys
-are given, 0.3.0-era names are renamed to the current ones (``remap_legacy_keys``).
+are given, the names of upstream YOLOv6 0.3.0 checkpoints are renamed to the current ones (``remap_legacy_keys``).
 
 ``load_weights(model, path)`` loads strictly: train-form files into the model as built, deploy-form
 files (``rbr_reparam`` or fused conv biases) after ``model.fuse()``. Anything else raises
@@ -159,7 +159,7 @@ def drop_training_only(state_dict: dict) -> tuple[dict, list[str]]:
     return kept, notes
 
 
-# --------------------------------------------------------------------------- 0.3.0-era names
+# --------------------------------------------------------------------------- upstream YOLOv6 0.3.0 names
 
 
 def _canonical(key: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from yoloq.device import module_device, resolve_device
 from yoloq.errors import InputError
 
 
@@ -43,6 +44,7 @@ def measure(ckpt: str, cfg, data_cfg, args, tmp: Path) -> dict:
     from yoloq.quant.checkpoint import load_quantized
 
     model, _ = load_quantized(ckpt)
+    model.to(resolve_device(args.device))    # the fake-quant side; onnxruntime runs on the CPU
     img_size = model.cfg.img_size            # the checkpoint's own model config
     eval_cfg = cfg.eval
     common = dict(max_images=args.images, progress=not args.no_progress)
@@ -95,9 +97,10 @@ def compare_outputs(model: torch.nn.Module, predict, images: torch.Tensor, noise
     """``output_difference`` of ``predict`` (an ``OnnxPredictor``) against ``model``, and of ``model``
     on noisy inputs against itself: how far the deployed outputs are, next to how far the model's own
     outputs move under an imperceptible perturbation."""
+    on_model = images.to(module_device(model))
     with torch.no_grad():
-        reference = model.eval()(images)
-        noisy = InputNoise(model, noise_std, seed=0)(images)
+        reference = model.eval()(on_model).cpu()
+        noisy = InputNoise(model, noise_std, seed=0)(on_model).cpu()
     return {"deployed": output_difference(reference, predict(images)), "noise": output_difference(reference, noisy)}
 
 
@@ -154,6 +157,7 @@ def run(args) -> int:
     from yoloq.io import check_output_file
     if args.out:
         check_output_file(args.out, "--out", inputs={"--ckpt": list(args.ckpt), "--cfg": str(args.cfg)})
+    resolve_device(args.device)              # a GPU that is not there: one line, before any work
     cfg = load_config(args.cfg)
     if not cfg.data:
         raise InputError(f"{args.cfg} has no 'data'")

@@ -3,6 +3,7 @@ calibration images, through the same COCO evaluation: the logic of ``yoloq bench
 settings: ``yoloq.cli.bench_ptq``)."""
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import signal
 import tempfile
@@ -17,6 +18,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 from yoloq.bench import peers
+from yoloq.device import resolve_device
 from yoloq.eval.coco_eval import evaluate
 from yoloq.runtime.ort import OnnxPredictor
 from yoloq.quant.calibrate import (AUTO_METHODS, apply_calibration, calibrate_auto, collect_statistics,
@@ -25,7 +27,7 @@ from yoloq.quant.prepare import prepare
 from yoloq.eval.coco_eval import evaluate_model
 from yoloq.models import load_model
 from yoloq.recipes.common import load_calibration_set, seed_everything
-from yoloq.recipes.ptq import quantize, resolve
+from yoloq.recipes.ptq import resolve, run_quantization
 from yoloq.io import atomic_write_bytes, atomic_write_text, check_output_dir, check_run_name, to_json
 from yoloq.report.common import md_table, stat_drop
 
@@ -43,11 +45,11 @@ ORT_VARIANTS = ("minmax_s8s8", "entropy_s8s8", "percentile_s8s8", "minmax_u8s8",
 
 
 def export_fp32_onnx(model: torch.nn.Module, path: Path, img_size: int, opset: int = 13) -> Path:
-    """Plain FP32 export of the fused model (legacy exporter), dynamic batch."""
+    """Plain FP32 export of the fused model (legacy exporter, traced on a CPU copy), dynamic batch."""
     dummy = torch.zeros(1, 3, img_size, img_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), dummy, str(path), input_names=["images"], output_names=["outputs"],
+        torch.onnx.export(copy.deepcopy(model).cpu().eval(), dummy, str(path), input_names=["images"], output_names=["outputs"],
                           opset_version=opset, dynamic_axes={"images": {0: "batch"}, "outputs": {0: "batch"}},
                           dynamo=False)
     return path
@@ -109,16 +111,17 @@ class Bench:
     """One benchmark run: the FP32 model, the shared calibration images and evaluation, the rows."""
 
     def __init__(self, args):
-        cfg, data_cfg = resolve(args.cfg, quant={"calib_images": args.calib_images, "seed": args.seed},
+        cfg, data_cfg = resolve(args.cfg, quant={"calibration.images": args.calib_images, "seed": args.seed},
                                 eval={"workers": args.workers}, model={"weights": args.weights}, data=args.data)
         self.args, self.cfg, self.data_cfg = args, cfg, data_cfg
         name = args.name if args.name is not None else f"{cfg.model.name}_bench"
         check_output_dir(Path(args.out) / check_run_name(name), "--out")       # before the work, not after
         self.progress = not args.no_progress
         seed_everything(cfg.quant.seed)
-        self.fp32 = load_model(cfg.model)
-        self.calib = load_calibration_set(data_cfg, cfg.quant.calib_images, cfg.model.img_size, cfg.quant.batch_size,
-                                          cfg.eval.workers, cfg.quant.seed)
+        self.device = resolve_device(args.device)          # yoloq's rows; onnxruntime and the peers use the CPU
+        self.fp32 = load_model(cfg.model).to(self.device)
+        self.calib = load_calibration_set(data_cfg, cfg.quant.calibration.images, cfg.model.img_size,
+                                          cfg.quant.loader.batch_size, cfg.eval.workers, cfg.quant.seed)
         self.rows: list[dict] = []
         self.fp32_eval = self.evaluate(self.fp32)
         print(f"FP32 (PyTorch) AP {self.fp32_eval.stats['AP'] * 100:.2f} on {self.fp32_eval.n_images} images", flush=True)
@@ -148,7 +151,7 @@ class Bench:
         if "auto" in self.args.methods:
             auto_model = prepare(self.fp32, qcfg)
             start = time.perf_counter()
-            info = calibrate_auto(auto_model, batches, self.fp32, AUTO_METHODS, num_bins=qcfg.num_bins,
+            info = calibrate_auto(auto_model, batches, self.fp32, AUTO_METHODS, num_bins=qcfg.calibration.num_bins,
                                   progress=self.progress)
             calib_s = time.perf_counter() - start
             done = {r["variant"]: r for r in self.rows if r["tool"] == "yoloq"}
@@ -159,7 +162,8 @@ class Bench:
         """Plain calibration (no transforms) with each range rule, from one statistics pass."""
         qmodel = prepare(self.fp32, self.cfg.quant)
         start = time.perf_counter()
-        collect_statistics(qmodel, self.calib.batches, num_bins=self.cfg.quant.num_bins, progress=self.progress)
+        collect_statistics(qmodel, self.calib.batches, num_bins=self.cfg.quant.calibration.num_bins,
+                           progress=self.progress)
         collect_s = time.perf_counter() - start
         for method in methods:
             start = time.perf_counter()
@@ -171,11 +175,11 @@ class Bench:
         """The config's quant section end to end; the exported Q/DQ ONNX through onnxruntime too."""
         from yoloq.runtime import export_onnx
         start = time.perf_counter()
-        run = quantize(self.cfg, self.data_cfg, self.fp32, self.calib, progress=self.progress)
+        run = run_quantization(self.cfg, self.data_cfg, self.fp32, self.calib, progress=self.progress)
         quant_s = time.perf_counter() - start
         plan = run.transforms.get("plan", "none")
-        note = f"{plan}; calib {run.calib_info['method']}" + (
-            f"; {self.cfg.quant.reconstruct}" if self.cfg.quant.reconstruct != "off" else "")
+        recon = self.cfg.quant.reconstruction.method
+        note = f"{plan}; calib {run.calib_info['method']}" + (f"; {recon}" if recon != "off" else "")
         self.add("yoloq", "pipeline", self.fp32_eval.stats, self.evaluate(run.qmodel), quant_s, note=note)
         info = export_onnx(run.qmodel, tmp / "pipeline.onnx", img_size=self.cfg.model.img_size, batch=None)
         self.add("yoloq", "pipeline_onnx", self.fp32_eval.stats, self.evaluate(Path(info.path)), quant_s,

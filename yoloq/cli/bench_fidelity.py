@@ -44,6 +44,9 @@ def build_parser(prog: str = "yoloq bench-fidelity"):
     p.add_argument("--output-images", type=int, default=16, metavar="N",
                    help="compare raw outputs (scores, boxes) on the first N val images (0: skip)")
     p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--device", default="auto",
+                   help="where the fake-quant model runs: auto (cuda when available), cpu, cuda or cuda:N; "
+                        "onnxruntime runs on the CPU")
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--no-progress", action="store_true")
     return p

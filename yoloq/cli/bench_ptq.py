@@ -37,6 +37,9 @@ def build_parser(prog: str = "yoloq bench-ptq"):
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=non_negative_int)
+    p.add_argument("--device", default="auto",
+                   help="where yoloq's rows run: auto (cuda when available), cpu, cuda or cuda:N; onnxruntime and the "
+                        "peers run on the CPU")
     p.add_argument("--methods", nargs="+", default=list(YOLOQ_METHODS), help="yoloq rows (default: every range rule, auto and pipeline)")
     p.add_argument("--ort-variants", nargs="+", default=list(ORT_VARIANTS), choices=ORT_VARIANTS)
     p.add_argument("--skip-yoloq", action="store_true")

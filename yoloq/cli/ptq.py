@@ -25,7 +25,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 from yoloq.cli.common import CFG_HELP, add_threshold_arguments, non_negative_int, parser, positive_int
-from yoloq.config import (AnnKey, CalibMethod, ChannelScale, ReconDevice, Reconstruct, Sensitivity, SensitivityMode,
+from yoloq.config import (AnnKey, CalibMethod, ChannelScale, Reconstruct, Sensitivity, SensitivityMode,
                           choices, load_config)
 
 SWITCH = {"on": True, "off": False, "auto": "auto"}      # --equalize / --bias-correction / --se-float
@@ -39,6 +39,11 @@ def build_parser(prog: str = "yoloq ptq"):
     p.add_argument("--random-weights", action="store_true", help="smoke test with seeded random weights (meaningless mAP)")
     p.add_argument("--img-size", type=positive_int, help="input size (default: model.img_size; a multiple of 32)")
     p.add_argument("--data", help="dataset YAML (default: data of the config)")
+    p.add_argument("--device", default="auto",
+                   help="where every stage runs: auto (cuda when available), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--thread-invariant", action="store_true",
+                   help="PyTorch's own conv kernels instead of oneDNN's: the same numbers with any thread count "
+                        "(oneDNN's differ in the last bits, which fake quantization can amplify), 1.3-2x slower")
     _calibration_flags(p)
     _transform_flags(p)
     _reconstruction_flags(p)
@@ -92,13 +97,14 @@ def _reconstruction_flags(p) -> None:
     g = p.add_argument_group("block reconstruction after calibration (docs/ptq_reconstruction.md)")
     g.add_argument("--reconstruct", choices=choices(Reconstruct),
                    help="adaround: per layer; brecq: per block; qdrop: per block with random activation-"
-                        "quantization dropping (default: the config's quant.reconstruct, off)")
+                        "quantization dropping (default: the config's quant.reconstruction.method, off)")
     g.add_argument("--recon-iters", type=positive_int, help="optimisation steps per block")
     g.add_argument("--recon-images", type=positive_int, help="calibration images used (default: all)")
     g.add_argument("--recon-batch-size", type=positive_int, help="images per optimisation step")
     g.add_argument("--recon-drop-prob", type=float, help="qdrop: probability an activation skips quantization")
     g.add_argument("--recon-lambda", type=float, help="weight of the AdaRound rounding regularizer")
-    g.add_argument("--recon-device", choices=choices(ReconDevice), help="auto (cuda when available), cpu or cuda")
+    g.add_argument("--recon-device", metavar="DEVICE",
+                   help="auto, cpu, cuda or cuda:N (default: the run's --device)")
 
 
 def _partial_flags(p) -> None:
@@ -136,20 +142,24 @@ def _output_flags(p) -> None:
 
 
 def quant_overrides(a, cfg) -> dict:
-    return dict(calib=a.calib, percentile=a.percentile, calib_images=a.calib_images, seed=a.seed,
-                auto_methods=a.auto_methods, auto_images=a.auto_images, sensitivity=a.sensitivity,
-                sensitivity_mode=a.sensitivity_mode, sensitivity_images=a.sensitivity_images,
-                max_drop=a.max_drop, max_skip=a.max_skip, select_images=a.select_images,
-                diagnose=False if a.no_diagnose else None,
-                equalize=SWITCH.get(a.equalize), channel_scale=a.channel_scale,
-                channel_scale_alpha=None if a.channel_scale_alpha == "auto" else a.channel_scale_alpha,
-                channel_scale_alphas=a.channel_scale_alphas,
-                bias_correction=SWITCH.get(a.bias_correction), se_float=SWITCH.get(a.se_float),
-                transform_images=a.transform_images,
-                reconstruct=a.reconstruct, recon_iters=a.recon_iters, recon_images=a.recon_images,
-                recon_batch_size=a.recon_batch_size, recon_drop_prob=a.recon_drop_prob,
-                recon_lambda=a.recon_lambda, recon_device=a.recon_device,
-                skip_layers=list(cfg.quant.skip_layers) + list(a.skip) if a.skip else None)
+    """The ``quant`` keys the flags set (None: not given), by their names in the config."""
+    return {"calibration.method": a.calib, "calibration.percentile": a.percentile,
+            "calibration.images": a.calib_images, "seed": a.seed, "calibration.auto_methods": a.auto_methods,
+            "calibration.auto_images": a.auto_images,
+            "sensitivity.metric": a.sensitivity, "sensitivity.mode": a.sensitivity_mode,
+            "sensitivity.images": a.sensitivity_images,
+            "partial.max_drop": a.max_drop, "partial.max_skip": a.max_skip, "partial.select_images": a.select_images,
+            "partial.skip_layers": list(cfg.quant.partial.skip_layers) + list(a.skip) if a.skip else None,
+            "diagnose": False if a.no_diagnose else None,
+            "transforms.equalize": SWITCH.get(a.equalize), "transforms.channel_scale": a.channel_scale,
+            "transforms.channel_scale_alpha": None if a.channel_scale_alpha == "auto" else a.channel_scale_alpha,
+            "transforms.channel_scale_alphas": a.channel_scale_alphas,
+            "transforms.bias_correction": SWITCH.get(a.bias_correction), "transforms.se_float": SWITCH.get(a.se_float),
+            "transforms.images": a.transform_images,
+            "reconstruction.method": a.reconstruct, "reconstruction.iters": a.recon_iters,
+            "reconstruction.images": a.recon_images, "reconstruction.batch_size": a.recon_batch_size,
+            "reconstruction.drop_prob": a.recon_drop_prob, "reconstruction.reg_weight": a.recon_lambda,
+            "reconstruction.device": a.recon_device}
 
 
 def load_ptq_config(a):
@@ -157,7 +167,8 @@ def load_ptq_config(a):
     flags are overrides applied by ``run_ptq``, where None means "not given")."""
     cfg = load_config(a.cfg)
     if a.channel_scale_alpha == "auto":
-        cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, channel_scale_alpha=None))
+        transforms = dataclasses.replace(cfg.quant.transforms, channel_scale_alpha=None)
+        cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, transforms=transforms))
     return cfg
 
 
@@ -170,8 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = load_ptq_config(a)
     opts = PTQOptions(skip_count=a.skip_layers, random_weights=a.random_weights, max_images=a.max_images, name=a.name, out=a.out,
                       save_model=not a.no_save, plots=not a.no_plots, print_placement=a.print_placement,
-                      progress=not a.no_progress)
-    started = init_distributed(getattr(a, "device", None) or "auto")     # torchrun: evaluations sharded
+                      progress=not a.no_progress, device=a.device, thread_invariant=a.thread_invariant)
+    started = init_distributed(a.device)     # torchrun: evaluations sharded
     main_process = is_main_process()
     try:
         result = run_ptq(cfg, opts, quant=quant_overrides(a, cfg), model={"weights": a.weights, "img_size": a.img_size},

@@ -47,9 +47,9 @@ def build_parser(prog: str = "yoloq trt"):
                    help="int8/best: INT8+FP16 kernels; fp16; fp32 (default %(default)s)")
     b.add_argument("--calib", choices=yt.CALIBRATORS,
                    help="implicit INT8 calibration of a plain ONNX with TensorRT's entropy/minmax calibrator")
-    b.add_argument("--cfg", help="experiment config: data (train images) and quant.calib_images for --calib")
+    b.add_argument("--cfg", help="experiment config: data (train images) and quant.calibration.images for --calib")
     b.add_argument("--data", help="dataset YAML (default: data of the config)")
-    b.add_argument("--calib-images", type=positive_int, help="train images for --calib (default quant.calib_images)")
+    b.add_argument("--calib-images", type=positive_int, help="train images for --calib (default quant.calibration.images)")
     b.add_argument("--calib-batch", type=positive_int, default=8, help="calibration batch (dynamic-batch ONNX)")
     b.add_argument("--calib-cache", help="calibration cache (default <engine>.calib); reused when present")
     b.add_argument("--recalibrate", action="store_true", help="ignore an existing calibration cache")
@@ -109,7 +109,7 @@ def _calibrator(args, info, cache: Path):
     img_size = info.img_size or args.img_size or (cfg.model.img_size if cfg else None)
     if not img_size:
         raise InputError(f"{args.onnx}: dynamic input size; pass --img-size")
-    n_images = args.calib_images or (cfg.quant.calib_images if cfg else 256)
+    n_images = args.calib_images or (cfg.quant.calibration.images if cfg else 256)
     batch = args.calib_batch if info.dynamic_batch else info.input_shape[0]
     batches = yt.calibration_batches(data_cfg, n_images, img_size, batch, seed=cfg.quant.seed if cfg else 0,
                                      workers=args.workers)

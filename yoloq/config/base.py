@@ -14,9 +14,9 @@ from yoloq.errors import YoloqError, short_repr
 
 __all__ = ["AUTO_METHODS", "AnnKey", "Arch", "Backbone", "Backend", "Block", "CALIB_METHODS", "CHANNEL_SCALE_ALPHAS",
            "CalibMethod", "ChannelScale", "ConfigError", "EvalSplit", "IMG_SIZE_MULTIPLE", "IouType", "LSQInit",
-           "LSQMode", "NMSKind", "Neck", "Optimizer", "QATLoss", "QATQuantizer", "RECON_METHODS", "ReconDevice",
+           "LSQMode", "NMSKind", "Neck", "Optimizer", "QATLoss", "QATQuantizer", "RECON_METHODS",
            "Reconstruct", "Section", "Sensitivity", "SensitivityMode", "Switch", "WeightDecayMode", "choices",
-           "from_dict", "parse_method"]
+           "from_dict", "merge_settings", "nest_keys", "parse_method"]
 
 Arch = Literal["yolov6", "lite"]
 Block = Literal["repvgg", "qarepvgg", "qarepvggv2", "repopt", "hyper_search", "conv_silu"]
@@ -39,7 +39,6 @@ IouType = Literal["giou", "siou"]
 Switch = Literal[False, True, "auto"]                           # a PTQ transform: off, on, or chosen by auto
 ChannelScale = Literal["off", "depthwise", "all", "auto"]
 Reconstruct = Literal["off", "adaround", "brecq", "qdrop"]      # yoloq.quant.reconstruct
-ReconDevice = Literal["auto", "cpu", "cuda"]
 
 CALIB_METHODS = ("max", "percentile", "entropy", "mse")         # one range rule each
 AUTO_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse")
@@ -161,28 +160,36 @@ def _check_type(name: str, value: Any, default: Any, where: str) -> Any:
 
 def from_dict(cls, data: Optional[dict], where: str):
     """Build dataclass ``cls`` from ``data``; unknown keys and invalid values raise ConfigError
-    naming ``where`` and the key."""
+    naming ``where`` and the key. A field whose type is a ``Section`` is built from a nested
+    mapping; a ``Section`` with ``legacy_keys`` also reads its earlier flat keys and dotted keys
+    (``calibration.method``), see :func:`nest_keys`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    data = nest_keys(cls, data, where)
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in fields.values()}
-    hints = typing.get_type_hints(cls)
     for name in fields:                 # true / false / "auto": the class's exact Literal check decides
         if len({type(c) for c in _literal_choices(hints.get(name))}) > 1:
             defaults[name] = None
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'{closest_hint(key, fields)}; "
+            valid = sorted(fields) + sorted(getattr(cls, "legacy_keys", {}))
+            raise ConfigError(f"{where}: unknown key '{key}'{closest_hint(key, valid)}; "
                               f"valid keys: {', '.join(sorted(fields))}")
+        sub = _section_type(hints.get(key))
+        if sub is not None:
+            kwargs[key] = value if isinstance(value, sub) else from_dict(sub, value, _nested_where(where, cls, sub))
+            continue
         kwargs[key] = _check_type(key, _onoff(value, _literal_choices(hints.get(key))), defaults[key], where)
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
+        raise ConfigError(_prefixed(where, cls, str(err))) from None
 
 
 def default_workers(cap: int) -> int:
@@ -193,3 +200,77 @@ def default_workers(cap: int) -> int:
     except AttributeError:                       # not on Linux
         cores = os.cpu_count() or 1
     return max(0, min(cap, cores - 1))
+
+
+def _section_type(hint) -> Optional[type]:
+    return hint if isinstance(hint, type) and issubclass(hint, Section) else None
+
+
+def _nested_where(where: str, parent, sub) -> str:
+    """``"f.yaml: quant"`` -> ``"f.yaml: quant.calibration"`` (the context of a nested section)."""
+    section = getattr(parent, "section", "")
+    if section and where.endswith(section):
+        return where[: -len(section)] + sub.section
+    return f"{where}: {sub.section}"
+
+
+def _prefixed(where: str, cls, message: str) -> str:
+    """``where: message`` without saying the section twice (``f.yaml: quant.x must be ...``)."""
+    section = getattr(cls, "section", "")
+    if section and message.startswith(section) and where.endswith(section):
+        where = where[: -len(section)].rstrip(": ")
+    return f"{where}: {message}" if where else message
+
+
+def nest_keys(cls, data: dict, where: str) -> dict:
+    """Settings of a section with nested sections in their nested form: flat keys of earlier
+    configs (``cls.legacy_keys``: ``calib`` -> ``calibration.method``) and dotted keys
+    (``calibration.method``) move into their section's mapping. A scalar given for a section whose
+    old flat key had the same name (``sensitivity: fast``) is that old key. The same setting given
+    twice is an error naming both spellings."""
+    legacy = getattr(cls, "legacy_keys", None)
+    if not legacy and not any("." in str(k) for k in data):
+        return data
+    out: dict = {}
+    origin: dict = {}                           # dotted path -> how the user spelled it
+    for key, value in data.items():
+        path = _new_path(cls, key, value, legacy or {})
+        if len(path) == 1 and isinstance(value, dict) and _section_type(typing.get_type_hints(cls).get(key)):
+            for sub_key, sub_value in value.items():
+                _put(out, origin, (key, *str(sub_key).split(".")), sub_value, f"{key}.{sub_key}", where)
+        else:
+            _put(out, origin, path, value, key, where)
+    return out
+
+
+def _new_path(cls, key: str, value: Any, legacy: dict) -> tuple:
+    key = str(key)
+    is_section = _section_type(typing.get_type_hints(cls).get(key)) is not None
+    if key in legacy and not (is_section and isinstance(value, dict)):
+        return tuple(legacy[key].split("."))
+    return tuple(key.split("."))
+
+
+def _put(out: dict, origin: dict, path: tuple, value: Any, spelled: str, where: str) -> None:
+    dotted = ".".join(path)
+    if dotted in origin:
+        raise ConfigError(f"{where}: '{origin[dotted]}' and '{spelled}' both set {dotted}; keep one "
+                          f"('{dotted}' is the current name)")
+    node = out
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: '{spelled}' sets a key inside '{part}', which is not a section")
+    node[path[-1]] = value
+    origin[dotted] = spelled
+
+
+def merge_settings(base: dict, changes: dict) -> dict:
+    """``base`` (a section as nested dicts) with ``changes`` (nested dicts) applied on top."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,16 +1,16 @@
 """The sections of an experiment config, each a dataclass that checks itself when it is made, and
-``Config`` (all sections; ``with_overrides`` is the one way command-line flags change it)."""
+``Config`` (all sections; ``with_overrides`` is the one way command-line flags change it). The
+``quant`` section, itself made of sections, is ``yoloq.config.quant``."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from yoloq.config.base import (default_workers, AUTO_METHODS, CHANNEL_SCALE_ALPHAS, IMG_SIZE_MULTIPLE, AnnKey, Arch, Backbone, Backend,
-                               Block, CalibMethod, ChannelScale, ConfigError, EvalSplit, IouType, LSQInit, LSQMode,
-                               Neck, NMSKind, Optimizer, QATLoss, QATQuantizer, ReconDevice, Reconstruct, Section,
-                               Sensitivity, SensitivityMode, Switch, WeightDecayMode, closest_hint, from_dict,
-                               parse_method)
+from yoloq.config.base import (default_workers, IMG_SIZE_MULTIPLE, AnnKey, Arch, Backbone, Backend, Block, ConfigError, EvalSplit,
+                               IouType, LSQInit, LSQMode, Neck, NMSKind, Optimizer, QATLoss, QATQuantizer, Section,
+                               WeightDecayMode, closest_hint, from_dict, merge_settings, nest_keys)
+from yoloq.config.quant import QuantConfig
 
 
 MAX_MULTIPLE = 4.0          # depth / width multiple
@@ -75,74 +75,6 @@ class EvalConfig(Section):
 
 
 @dataclass
-class QuantConfig(Section):
-    section = "quant"
-    calib: CalibMethod = "max"
-    percentile: float = 99.99
-    calib_images: int = 256
-    batch_size: int = 8
-    workers: int = 2
-    seed: int = 0
-    num_bins: int = 2048
-    skip_layers: list = field(default_factory=list)   # layer names kept in floating point
-    max_drop: Optional[float] = None    # partial quantization: fewest float layers whose drop <= this
-    max_skip: Optional[int] = None      # ... but never more than this many
-    fold_qarepvgg_post_bn: bool = True
-    auto_methods: list = field(default_factory=lambda: list(AUTO_METHODS))   # candidates of calib: auto
-    auto_images: int = 32               # calibration images scoring the auto candidates
-    sensitivity: Sensitivity = "fast"   # fast: output SQNR per layer; map: + confirm top layers by mAP
-    sensitivity_mode: SensitivityMode = "quantize-one"
-    sensitivity_images: int = 16        # calibration images scored per layer (Lite-S 8 vs 32: Spearman 0.99)
-    confirm_top: int = 5                # layers confirmed with mAP when sensitivity == "map"
-    select_images: int = 128            # labeled train images measured by max_drop / sensitivity map
-    diagnose: bool = True               # per-layer range / SQNR diagnosis in the report
-    # PTQ transforms (yoloq.recipes.transforms), in this order around prepare / calibrate:
-    # equalize -> channel_scale -> calibrate -> bias_correction; "auto" decides on calibration images
-    equalize: Switch = False            # exact cross-layer equalization (data-free)
-    channel_scale: ChannelScale = "off"  # per-channel input scaling: depthwise convs only, or all convs
-    channel_scale_alpha: Optional[float] = None   # migration strength for dense convs in [0, 1]; null:
-    #                                     chosen among channel_scale_alphas on calibration images
-    channel_scale_alphas: list = field(default_factory=lambda: list(CHANNEL_SCALE_ALPHAS))   # auto's candidates
-    bias_correction: Switch = False     # remove the weight-rounding shift of each conv output (sequential)
-    se_float: Switch = False            # squeeze-excite convs (1x1 pooled maps) in float
-    transform_images: int = 64          # calibration images for channel ranges, bias means, auto scoring
-    # block reconstruction after calibration (yoloq.quant.reconstruct; docs/ptq_reconstruction.md)
-    reconstruct: Reconstruct = "off"    # adaround (per layer) | brecq (per block) | qdrop (per block + drop)
-    recon_iters: int = 300              # steps per block
-    recon_images: Optional[int] = None  # calibration images used (None: all of them)
-    recon_batch_size: int = 8           # images per step
-    recon_drop_prob: float = 0.5        # qdrop: chance an activation element skips quantization
-    recon_lambda: float = 0.01          # weight of the AdaRound rounding regularizer
-    recon_device: ReconDevice = "auto"  # auto: cuda when available
-
-    def rules(self) -> None:
-        self._require(0.0 < self.percentile <= 100.0, "percentile", "in (0, 100]")
-        alpha = self.channel_scale_alpha
-        self._require(alpha is None or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-                                        and 0.0 <= alpha <= 1.0), "channel_scale_alpha", "in [0, 1] or null")
-        self._require(bool(self.channel_scale_alphas) and all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0
-            for a in self.channel_scale_alphas), "channel_scale_alphas", "a non-empty list of numbers in [0, 1]")
-        for key in ("calib_images", "batch_size", "num_bins", "auto_images", "sensitivity_images",
-                    "confirm_top", "select_images", "transform_images", "recon_iters", "recon_batch_size"):
-            self._require(getattr(self, key) >= 1, key, ">= 1")
-        self._require(self.workers >= 0, "workers", ">= 0")
-        self._require(self.recon_images is None or (isinstance(self.recon_images, int) and self.recon_images >= 1),
-                      "recon_images", ">= 1 or null (all)")
-        self._require(0.0 <= self.recon_drop_prob < 1.0, "recon_drop_prob", "in [0, 1)")
-        self._require(self.recon_lambda >= 0, "recon_lambda", ">= 0")
-        self._require(self.max_drop is None or self.max_drop >= 0, "max_drop", ">= 0 (mAP points) or null")
-        self._require(self.max_skip is None or self.max_skip >= 0, "max_skip", ">= 0 or null")
-        self._require(all(isinstance(s, str) for s in self.skip_layers), "skip_layers", "a list of layer names")
-        self._require(bool(self.auto_methods), "auto_methods", "a non-empty list of methods")
-        for method in self.auto_methods:
-            try:
-                parse_method(method)
-            except ConfigError as err:
-                raise ConfigError(f"quant.auto_methods: {err}") from None
-
-
-@dataclass
 class QATConfig(Section):
     section = "qat"
     quantizer: QATQuantizer = "lsqplus"
@@ -152,8 +84,9 @@ class QATConfig(Section):
     batch_size: int = 8
     lr: float = 1e-4                    # conv weights and biases
     quantizer_lr: float = 1e-3
-    weight_scale_lr: Optional[float] = 1e-5   # LSQ weight scales (None = lr): larger steps drive the
-    #                                     scales of near-dead depthwise channels below zero (docs/results.md)
+    weight_scale_lr: Optional[float] = 1e-5   # LSQ weight scales (None = lr): near-dead depthwise
+    #                                     channels have tiny scales that lr would drive below zero
+    #                                     (measured: docs/results.md, QAT learning-rate notes)
     weight_decay: float = 5e-5
     alpha_decay: float = 1e-4           # L2 on PACT clip values
     distill_weight: float = 1.0         # channel-wise distillation (CWD) on the neck outputs
@@ -163,7 +96,7 @@ class QATConfig(Section):
     momentum: float = 0.9
     init_images: int = 32               # train images for the PACT sign / LSQ+ MSE initialisation
     lsq_init: LSQInit = "amax"          # amax: start at the PTQ ranges | mse: MSE search on init_images
-    #                                     (amax starts far closer to the PTQ model: docs/results.md)
+    #                                     (mse starts far below PTQ: docs/results.md, QAT)
     max_scale_growth: float = 1000.0    # stop when a learned scale / clip moves more than this factor
     loss: QATLoss = "distill"           # det+distill: + the YOLOv6 loss on labelled train images
     det_weight: float = 1.0             # weight of the detection loss in det+distill
@@ -324,8 +257,9 @@ class Config:
                 raise ConfigError(f"unknown config section '{name}'{closest_hint(name, _SECTIONS)}")
             values = {k: v for k, v in (values or {}).items() if v is not None}
             if values:
-                merged = {**dataclasses.asdict(getattr(self, name)), **values}
-                changes[name] = from_dict(_SECTIONS[name], merged, where)
+                cls = _SECTIONS[name]
+                merged = merge_settings(dataclasses.asdict(getattr(self, name)), nest_keys(cls, values, where))
+                changes[name] = from_dict(cls, merged, where)
         if data is not None:
             changes["data"] = str(data)
         return dataclasses.replace(self, **changes)

@@ -1,9 +1,10 @@
 """Post-training calibration of a prepared model: max, percentile, entropy (KL) and MSE.
 
 One pass over the calibration images collects, for every activation quantizer (site), the
-running absolute max (pytorch-quantization ``MaxCalibrator``) and a fixed-width histogram of
-|x| (a ``HistogramCalibrator`` whose bins keep one width as the range grows, counted exactly with
-``bincount``). Every method's amax is then computed from those statistics, which stay on the model
+running absolute max and a fixed-width histogram of |x| (:class:`RangeHistogram`: bins keep one
+width as the range grows, counted exactly with ``bincount``); nothing else of the activations is
+kept. The quantizers hand their inputs over in the library's calibration mode
+(``yoloq.quant.backend.collecting``). Every method's amax is then computed from those statistics, which stay on the model
 (``QuantState.calib``), so ``apply_calibration`` / ``calibrate_auto`` never re-run the data.
 
 Activations are collected in FP32 (all quantizers off). Weights: per-channel max. Entropy and MSE
@@ -19,20 +20,20 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
-from pytorch_quantization.calib import HistogramCalibrator, MaxCalibrator
-from pytorch_quantization.calib.histogram import _compute_amax_percentile
-from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 from tqdm import tqdm
 
-from yoloq.config import AUTO_METHODS, CALIB_METHODS, parse_method
+from yoloq.config import AUTO_METHODS, parse_method
+from yoloq.device import module_device
 from yoloq.errors import InputError, YoloqError
+from yoloq.quant.batches import image_batch
 from yoloq.quant.metrics import output_error
-from yoloq.quant.prepare import fix_dead_channels, input_quantizers, quant_layers, set_amax, set_layers_quantized
-from yoloq.quant.scheme import NUM_BITS, quiet_pytorch_quantization
+from yoloq.quant import backend
+from yoloq.quant.backend import TensorQuantizer, set_amax
+from yoloq.quant.prepare import fix_dead_channels, input_quantizers, quant_layers, set_layers_quantized
+from yoloq.quant.scheme import NUM_BITS
 from yoloq.quant.state import CalibrationState, quant_state
 
-METHODS = CALIB_METHODS
 START_BIN = 128            # pytorch-quantization / TensorRT: smallest candidate clip for entropy & mse
 SEARCH_MAX_BINS = 4096     # entropy / mse search on at most this many bins (merged beyond)
 
@@ -44,18 +45,19 @@ class CalibrationError(YoloqError, RuntimeError):
 # --------------------------------------------------------------------------- statistics
 
 
-class RangeHistogram(HistogramCalibrator):
+class RangeHistogram:
     """Histogram of |x| with a fixed bin width (set by the first non-zero batch: max / num_bins).
 
-    Unlike the parent's ``torch.histc`` path, the bins never change width when the range grows
-    (new bins are appended), and counts are exact integers (``bincount``). If the range grows past
-    ``8 * num_bins`` bins, adjacent bins are merged by an integer factor (counts stay exact).
+    Unlike pytorch-quantization's ``HistogramCalibrator`` (``torch.histc``), the bins never change
+    width when the range grows (new bins are appended), and counts are exact integers
+    (``bincount``, float64 on the CPU). If the range grows past ``8 * num_bins`` bins, adjacent
+    bins are merged by an integer factor (counts stay exact). Streamed: nothing of ``x`` is kept.
     """
 
     def __init__(self, num_bins: int = 2048):
-        super().__init__(num_bits=NUM_BITS, axis=None, unsigned=False, num_bins=num_bins)
         self.base_bins = num_bins
         self.width: Optional[float] = None
+        self.hist: Optional[torch.Tensor] = None
         self.zeros = 0                      # |x| == 0 seen before the width was known
 
     @torch.no_grad()
@@ -67,29 +69,24 @@ class RangeHistogram(HistogramCalibrator):
                 self.zeros += x.numel()
                 return
             self.width = x_max / self.base_bins
-            self._calib_hist = torch.zeros(self.base_bins, dtype=torch.float64)
-            self._calib_hist[0] += self.zeros
+            self.hist = torch.zeros(self.base_bins, dtype=torch.float64)
+            self.hist[0] += self.zeros
         need = math.ceil(x_max / self.width)
         if need > 8 * self.base_bins:            # range grew a lot: merge bins before growing
             self._coarsen(math.ceil(need / self.base_bins))
             need = math.ceil(x_max / self.width)
-        n = self._calib_hist.numel()
+        n = self.hist.numel()
         if need > n:
-            self._calib_hist = torch.cat((self._calib_hist, self._calib_hist.new_zeros(need - n)))
+            self.hist = torch.cat((self.hist, self.hist.new_zeros(need - n)))
             n = need
         idx = (x / self.width).long().clamp_(0, n - 1)
-        self._calib_hist += torch.bincount(idx, minlength=n).to(torch.float64).cpu()
-        self._calib_bin_edges = torch.arange(self._calib_hist.numel() + 1, dtype=torch.float64) * self.width
+        self.hist += torch.bincount(idx, minlength=n).to(torch.float64).cpu()
 
     def _coarsen(self, factor: int) -> None:
-        hist = self._calib_hist
+        hist = self.hist
         pad = (-hist.numel()) % factor
-        self._calib_hist = torch.cat((hist, hist.new_zeros(pad))).view(-1, factor).sum(1)
+        self.hist = torch.cat((hist, hist.new_zeros(pad))).view(-1, factor).sum(1)
         self.width *= factor
-
-    def reset(self):
-        super().reset()
-        self.width, self.zeros = None, 0
 
 
 @dataclass
@@ -102,12 +99,13 @@ class SiteStats:
 
 
 class _SiteCollector:
-    """Stands in as a TensorQuantizer's calibrator: max + histogram, finite check, and each
-    tensor object counted once per batch even when several consumers pass it in."""
+    """Stands in as a quantizer's calibrator (``backend.collecting``): running max + histogram,
+    finite check, and each tensor object counted once per batch even when several consumers pass
+    it in."""
 
     def __init__(self, site: str, consumers: Sequence[str], num_bins: int):
         self.site, self.consumers = site, list(consumers)
-        self.max_cal = MaxCalibrator(NUM_BITS, None, False)
+        self.amax: Optional[float] = None         # running max |x|
         self.hist_cal = RangeHistogram(num_bins)
         self.count = 0
         self.batch = -1
@@ -125,32 +123,17 @@ class _SiteCollector:
             readers = ", ".join(self.consumers) or self.site
             raise CalibrationError(f"calibration batch {self.batch}: {bad} in the input of {readers} "
                                    f"(quantizer {self.site}); check the images and the FP32 model")
-        self.max_cal.collect(x.detach())
+        local = float(x.detach().abs().max()) if x.numel() else 0.0
+        self.amax = local if self.amax is None else max(self.amax, local)
         self.hist_cal.collect(x)
         self.count += x.numel()
 
     def stats(self) -> Optional[SiteStats]:
-        amax = self.max_cal.compute_amax()
-        if amax is None:
+        if self.amax is None:
             return None
         h = self.hist_cal
-        return SiteStats(amax=float(amax.max()), hist=None if h.width is None else h._calib_hist.clone(),
-                         width=h.width or 0.0, count=self.count)
-
-
-def _images(batch) -> torch.Tensor:
-    """Accept a tensor or a loader item ``(images, meta...)``."""
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-        raise CalibrationError(f"calibration batches must be [B,3,H,W] tensors (or (images, ...) tuples), "
-                               f"got {type(batch).__name__}{tuple(batch.shape) if isinstance(batch, torch.Tensor) else ''}")
-    return batch
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+        return SiteStats(amax=self.amax, hist=None if h.hist is None else h.hist.clone(), width=h.width or 0.0,
+                         count=self.count)
 
 
 @torch.no_grad()
@@ -163,34 +146,25 @@ def collect_statistics(model: nn.Module, batches: Iterable, num_bins: int = 2048
     quantizers = input_quantizers(model)
     tensor_qs = {n: q for n, q in quantizers.items() if isinstance(q, TensorQuantizer)}
     collectors = {s.name: _SiteCollector(s.name, s.consumers, num_bins) for s in placement.sites if s.name in tensor_qs}
-    weight_qs = [m._weight_quantizer for m in quant_layers(model).values()]
+    weight_qs = [backend.weight_quantizer(m) for m in quant_layers(model).values()]
     skipped = list(state.skip_layers)
     was_training = model.training
-    saved = {n: (q._calibrator, q._if_calib, q._if_quant, q._disabled) for n, q in tensor_qs.items()}
-    saved_w = [(q._if_quant, q._disabled) for q in weight_qs]
-    device, kept, seen = _device(model), [], 0
+    device, kept, seen = module_device(model), [], 0
     model.eval()
-    with quiet_pytorch_quantization():
+    with backend.quiet():
         set_layers_quantized(model, skipped, True)      # every site sees data (all runs in FP32)
         try:
-            for name, q in tensor_qs.items():
-                q._calibrator, q._if_calib, q._if_quant, q._disabled = collectors[name], True, False, False
-            for q in weight_qs:
-                q._if_quant = False
-            total = len(batches) if hasattr(batches, "__len__") else None
-            for i, batch in enumerate(tqdm(batches, total=total, desc="calibrate", disable=not progress)):
-                images = _images(batch).to(device)
-                for c in collectors.values():
-                    c.new_batch(i)
-                model(images)
-                seen += images.shape[0]
-                if len(kept) < keep:
-                    kept.append(images)
+            with backend.collecting(tensor_qs, collectors), backend.fake_quant_off(weight_qs):
+                total = len(batches) if hasattr(batches, "__len__") else None
+                for i, batch in enumerate(tqdm(batches, total=total, desc="calibrate", disable=not progress)):
+                    images = image_batch(batch).to(device)
+                    for c in collectors.values():
+                        c.new_batch(i)
+                    model(images)
+                    seen += images.shape[0]
+                    if len(kept) < keep:
+                        kept.append(images)
         finally:
-            for name, q in tensor_qs.items():
-                q._calibrator, q._if_calib, q._if_quant, q._disabled = saved[name]
-            for q, (if_quant, disabled) in zip(weight_qs, saved_w):
-                q._if_quant, q._disabled = if_quant, disabled
             set_layers_quantized(model, skipped, False)
             model.train(was_training)
     if seen == 0:
@@ -208,7 +182,7 @@ def amax_percentile(hist: torch.Tensor, width: float, percentile: float) -> floa
     if not 0.0 < percentile <= 100.0:
         raise InputError(f"percentile must be in (0, 100], got {percentile}")
     edges = torch.arange(hist.numel() + 1, dtype=torch.float64) * width
-    return float(_compute_amax_percentile(hist.double().numpy(), edges.numpy(), percentile))
+    return backend.percentile_amax(hist, edges, percentile)
 
 
 def amax_mse(hist: torch.Tensor, width: float, num_bits: int = NUM_BITS, start_bin: int = START_BIN,
@@ -320,10 +294,8 @@ def calibrate_weights(model: nn.Module) -> None:
     """Per-channel max of every quantized conv weight (skipped layers too: cheap, and ready if
     they are switched back on)."""
     for layer in quant_layers(model).values():
-        wq = layer._weight_quantizer
-        cal = MaxCalibrator(wq.num_bits, wq.axis, wq.unsigned)
-        cal.collect(layer.weight.detach())
-        set_amax(wq, cal.compute_amax())
+        wq = backend.weight_quantizer(layer)
+        set_amax(wq, backend.channel_max(wq, layer.weight))
 
 
 def method_key(method: str, percentile: float = 99.99) -> str:
@@ -350,10 +322,11 @@ def apply_calibration(model: nn.Module, method: str = "max", percentile: float =
     max; dead channels fixed. Sites that saw no data get a tiny amax. Returns site name -> amax."""
     amaxes = compute_amaxes(model, method, percentile)
     quantizers = input_quantizers(model)
-    with quiet_pytorch_quantization():
+    device = module_device(model)
+    with backend.quiet():
         for name, q in quantizers.items():
             if isinstance(q, TensorQuantizer):
-                set_amax(q, torch.tensor(amaxes.get(name, 0.0)))
+                set_amax(q, torch.tensor(amaxes.get(name, 0.0)), device)
         calibrate_weights(model)
         fix_dead_channels(model)
     quant_state(model).calib.method = method_key(method, percentile)

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
 import torch
-from pytorch_quantization.nn import QuantConv2d
 from torch import nn
 
+from yoloq.quant.backend import QuantConv2d, retype
 from yoloq.quant.equalize import compensable, input_ranges, scale_input_channels
 from yoloq.quant.placement import TracedGraph, trace
 from yoloq.quant.state import quant_state
@@ -167,8 +167,8 @@ def smooth_scale(r: torch.Tensor, w: Optional[torch.Tensor], alpha: float) -> to
     s = 1, i.e. its raw values. Its range is unknown, not small: the SE convs' inputs (ReLU of one
     pooled value per channel and image) have channels that are exactly 0 on 64 images and fire on
     a few others, and a floored s (~1e-5^alpha) would blow those up ~10^4 x past every other
-    channel, so the per-tensor amax grows with them and the live channels round to zero (Lite-M:
-    one SE conv's calibrated amax 19596 for live inputs <= 6.6)."""
+    channel, so the per-tensor amax grows with them and the live channels round to zero (measured
+    on Lite-M: docs/results.md, PTQ section)."""
     r = r.float()
     dead = r <= float(r.max()) * RANGE_FLOOR
     r = r.clamp(min=float(r.max()) * RANGE_FLOOR + 1e-12)
@@ -207,9 +207,7 @@ def set_input_scale(model: nn.Module, layer: str, scale: torch.Tensor, fold_into
     if isinstance(conv, InputScaledConv2d):
         scale = conv.input_scale * scale
     else:
-        # same object, one more step in forward: parameters, shared quantizers and module paths
-        # stay exactly as prepare made them
-        conv.__class__ = InputScaledConv2d
+        retype(conv, InputScaledConv2d)         # the documented class swap (yoloq.quant.backend)
     conv.register_buffer("input_scale", scale, persistent=False)
 
 

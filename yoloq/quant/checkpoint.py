@@ -1,5 +1,9 @@
 """Quantized checkpoints: everything needed to rebuild a calibrated / QAT model, as plain data.
 
+Device-independent: every tensor is saved from the CPU (whatever device the model ran on) and read
+with ``map_location="cpu"`` (``yoloq.safe_load``); ``load_quantized(path, device)`` moves the rebuilt
+model.
+
 The file (``torch.save`` of a dict of tensors and plain containers, so ``torch.load(...,
 weights_only=True)`` reads it) holds the ``ModelConfig``, the fused FP32 weights (BN folding as
 used by ``prepare``), the placement (sharing groups), the skipped layers, every activation amax
@@ -33,8 +37,10 @@ from yoloq.config import ConfigError, ModelConfig, QuantConfig, from_dict
 from yoloq.io import atomic_torch_save
 from yoloq.safe_load import CheckpointError, load_plain
 from yoloq.quant.placement import Placement
-from yoloq.quant.prepare import input_quantizers, prepare, quant_layers, replace_input_quantizer, set_amax
-from yoloq.quant.scheme import TensorQuantizer, is_quantizer
+from yoloq.quant import backend
+from yoloq.quant.backend import TensorQuantizer, set_amax
+from yoloq.quant.prepare import input_quantizers, prepare, quant_layers, replace_input_quantizer
+from yoloq.quant.scheme import is_quantizer
 from yoloq.quant.state import quant_state
 
 FORMAT = "yoloq-quantized"
@@ -83,15 +89,19 @@ def _fp32_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _quantizer_record(q: nn.Module) -> dict:
     if isinstance(q, TensorQuantizer):
-        amax = getattr(q, "_amax", None)
+        amax = backend.get_amax(q)
         return {"type": "TensorQuantizer", "amax": None if amax is None else amax.detach().cpu().clone(),
-                "enabled": not q._disabled}
+                "enabled": backend.is_enabled(q)}
     cls = type(q)
     if not cls.__module__.startswith("yoloq."):
         raise TypeError(f"cannot save quantizer of class {cls.__module__}.{cls.__qualname__}: "
                         f"only pytorch-quantization TensorQuantizer and yoloq quantizers")
     state = {k: v.detach().cpu().clone() for k, v in q.state_dict().items()}
     return {"type": f"{cls.__module__}:{cls.__qualname__}", "state": state}
+
+
+def _cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().cpu().clone()
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
@@ -113,8 +123,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, meta: dict | None 
         "placement": state.placement.to_dict(),
         "skip_layers": list(state.skip_layers),
         "input_quantizers": {name: _quantizer_record(q) for name, q in input_quantizers(model).items()},
-        "weight_amax": {name: (None if getattr(m._weight_quantizer, "_amax", None) is None
-                               else m._weight_quantizer._amax.detach().cpu().clone())
+        "weight_amax": {name: _cpu(backend.get_amax(backend.weight_quantizer(m)))
                         for name, m in quant_layers(model).items()},
         "calib_method": state.calib.method,
         "meta": meta,
@@ -206,14 +215,16 @@ def _checked_amax(amax, where: str, numel: Optional[int]) -> Optional[torch.Tens
     return amax
 
 
-def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild a quantized model saved by ``save_quantized``. Returns ``(model, meta)`` (CPU, eval).
+def load_quantized(path: str | os.PathLike, device: Optional[torch.device | str] = None) -> tuple[nn.Module, dict]:
+    """Rebuild a quantized model saved by ``save_quantized`` (on any device: the file holds CPU
+    tensors only). Returns ``(model, meta)``, eval mode, on ``device`` (default: the CPU).
     Every stored field is checked: an edited or damaged file is a ``QuantCheckpointError`` naming
     the file and the field, never a traceback from deep inside."""
     path = Path(path)
     ckpt = _read(path)
     try:
-        return _rebuild(ckpt, path)
+        model, meta = _rebuild(ckpt, path)
+        return (model if device is None else model.to(device)), meta
     except YoloqError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as err:
@@ -264,7 +275,7 @@ def _restore_quantizers(model: nn.Module, ckpt: dict, path: Path) -> None:
             if amax is not None:
                 set_amax(q, amax)
             if not record.get("enabled", True):
-                q.disable()
+                backend.set_enabled(q, False)
         else:
             replace_input_quantizer(model, name, _rebuild_quantizer(record, where))
     layers = quant_layers(model)
@@ -274,7 +285,7 @@ def _restore_quantizers(model: nn.Module, ckpt: dict, path: Path) -> None:
         out_channels = layers[name].weight.shape[1 if isinstance(layers[name], nn.ConvTranspose2d) else 0]
         amax = _checked_amax(amax, f"{path}: weight_amax.{name}", out_channels)
         if amax is not None:
-            set_amax(layers[name]._weight_quantizer, amax)
+            set_amax(backend.weight_quantizer(layers[name]), amax)
 
 
 def _checked_bias_shifts(model: nn.Module, ckpt: dict, path: Path) -> dict:

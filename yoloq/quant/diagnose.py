@@ -27,7 +27,9 @@ from torch import nn
 from yoloq.quant.channel_scale import scaled_input
 from yoloq.quant.metrics import power_ratio_db
 from yoloq.quant.prepare import quant_layers, set_layers_quantized
-from yoloq.quant.scheme import ACT_RANGE, fake_quant, quiet_pytorch_quantization
+from yoloq.device import module_device
+from yoloq.quant import backend
+from yoloq.quant.scheme import ACT_RANGE, fake_quant
 from yoloq.quant.state import quant_state
 
 @dataclass
@@ -119,14 +121,14 @@ def diagnose(qmodel: nn.Module, images: Sequence[torch.Tensor], thresholds: Opti
     saved_skips = list(state.skip_layers)
     qmodel.eval()
     try:
-        with quiet_pytorch_quantization():
+        with backend.quiet():
             set_layers_quantized(qmodel, list(layers), False)     # float pass: the real activations
             for x in images:
-                qmodel(x)
+                qmodel(x.to(module_device(qmodel)))
     finally:
         for h in handles:
             h.remove()
-        with quiet_pytorch_quantization():
+        with backend.quiet():
             set_layers_quantized(qmodel, list(layers), True)
             if saved_skips:
                 set_layers_quantized(qmodel, saved_skips, False)

@@ -2,7 +2,10 @@
 
 ``analyze(model)`` traces the deploy-form FP32 model (``Decode`` is a leaf) and returns a
 ``Placement``: the activation-quantizer *sites* and which layers read each one. No layer names are
-hard-coded; every decision follows from the graph and the TensorRT rules below (DESIGN.md §4):
+hard-coded; every decision follows from the graph and the TensorRT rules below (NVIDIA's TensorRT
+Developer Guide on explicit quantization: Q/DQ on the inputs of quantizable layers, one scale where
+tensors are joined; the deploy-time scheme is yoloq.quant.scheme and docs/ARCHITECTURE.md,
+"Deployment semantics"):
 
 1. Every Conv2d / ConvTranspose2d input gets a quantizer (weights: per channel, set in prepare).
 2. One tensor, one quantizer: convs reading the same tensor share one quantizer object, and so do
@@ -34,7 +37,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from yoloq.errors import InputError
 from yoloq.models.detector import Decode
+from yoloq.quant.backend import INPUT_QUANTIZER
 
 # --------------------------------------------------------------------------- TensorRT rules as data
 
@@ -104,7 +109,7 @@ class Placement:
         for site in self.sites:
             if layer in site.consumers:
                 return site
-        raise KeyError(f"'{layer}' is not a quantized layer of this placement")
+        raise InputError(f"'{layer}' is not a quantized layer of this placement")
 
     def describe(self) -> str:
         """A fixed-width table: one row per quantizer (sharing group)."""
@@ -363,7 +368,7 @@ def _build_placement(graph, uf, tags, conv_inputs, residual_nodes, float_layers,
     for gid, root in enumerate(roots):
         readers = sorted(consumers.get(root, []), key=module_order.__getitem__)
         slots = residuals.get(root, [])
-        name = f"{readers[0]}._input_quantizer" if readers else f"{slots[0].owner}.{slots[0].attr}"
+        name = f"{readers[0]}.{INPUT_QUANTIZER}" if readers else f"{slots[0].owner}.{slots[0].attr}"
         group_tags = set().union(*(tags.get(n, set()) for n in members[root]))
         sites.append(QuantSite(name=name, consumers=readers, reason=_reason(readers, slots, group_tags),
                                group=gid, tensors=[n.name for n in members[root]], residuals=slots))

@@ -2,11 +2,11 @@
 
 ``prepare(model, qcfg)`` returns a deep copy in which
 
-- every quantized conv is a ``pytorch_quantization.nn.QuantConv2d`` / ``QuantConvTranspose2d``
+- every quantized conv is a ``QuantConv2d`` / ``QuantConvTranspose2d`` (``yoloq.quant.backend``)
   (weights per output channel: axis 0, axis 1 for ConvTranspose; 8 bit, narrow range, signed),
   keeping its module path, so state-dict keys stay those of the FP32 model;
 - input quantizers are *shared objects* per ``placement.analyze`` site (per tensor, 8 bit,
-  narrow range, signed): ``a._input_quantizer is b._input_quantizer`` for convs that must carry one
+  full int8 range, signed): ``input_quantizer(a) is input_quantizer(b)`` for convs that must carry one
   scale, so calibration, QAT and export keep them equal;
 - a module holding a quantized residual add (BottleRep) is re-traced into a ``GraphModule`` with a
   ``residual_quantizer`` before the residual operand (same child modules and parameters);
@@ -15,7 +15,7 @@
   per-channel symmetric weight quantization is exactly invariant to that per-channel scaling, so
   quantizing the folded kernel is what the engine runs.
 
-Skipped layers (``skip_layers`` / ``qcfg.skip_layers`` / ``set_layers_quantized(..., False)``):
+Skipped layers (``skip_layers`` / ``qcfg.partial.skip_layers`` / ``set_layers_quantized(..., False)``):
 weight quantizer disabled and the layer gets its *own disabled* input quantizer, so it reads the
 float tensor while the other readers of a shared site stay quantized; in the exported graph the
 skipped conv then has no Q/DQ in front of it. A residual quantizer follows the conv it fuses with.
@@ -38,20 +38,24 @@ from torch import nn
 from yoloq.config import QuantConfig
 from yoloq.errors import InputError
 from yoloq.quant.placement import Placement, PlacementTracer, ResidualSlot, analyze, is_add
-from yoloq.quant.scheme import (DEAD_AMAX, TensorQuantizer, activation_descriptor, new_input_quantizer,
-                                weight_descriptor)
+from yoloq.quant import backend
+from yoloq.quant.backend import TensorQuantizer, set_amax  # noqa: F401 - set_amax: callers import it from here
+from yoloq.quant.scheme import DEAD_AMAX, activation_descriptor, new_input_quantizer, weight_descriptor
 from yoloq.quant.state import QuantState, attach_state, has_quant_state, quant_state
-from pytorch_quantization import nn as quant_nn
 
 
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: Iterable[str] = ()) -> nn.Module:
-    """Deep copy of ``model`` (deploy form, FP32) with quantized convs and shared quantizers."""
+def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: Iterable[str] = (),
+            fold_bn: Optional[bool] = None) -> nn.Module:
+    """Deep copy of ``model`` (deploy form, FP32) with quantized convs and shared quantizers.
+    ``skip_layers`` (and ``qcfg.partial.skip_layers``) stay in float; ``fold_bn`` (default
+    ``qcfg.fold_qarepvgg_post_bn``) folds BNs surviving ``fuse()`` first."""
     qcfg = qcfg or QuantConfig()
+    fold_bn = qcfg.fold_qarepvgg_post_bn if fold_bn is None else fold_bn
     qmodel = copy.deepcopy(model).eval()
-    if qcfg.fold_qarepvgg_post_bn:
+    if fold_bn:
         from yoloq.models.common import fold_remaining_bn
         fold_remaining_bn(qmodel)
     placement = analyze(qmodel)
@@ -64,37 +68,28 @@ def prepare(model: nn.Module, qcfg: Optional[QuantConfig] = None, skip_layers: I
         q = new_input_quantizer()
         quantizers[site.name] = q
         for layer in site.consumers:
-            qmodel.get_submodule(layer)._input_quantizer = q
+            backend.set_input_quantizer(qmodel.get_submodule(layer), q)
     _insert_residual_quantizers(qmodel, placement, quantizers)
 
     attach_state(qmodel, QuantState(placement=placement, quantizers=quantizers, skip_layers=[],
-                                    fold_bn=bool(qcfg.fold_qarepvgg_post_bn)))
-    skips = list(dict.fromkeys(list(qcfg.skip_layers) + list(skip_layers)))
+                                    fold_bn=bool(fold_bn)))
+    skips = list(dict.fromkeys(list(qcfg.partial.skip_layers) + list(skip_layers)))
     if skips:
         set_layers_quantized(qmodel, skips, False)
     return qmodel
 
 
 def quant_conv_from(conv: nn.Module) -> nn.Module:
-    """A pytorch-quantization conv with ``conv``'s geometry holding its Parameters."""
-    common = dict(quant_desc_input=activation_descriptor())
+    """A quantized conv with ``conv``'s geometry holding its Parameters (the model is already a copy)."""
+    return backend.quant_conv(conv, activation_descriptor(), lambda c: weight_descriptor(_weight_axis(c)))
+
+
+def _weight_axis(conv: nn.Module) -> Optional[int]:
+    """Output channels: axis 0 of a Conv2d weight; axis 1 of a ConvTranspose2d's [in, out / groups,
+    kH, kW] (per tensor when grouped)."""
     if isinstance(conv, nn.ConvTranspose2d):
-        # weight [in, out / groups, kH, kW]: output channels are axis 1 (per-tensor if grouped)
-        axis = 1 if conv.groups == 1 else None
-        q = quant_nn.QuantConvTranspose2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                          conv.padding, conv.output_padding, conv.groups, conv.bias is not None,
-                                          conv.dilation, conv.padding_mode,
-                                          quant_desc_weight=weight_descriptor(axis), **common)
-    elif isinstance(conv, nn.Conv2d):
-        q = quant_nn.QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                 conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                                 conv.padding_mode, quant_desc_weight=weight_descriptor(0), **common)
-    else:
-        raise TypeError(f"cannot quantize {type(conv).__name__}; expected Conv2d or ConvTranspose2d")
-    q.weight = conv.weight          # the Parameters themselves (the model is already a copy)
-    q.bias = conv.bias
-    q.train(conv.training)
-    return q
+        return 1 if conv.groups == 1 else None
+    return 0
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -148,7 +143,7 @@ def input_quantizers(model: nn.Module) -> dict[str, nn.Module]:
 
 def weight_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """Per-channel weight quantizers by layer name."""
-    return {name: m._weight_quantizer for name, m in quant_layers(model).items()}
+    return {name: backend.weight_quantizer(m) for name, m in quant_layers(model).items()}
 
 
 def set_layers_quantized(model: nn.Module, names: Iterable[str], enabled: bool) -> None:
@@ -170,8 +165,7 @@ def set_layers_quantized(model: nn.Module, names: Iterable[str], enabled: bool) 
                              + (f" ({why})" if why else "") + (f"; did you mean '{hint[0]}'?" if hint else ""))
     changed = set(names)
     for name in changed:
-        wq = model.get_submodule(name)._weight_quantizer
-        wq.enable() if enabled else wq.disable()
+        backend.set_enabled(backend.weight_quantizer(model.get_submodule(name)), enabled)
     _move_bias_shifts(model, state, [n for n in changed if (n in state.skip_layers) == enabled], enabled)
     for site, holder, attr, layer in state.site_slots(model):
         if layer in changed:
@@ -200,27 +194,13 @@ def replace_input_quantizer(model: nn.Module, site_name: str, new: nn.Module) ->
     state = quant_state(model)
     if site_name not in state.quantizers:
         hint = difflib.get_close_matches(site_name, list(state.quantizers), n=1)
-        raise KeyError(f"no quantizer site '{site_name}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        raise InputError(f"replace_input_quantizer: no quantizer site '{site_name}'"
+                         + (f"; did you mean '{hint[0]}'?" if hint else ""))
     old = state.quantizers[site_name]
     for site, holder, attr, _ in state.site_slots(model):
         if site.name == site_name and getattr(holder, attr) is old:
             setattr(holder, attr, new)
     state.quantizers[site_name] = new
-
-
-def set_amax(quantizer: TensorQuantizer, amax: torch.Tensor) -> None:
-    """Set (or create) a quantizer's ``_amax`` buffer, float32, on the quantizer's device."""
-    amax = torch.as_tensor(amax, dtype=torch.float32).detach().clone()
-    old = getattr(quantizer, "_amax", None)
-    if isinstance(old, torch.Tensor):
-        amax = amax.to(old.device)
-        if old.shape == amax.shape:
-            with torch.no_grad():
-                old.copy_(amax)
-            return
-    if "_amax" in quantizer._buffers:
-        del quantizer._buffers["_amax"]
-    quantizer.register_buffer("_amax", amax)
 
 
 @torch.no_grad()
@@ -232,8 +212,8 @@ def fix_dead_channels(model: nn.Module, floor: float = DEAD_AMAX) -> int:
     if has_quant_state(model):      # site quantizers of skipped layers are held by no module
         modules += list(quant_state(model).quantizers.values())
     for module in {id(m): m for m in modules}.values():
-        amax = getattr(module, "_amax", None) if isinstance(module, TensorQuantizer) else None
-        if isinstance(amax, torch.Tensor):
+        amax = backend.get_amax(module) if isinstance(module, TensorQuantizer) else None
+        if amax is not None:
             bad = ~torch.isfinite(amax) | (amax <= 2.0 ** -24)
             if bad.any():
                 fixed += int(bad.sum())

@@ -43,11 +43,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 from tqdm import tqdm
 
 from yoloq.config import RECON_METHODS, ConfigError
+from yoloq.device import module_device, resolve_device
 from yoloq.quant.adaround import AdaRoundWeight, LearnedStepQuantizer, annealed_beta
+from yoloq.quant.batches import image_batches
 from yoloq.quant.metrics import power_ratio_db
-from yoloq.quant.prepare import set_amax
+from yoloq.quant import backend
+from yoloq.quant.backend import set_amax
 from yoloq.quant.recon_blocks import Block, BlockWalk, ReconstructionError, find_blocks, run_chunked
-from yoloq.quant.scheme import DEAD_AMAX, QMAX, TensorQuantizer, quiet_pytorch_quantization
+from yoloq.quant.backend import TensorQuantizer
+from yoloq.quant.scheme import DEAD_AMAX, QMAX
 from yoloq.quant.state import quant_state, quantizer_slots
 
 MIN_STEP = DEAD_AMAX / QMAX
@@ -65,7 +69,7 @@ class ReconOptions:
     drop_prob: float = 0.5          # QDrop: probability of keeping an activation element in float
     learn_act: bool = True          # learn the activation step sizes
     max_convs: int = 12             # block size limit (brecq / qdrop); adaround uses 1
-    device: str = "auto"            # auto | cpu | cuda
+    device: Optional[str] = None    # None: the quantized model's device; else auto | cpu | cuda | cuda:N
     chunk: int = 32                 # images per forward when computing block inputs / losses
     seed: int = 0
     progress: bool = True
@@ -79,28 +83,10 @@ class ReconOptions:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"reconstruction option {key}={getattr(self, key)!r} is out of range")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"reconstruction device '{self.device}' is not one of auto, cpu, cuda")
-
-    @classmethod
-    def from_quant_config(cls, qcfg, progress: bool = True) -> "ReconOptions":
-        """The options a ``QuantConfig`` (``quant.reconstruct`` and the ``recon_*`` keys) asks for."""
-        if qcfg.reconstruct not in RECON_METHODS:
-            raise ConfigError(f"quant.reconstruct: '{qcfg.reconstruct}' is not a reconstruction method "
-                              f"({', '.join(RECON_METHODS)})")
-        return cls(method=qcfg.reconstruct, iters=qcfg.recon_iters, batch_size=qcfg.recon_batch_size,
-                   reg_weight=qcfg.recon_lambda, drop_prob=qcfg.recon_drop_prob, device=qcfg.recon_device,
-                   seed=qcfg.seed, progress=progress)
 
     @property
     def block_size(self) -> int:
         return 1 if self.method == "adaround" else self.max_convs
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("reconstruction device 'cuda': no CUDA GPU is available (use cpu or auto)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 # --------------------------------------------------------------------------- losses
@@ -144,18 +130,19 @@ def _make_learnables(qmodel: nn.Module, block: Block, module: nn.Module, claimed
     rounding = {}
     for name in block.layers:
         conv = qmodel.get_submodule(name)
-        wq = conv._weight_quantizer
-        if isinstance(wq, TensorQuantizer) and not wq._disabled and getattr(wq, "_amax", None) is not None:
-            rounding[name] = AdaRoundWeight(conv.weight, wq._amax)
+        wq = backend.weight_quantizer(conv)
+        if isinstance(wq, TensorQuantizer) and backend.is_enabled(wq) and backend.get_amax(wq) is not None:
+            rounding[name] = AdaRoundWeight(conv.weight, backend.get_amax(wq))
     steps = {}
     for slot in quantizer_slots(module, (TensorQuantizer,)):
         q = slot.quantizer
-        if slot.is_weight or q._disabled or id(q) in steps or getattr(q, "_amax", None) is None:
+        amax = backend.get_amax(q)
+        if slot.is_weight or not backend.is_enabled(q) or id(q) in steps or amax is None:
             continue
         learn = opts.learn_act and id(q) not in claimed
-        wrapper = LearnedStepQuantizer(q._amax, learn, opts.drop_prob if opts.method == "qdrop" else 0.0)
+        wrapper = LearnedStepQuantizer(amax, learn, opts.drop_prob if opts.method == "qdrop" else 0.0)
         wrapper.generator = generator
-        steps[id(q)] = (q, wrapper.to(q._amax.device))
+        steps[id(q)] = (q, wrapper.to(amax.device))
     return _Learnables(rounding, steps)
 
 
@@ -164,7 +151,7 @@ def _swapped_in(qmodel: nn.Module, module: nn.Module, learn: _Learnables):
     """Put the AdaRound / learned-step modules in place of the block's quantizers; always put the
     originals back. The block's own parameters are frozen meanwhile."""
     convs = {name: qmodel.get_submodule(name) for name in learn.rounding}
-    saved_w = {name: conv._weight_quantizer for name, conv in convs.items()}
+    saved_w = {name: backend.weight_quantizer(conv) for name, conv in convs.items()}
     act_slots = [s for s in quantizer_slots(module, (TensorQuantizer,)) if id(s.quantizer) in learn.steps]
     saved_a = [(s.holder, s.attr, s.quantizer) for s in act_slots]
     grads = {p: p.requires_grad for p in module.parameters()}
@@ -172,13 +159,13 @@ def _swapped_in(qmodel: nn.Module, module: nn.Module, learn: _Learnables):
         for p in grads:
             p.requires_grad_(False)
         for name, conv in convs.items():
-            conv._weight_quantizer = learn.rounding[name].to(conv.weight.device)
+            backend.set_weight_quantizer(conv, learn.rounding[name].to(conv.weight.device))
         for holder, attr, q in saved_a:
             setattr(holder, attr, learn.steps[id(q)][1])
         yield
     finally:
         for name, conv in convs.items():
-            conv._weight_quantizer = saved_w[name]
+            backend.set_weight_quantizer(conv, saved_w[name])
         for holder, attr, q in saved_a:
             setattr(holder, attr, q)
         for p, flag in grads.items():
@@ -275,19 +262,6 @@ def reconstruct_block(qmodel: nn.Module, block: Block, args: tuple, kwargs: dict
 # --------------------------------------------------------------------------- the model
 
 
-def _images(batches: Iterable) -> torch.Tensor:
-    out = []
-    for b in batches:
-        if isinstance(b, (list, tuple)) and b and isinstance(b[0], torch.Tensor):
-            b = b[0]
-        if not isinstance(b, torch.Tensor) or b.dim() != 4:
-            raise ReconstructionError(f"reconstruction batches must be [B,3,H,W] tensors, got {type(b).__name__}")
-        out.append(b)
-    if not out:
-        raise ReconstructionError("reconstruction got no calibration images")
-    return torch.cat(out)
-
-
 @contextmanager
 def _on_device(models: list[nn.Module], device: torch.device):
     homes = [next(m.parameters()).device for m in models]
@@ -312,16 +286,16 @@ def reconstruct(qmodel: nn.Module, fp32_model: nn.Module, batches: Iterable, opt
     if state.qat_kind:
         raise ReconstructionError(f"reconstruction works on PTQ models (pytorch-quantization TensorQuantizers); "
                                   f"this one carries QAT quantizers ({state.qat_kind})")
-    images = _images(batches)
+    images = torch.cat(image_batches(batches, "reconstruction"))
     images = images[:max_images] if max_images else images
-    device = resolve_device(opts.device)
+    device = module_device(qmodel) if opts.device is None else resolve_device(opts.device)
     blocks, graph = find_blocks(qmodel, opts.block_size)
     start, cpu_start = time.perf_counter(), time.process_time()
     records: list[dict] = []
     claimed: set[int] = set()
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     total = len(blocks) * opts.iters
-    with _on_device([qmodel, fp32_model], device), quiet_pytorch_quantization(), \
+    with _on_device([qmodel, fp32_model], device), backend.quiet(), \
             tqdm(total=total, desc=f"reconstruct ({opts.method})", disable=not opts.progress) as bar:
         def visit(block: Block, q_args, q_kwargs, fp_args, fp_kwargs):
             target = run_chunked(fp32_model.get_submodule(block.name), fp_args, fp_kwargs, opts.chunk)

@@ -12,19 +12,15 @@ description of one quantizer.
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-from absl import logging as absl_logging
 from torch import nn
 
-with warnings.catch_warnings():       # pytorch-quantization 2.1.3 uses torch.jit.script at import
-    warnings.simplefilter("ignore", FutureWarning)
-    from pytorch_quantization.nn import TensorQuantizer
-    from pytorch_quantization.tensor_quant import QuantDescriptor
+from yoloq.quant import backend
+from yoloq.quant.backend import TensorQuantizer
 
 NUM_BITS = 8
 QMAX = 127                        # scale = amax / QMAX for activations and weights
@@ -35,28 +31,23 @@ WEIGHT_RANGE = (-QMAX, QMAX)      # weight levels (narrow range)
 DEAD_AMAX = 1e-4
 
 
-def activation_descriptor() -> QuantDescriptor:
-    return QuantDescriptor(num_bits=NUM_BITS, axis=None, unsigned=False, narrow_range=False, calib_method="max")
+def activation_descriptor():
+    """Activations: per tensor, full int8 range (-128..127)."""
+    return backend.descriptor(NUM_BITS, None, narrow_range=False)
 
 
-def weight_descriptor(axis: Optional[int]) -> QuantDescriptor:
-    return QuantDescriptor(num_bits=NUM_BITS, axis=None if axis is None else (axis,), unsigned=False,
-                           narrow_range=True, calib_method="max")
+def weight_descriptor(axis: Optional[int]):
+    """Weights: per output channel along ``axis`` (None: per tensor), narrow range (-127..127)."""
+    return backend.descriptor(NUM_BITS, axis, narrow_range=True)
 
 
 def new_input_quantizer(disabled: bool = False) -> TensorQuantizer:
-    return TensorQuantizer(activation_descriptor(), disabled=disabled)
+    return backend.tensor_quantizer(NUM_BITS, None, narrow_range=False, disabled=disabled)
 
 
-@contextmanager
-def quiet_pytorch_quantization():
-    """pytorch-quantization logs a line per quantizer for every enable / disable / amax load."""
-    old = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logging.set_verbosity(old)
+def new_weight_quantizer(axis: Optional[int]) -> TensorQuantizer:
+    return backend.tensor_quantizer(NUM_BITS, axis, narrow_range=True)
+
 
 
 def fake_quant(x: torch.Tensor, amax: torch.Tensor, qmin: float = WEIGHT_RANGE[0]) -> torch.Tensor:
@@ -83,19 +74,14 @@ def is_quantizer(module: nn.Module) -> bool:
 @contextmanager
 def quantizers_off(model: nn.Module) -> Iterator[None]:
     """Every quantizer of ``model`` passes values through (the FP32 network) for the block."""
-    saved = []
-    for m in {id(m): m for m in model.modules() if isinstance(m, QUANTIZER_TYPES)}.values():
-        if isinstance(m, TensorQuantizer):
-            saved.append((m, "_disabled", m._disabled))
-            m._disabled = True
-        elif hasattr(m, "enabled"):
-            saved.append((m, "enabled", m.enabled))
-            m.enabled = False
+    saved = [(m, is_enabled(m)) for m in {id(m): m for m in model.modules() if isinstance(m, QUANTIZER_TYPES)}.values()]
     try:
+        for m, _ in saved:
+            set_enabled(m, False)
         yield
     finally:
-        for m, attr, value in saved:
-            setattr(m, attr, value)
+        for m, enabled in saved:
+            set_enabled(m, enabled)
 
 
 @dataclass
@@ -113,12 +99,12 @@ class QDQSpec:
 
 def tensor_quantizer_spec(q: TensorQuantizer) -> QDQSpec:
     """QDQSpec of a calibrated pytorch-quantization TensorQuantizer: scale = amax / 127."""
-    amax = getattr(q, "_amax", None)
+    amax = backend.get_amax(q)
     if amax is None:
         raise ValueError("TensorQuantizer has no amax: calibrate it first")
     axis = q.axis[0] if isinstance(q.axis, (tuple, list)) else q.axis
     return QDQSpec(scale=(amax.detach().flatten() if axis is not None else amax.detach().reshape(())) / QMAX,
-                   axis=axis, enabled=not q._disabled)
+                   axis=axis, enabled=backend.is_enabled(q))
 
 
 def export_spec(q: nn.Module) -> QDQSpec:
@@ -131,4 +117,12 @@ def export_spec(q: nn.Module) -> QDQSpec:
 
 
 def is_enabled(q: nn.Module) -> bool:
-    return not q._disabled if isinstance(q, TensorQuantizer) else bool(getattr(q, "enabled", True))
+    return backend.is_enabled(q) if isinstance(q, TensorQuantizer) else bool(getattr(q, "enabled", True))
+
+
+def set_enabled(q: nn.Module, enabled: bool) -> None:
+    """Any quantizer on or off (pytorch-quantization's through the backend, learnable ones by flag)."""
+    if isinstance(q, TensorQuantizer):
+        backend.set_enabled(q, enabled)
+    elif hasattr(q, "enabled"):
+        q.enabled = bool(enabled)

@@ -3,7 +3,7 @@
 The fast metric needs no labels and never touches validation data: a handful of *calibration*
 batches go through the FP32 model once (references), then through the calibrated quantized model
 in one configuration per layer, and the detector outputs are compared with
-``yoloq.quant.calibrate.output_error`` (SQNR of class scores and of score-weighted boxes, dB).
+``yoloq.quant.metrics.output_error`` (SQNR of class scores and of score-weighted boxes, dB).
 
 Two modes:
 
@@ -29,7 +29,8 @@ from yoloq.errors import InputError
 from yoloq.config import SensitivityMode, choices
 from yoloq.quant.metrics import output_error
 from yoloq.quant.prepare import quant_layers, set_layers_quantized
-from yoloq.quant.scheme import quiet_pytorch_quantization
+from yoloq.device import module_device
+from yoloq.quant import backend
 from yoloq.quant.state import quant_state
 
 MODES = choices(SensitivityMode)
@@ -37,7 +38,8 @@ MODES = choices(SensitivityMode)
 
 @torch.no_grad()
 def _outputs(model: nn.Module, images: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([model(x) for x in images])
+    device = module_device(model)
+    return torch.cat([model(x.to(device)) for x in images])
 
 
 @torch.no_grad()
@@ -65,7 +67,7 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
     refs = _outputs(fp32_model, images)
     saved_skips = list(quant_state(qmodel).skip_layers)
     rows = []
-    with quiet_pytorch_quantization():
+    with backend.quiet():
         try:
             # reference point: everything quantized (skip-one) or nothing (quantize-one)
             set_layers_quantized(qmodel, all_layers, mode == "skip-one")

@@ -10,7 +10,8 @@ later stage reads and updates that one object instead of loose attributes:
 - ``calib``: calibration statistics, the method used and how many images it saw;
 - ``qat_kind``: the learnable quantizers swapped in by QAT (``pact``, ``lsqplus-symmetric`` ...);
 - ``bias_shifts``: layer -> what bias correction subtracted from its bias (``yoloq.quant.bias_correct``);
-  the correction belongs to the layer's weight rounding, so a layer kept in float gets it back.
+  the correction belongs to the layer's weight rounding, so a layer kept in float gets it back;
+- ``records``: what each step of ``yoloq.quant.quantize`` did (a report's material; not saved).
 
 A deep copy of the model copies its state consistently (the site map points at the copied
 quantizers), which is what ``copy.deepcopy`` of an ``nn.Module`` attribute does.
@@ -28,6 +29,7 @@ from typing import Callable, Iterator, Optional
 from torch import nn
 
 from yoloq.errors import InputError
+from yoloq.quant.backend import INPUT_QUANTIZER, WEIGHT_QUANTIZER
 from yoloq.quant.placement import Placement, QuantSite
 from yoloq.quant.scheme import QUANTIZER_TYPES
 
@@ -51,13 +53,14 @@ class QuantState:
     calib: CalibrationState = field(default_factory=CalibrationState)
     qat_kind: Optional[str] = None
     bias_shifts: dict = field(default_factory=dict)   # layer -> tensor subtracted from its bias
+    records: dict = field(default_factory=dict)       # step name -> what quantize() recorded
 
     def site_slots(self, model: nn.Module) -> Iterator[tuple[QuantSite, nn.Module, str, str]]:
         """Every place a site quantizer is held: (site, holder module, attribute, the layer whose
         quantized / float status decides it)."""
         for site in self.placement.sites:
             for layer in site.consumers:
-                yield site, model.get_submodule(layer), "_input_quantizer", layer
+                yield site, model.get_submodule(layer), INPUT_QUANTIZER, layer
             for slot in site.residuals:
                 yield site, model.get_submodule(slot.owner), slot.attr, slot.fusing_layer
 
@@ -102,7 +105,7 @@ class Slot:
 
     @property
     def is_weight(self) -> bool:
-        return self.attr == "_weight_quantizer"
+        return self.attr == WEIGHT_QUANTIZER
 
 
 def quantizer_slots(model: nn.Module, types: tuple = QUANTIZER_TYPES) -> Iterator[Slot]:

@@ -18,9 +18,10 @@ from torch import nn
 
 from yoloq.quant.learnable import (KINDS, LEARNABLE, LSQ_MODES, PACT_VARIANTS, ZMAX, ZMIN, LSQActQuantizer,
                                    LSQWeightQuantizer, PACTQuantizer)
-from yoloq.quant.prepare import set_amax
-from yoloq.quant.scheme import (ACT_RANGE, QMAX, TensorQuantizer, activation_descriptor, is_enabled,
-                                quantizers_off, weight_descriptor)
+from yoloq.quant import backend
+from yoloq.quant.backend import set_amax
+from yoloq.quant.scheme import (ACT_RANGE, QMAX, TensorQuantizer, is_enabled, new_input_quantizer,
+                                new_weight_quantizer, quantizers_off)
 from yoloq.quant.state import Slot, has_quant_state, quant_state, quantizer_slots, replace_quantizers
 
 
@@ -118,7 +119,7 @@ def lsq_init(x: torch.Tensor, lo: float, hi: float, mode: str, amax: Optional[fl
 
 
 def _amax_of(q: TensorQuantizer, where: str) -> torch.Tensor:
-    amax = getattr(q, "_amax", None)
+    amax = backend.get_amax(q)
     if amax is None:
         raise ValueError(f"{where}: quantizer has no amax; calibrate the model before swap_quantizers")
     amax = amax.detach().float()
@@ -198,18 +199,17 @@ def _new_activation_quantizer(kind: str, mode: str, amax: float, stats: Optional
 
 def _tensor_quantizer_like(q: nn.Module) -> TensorQuantizer:
     if isinstance(q, LSQWeightQuantizer):
-        tq = TensorQuantizer(weight_descriptor(q.axis))
+        tq = new_weight_quantizer(q.axis)
         amax = q.scale.detach() * QMAX
         if q.axis is not None:
             shape = [1] * 4
             shape[q.axis] = -1
             amax = amax.reshape(shape)
     else:
-        tq = TensorQuantizer(activation_descriptor())
+        tq = new_input_quantizer()
         amax = q.alpha.detach().clone() if isinstance(q, PACTQuantizer) else q.scale.detach() * QMAX
     set_amax(tq, amax)
-    if not q.enabled:
-        tq.disable()
+    backend.set_enabled(tq, bool(q.enabled))
     return tq
 
 

@@ -76,3 +76,75 @@ def load_calibration_set(data_cfg: DataConfig, n_images: int, img_size: int, bat
         raise InputError(f"calibration: none of the {len(files)} chosen images in {data_cfg.train_images} "
                          f"could be read")
     return CalibrationSet(batches=batches, files=files)
+
+
+# --------------------------------------------------------------------------- what a run ran on
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process and of its finished children (data loader workers),
+    and the peak CUDA memory allocated on ``device`` (None on the CPU), in MiB."""
+    import resource
+    kib = 1024.0                                    # Linux reports ru_maxrss in KiB
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib
+    cuda = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return {"peak_rss_mib": round(own, 1), "peak_rss_children_mib": round(children, 1),
+            "peak_cuda_mib": None if cuda is None else round(cuda, 1), "device": str(device)}
+
+
+def run_environment(device: torch.device) -> dict:
+    """Versions, thread count, CPU and device: what the numbers of a run depend on besides its inputs."""
+    import platform
+    from yoloq.quant import backend
+    try:
+        import onnxruntime
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    env = {"python": platform.python_version(), "torch": torch.__version__, "pytorch_quantization": backend.version(),
+           "onnxruntime": ort, "threads": torch.get_num_threads(), "cpu": _cpu_model(), "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform.processor()`` elsewhere)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@contextmanager
+def thread_invariant_kernels(enabled: bool = True):
+    """Within the block, convolutions run on PyTorch's own kernels instead of oneDNN's on the CPU
+    (and cuDNN picks deterministic algorithms on a GPU). oneDNN splits some convolutions differently
+    with the thread count, so their float32 outputs differ in the last bits, and fake quantization
+    turns a few of those into whole-level flips that carry to the mAP (docs/results.md, determinism).
+    PyTorch's kernels give the same bits with any thread count, at 1.3-2x the CPU time."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with torch.backends.mkldnn.flags(enabled=False), \
+            cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=cudnn.allow_tf32):
+        yield
+
+
+def conv_kernels(thread_invariant: bool) -> str:
+    """How the report names the kernels a run used."""
+    if thread_invariant:
+        return "pytorch (thread-count independent)"
+    return "onednn" if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else "pytorch"

@@ -1,10 +1,10 @@
-"""Partial quantization: which layers stay in floating point, chosen on labeled *train* images.
+"""The selection set of partial quantization: COCO AP on labeled *train* images.
 
-``--skip-layers K`` keeps the K layers the fast sensitivity metric ranks worst in float;
-``max_drop`` searches the smallest such K whose COCO AP drop on a selection set of labeled train
-images (disjoint from the calibration images where the split has enough) is <= the target;
-``sensitivity: map`` confirms the top of the ranking with that mAP. Validation images are never
-used here, so the number of float layers is not tuned on the images the report scores.
+``quant.partial.max_drop`` searches the fewest float layers whose AP drop on a selection set of
+labeled train images (disjoint from the calibration images where the split has enough) is <= the
+target, and ``quant.sensitivity.metric: map`` confirms the top of the ranking with that AP
+(``yoloq.quant.partial`` does both; this module only measures). Validation images are never used
+here, so the number of float layers is not tuned on the images the report scores.
 """
 from __future__ import annotations
 
@@ -12,17 +12,13 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from torch import nn
-from tqdm import tqdm
 
 from yoloq.config import DataConfig, EvalConfig, QuantConfig
 from yoloq.errors import InputError
 from yoloq.eval.coco_eval import evaluate_model
-from yoloq.quant.prepare import set_layers_quantized
-from yoloq.quant.sensitivity import search_skip_count
-from yoloq.quant.state import quant_state
 
 
 def selection_data(data_cfg: DataConfig, calib_files: Sequence[str], n: int, seed: int,
@@ -66,7 +62,7 @@ class Selection:
 
     def __init__(self, fp32: nn.Module, data_cfg: DataConfig, calib_files: Sequence[str], qcfg: QuantConfig,
                  eval_cfg: EvalConfig, img_size: int, scratch: Path):
-        self.data, self.info = selection_data(data_cfg, calib_files, qcfg.select_images, qcfg.seed, scratch)
+        self.data, self.info = selection_data(data_cfg, calib_files, qcfg.partial.select_images, qcfg.seed, scratch)
         self.eval_cfg = dataclasses.replace(eval_cfg, val_ann="val_ann")
         self.img_size = img_size
         self.fp32_ap = self.ap(fp32)
@@ -76,53 +72,3 @@ class Selection:
 
     def drop(self, qmodel: nn.Module) -> float:
         return (self.fp32_ap - self.ap(qmodel)) * 100.0
-
-
-def partial_quantization(qmodel: nn.Module, sensitivity: dict, selection: Optional[Selection],
-                         qcfg: QuantConfig, skip_count: Optional[int], progress: bool) -> dict:
-    """Keep the most sensitive layers in float: a fixed count (``skip_count``) or the smallest count
-    whose AP drop on the selection set is <= ``qcfg.max_drop``. Layers named in ``skip_layers``
-    stay in float throughout and are not counted."""
-    explicit = set(quant_state(qmodel).skip_layers)
-    ranked = [r["layer"] for r in sensitivity["ranking"] if r["layer"] not in explicit]
-
-    def keep_in_float(layers: Sequence[str]) -> None:
-        set_layers_quantized(qmodel, ranked, True)
-        if layers:
-            set_layers_quantized(qmodel, list(layers), False)
-
-    if skip_count:
-        keep_in_float(ranked[:skip_count])
-        return {"mode": f"--skip-layers {skip_count} (most sensitive by the fast metric)", "k": skip_count}
-    if qcfg.max_drop is None:
-        return {"mode": None}
-
-    def measure(layers: list[str]) -> float:
-        keep_in_float(layers)
-        return selection.drop(qmodel)
-
-    k, trace = search_skip_count(ranked, measure, qcfg.max_drop, max_k=qcfg.max_skip, progress=progress)
-    keep_in_float(ranked[:k])
-    note = (f"searched on {selection.info['images']} labeled train images "
-            f"({selection.info['disjoint_from_calibration']} not used for calibration), "
-            f"FP32 AP there {selection.fp32_ap * 100:.2f}; never on val")
-    if all(t["drop"] > qcfg.max_drop for t in trace):
-        note += f"; target not reached: kept the {k} most sensitive layers in float"
-    return {"mode": f"--max-drop {qcfg.max_drop}", "k": k, "search": trace,
-            "metric": "AP drop (points) on labeled train images", "note": note}
-
-
-def confirm_with_map(qmodel: nn.Module, sensitivity: dict, selection: Selection, top: int, progress: bool) -> None:
-    """For the ``top`` most sensitive layers: selection-set AP drop with that layer alone in float
-    (everything else as currently configured); stored as ``map_drop`` on the ranking rows."""
-    current = list(quant_state(qmodel).skip_layers)
-    base = selection.drop(qmodel)
-    sensitivity["map_reference_drop"] = base
-    for row in tqdm(sensitivity["ranking"][:top], desc="sensitivity (mAP)", disable=not progress):
-        if row["layer"] in current:
-            continue
-        set_layers_quantized(qmodel, [row["layer"]], False)
-        row["map_drop"] = selection.drop(qmodel)
-        set_layers_quantized(qmodel, [row["layer"]], True)
-    sensitivity["map_metric"] = ("AP drop (points) vs FP32 on labeled train images with this layer kept in float; "
-                                 f"all layers quantized: {base:.2f}")

@@ -1,13 +1,14 @@
 """Post-training quantization, end to end: ``run_ptq(cfg, ...) -> PTQResult``.
 
-    load cfg + weights -> fuse -> [equalize] -> prepare -> [SE float, channel scaling]
-      -> calibrate (train images) -> [bias correction] -> [block reconstruction] -> FP32 eval (val)
-      -> [sensitivity -> partial quantization] -> diagnosis -> INT8 eval (val)
+    load cfg + weights -> calibration images (train)
+      -> yoloq.quant.quantize(fp32, recipe_from_config(cfg.quant), calibration images):
+         [equalize] -> prepare -> [SE float, channel scaling] -> calibrate -> [bias correction]
+         -> [block reconstruction] -> [sensitivity -> partial quantization]
+      -> FP32 eval (val) -> diagnosis -> INT8 eval (val)
       -> runs/ptq/<name>/{report.md, report.json, *.png, quant.pt}
 
-The bracketed transforms (``yoloq.recipes.transforms``) are switched by ``cfg.quant`` (``equalize``,
-``se_float``, ``channel_scale``, ``bias_correction``; ``auto`` decides on calibration images);
-reconstruction (``yoloq.quant.reconstruct``) by ``cfg.quant.reconstruct``.
+This module only does the data, the evaluation and the report around ``yoloq.quant.quantize``;
+the steps and their automatic choice are ``yoloq.quant.recipe`` / ``yoloq.quant.recipe_config``.
 Every quantization setting lives in ``cfg.quant`` (command-line flags arrive as overrides of it);
 ``PTQOptions`` only says what one run reads and writes. Data discipline: calibration, the automatic
 method choice, the sensitivity ranking and the ``max_drop`` search only ever see *train* images
@@ -17,29 +18,31 @@ the end, so a failed or interrupted run leaves no partial report. Runs are deter
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from yoloq.config import Config, DataConfig, load_config, load_data_config
+from yoloq.device import resolve_device
 from yoloq.distributed import output_dir_on_main
-from yoloq.errors import InputError, YoloqError
+from yoloq.errors import YoloqError
 from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import check_run_folder, staging_dir
 from yoloq.models import load_model
 from yoloq.models.build import NO_WEIGHTS_HINT
-from yoloq.quant.calibrate import calibrate, calibrate_auto
-from yoloq.quant.prepare import prepare
+from yoloq.quant.recipe import RecipeError, quantize
+from yoloq.quant.recipe_config import recipe_from_config, report_record
 from yoloq.quant.state import quant_state
-from yoloq.recipes.common import CalibrationSet, StageTimer, align_classes, load_calibration_set, seed_everything
-from yoloq.recipes.partial import Selection, confirm_with_map, partial_quantization
+from yoloq.recipes.common import (CalibrationSet, StageTimer, align_classes, conv_kernels, load_calibration_set,
+                                  peak_memory, reset_peak_memory, run_environment, seed_everything,
+                                  thread_invariant_kernels)
+from yoloq.recipes.partial import Selection
 from yoloq.report.common import stat_drop
 from yoloq.report.ptq import write_report
 
@@ -60,6 +63,8 @@ class PTQOptions:
     plots: bool = True
     print_placement: bool = False
     progress: bool = True
+    device: str = "auto"                        # every stage runs here (yoloq.device names)
+    thread_invariant: bool = False              # PyTorch's conv kernels: the same numbers with any thread count
 
 
 @dataclass
@@ -134,7 +139,7 @@ def resolve(cfg: Config | str | os.PathLike, quant: Optional[dict] = None, eval:
 def _check_options(opts: PTQOptions, cfg: Config) -> None:
     if opts.skip_count is not None and opts.skip_count < 0:
         raise PTQError(f"--skip-layers must be >= 0, got {opts.skip_count}")
-    if opts.skip_count is not None and cfg.quant.max_drop is not None:
+    if opts.skip_count is not None and cfg.quant.partial.max_drop is not None:
         raise PTQError("--skip-layers and --max-drop both choose how many layers stay in float: give one")
     if opts.max_images is not None and opts.max_images < 1:
         raise PTQError(f"--max-images must be >= 1, got {opts.max_images}")
@@ -143,27 +148,43 @@ def _check_options(opts: PTQOptions, cfg: Config) -> None:
 # --------------------------------------------------------------------------- stages
 
 
-def _calibrate(run: PTQRun, fp32: nn.Module) -> None:
-    qcfg = run.cfg.quant
-    if qcfg.calib == "auto":
-        info = calibrate_auto(run.qmodel, run.calib.batches, fp32, list(qcfg.auto_methods), num_bins=qcfg.num_bins,
-                              score_batches=max(1, -(-qcfg.auto_images // qcfg.batch_size)),
-                              progress=run.opts.progress)
-        run.calib_info = {"requested": "auto", "method": info["method"], "auto_errors": info["errors"],
-                          "auto_metric": info["metric"], "auto_images": info["images"]}
-    else:
-        calibrate(run.qmodel, run.calib.batches, qcfg.calib, qcfg.percentile, num_bins=qcfg.num_bins,
-                  progress=run.opts.progress)
-        run.calib_info = {"requested": qcfg.calib, "method": quant_state(run.qmodel).calib.method}
+def run_quantization(cfg: Config, data_cfg: DataConfig, fp32: nn.Module, calib: CalibrationSet, *,
+                     skip_count: Optional[int] = None, rank: bool = False, timer: Optional[StageTimer] = None,
+                     scratch: Optional[Path] = None, progress: bool = False) -> PTQRun:
+    """The quantization ``cfg.quant`` asks for (``yoloq.quant.recipe_from_config`` run by
+    ``yoloq.quant.quantize``) on ``calib``, with the selection set of ``max_drop`` / sensitivity
+    ``map`` on labeled train images: ``run.qmodel`` and the stage records, no val evaluation
+    (what ``run_ptq``, ``yoloq.ptq`` and ``yoloq bench-ptq`` share). ``scratch`` holds the selection
+    set's annotation file (a temporary folder when None)."""
+    run = PTQRun(name=cfg.model.name, cfg=cfg, data_cfg=data_cfg, opts=PTQOptions(progress=progress))
+    run.calib, run.timer = calib, timer or StageTimer()
+    recipe = recipe_from_config(cfg.quant, skip_count=skip_count, rank=rank)
+    with contextlib.ExitStack() as stack:
+        folder = scratch or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        select = lambda: Selection(fp32, data_cfg, calib.files, cfg.quant, cfg.eval, cfg.model.img_size, folder)  # noqa: E731
+        try:
+            run.qmodel = quantize(fp32, recipe, calib.batches, progress=progress, timer=run.timer, select=select)
+        except RecipeError as err:          # unknown skip layer names, too many layers to skip
+            raise PTQError(f"{cfg.path or 'config'}: quant: {err}") from err
+    records = quant_state(run.qmodel).records
+    run.calib_info = records["calibration"]
+    run.transforms = report_record(cfg.quant, records, run.timer.times)
+    run.reconstruction = records.get("reconstruction")
+    run.sensitivity = records.get("sensitivity")
+    run.partial = records.get("partial", {"mode": None})
+    run.selection = records.get("selection")
+    return run
 
 
-def _reconstruct(run: PTQRun, fp32: nn.Module) -> None:
-    """AdaRound / BRECQ / QDrop on the calibration images (yoloq.quant.reconstruct)."""
-    from yoloq.quant.reconstruct import ReconOptions, reconstruct
-    qcfg = run.cfg.quant
-    images = min(qcfg.recon_images or run.calib.images, run.calib.images)
-    run.reconstruction = reconstruct(run.qmodel, fp32, run.calib.first(images),
-                                     ReconOptions.from_quant_config(qcfg, run.opts.progress))
+def _log_quantization(run: PTQRun) -> None:
+    log = _logger(run.opts)
+    if run.transforms.get("auto_trials"):
+        log(f"transforms auto: {run.transforms['plan']}")
+    log(f"calibration: {run.calib_info['method']} on {run.calib.images} train images")
+    rec = run.reconstruction
+    if rec:
+        log(f"reconstruction: {rec['method']}, {len(rec['blocks'])} blocks ({rec['improved']} improved) "
+            f"on {rec['images']} train images")
 
 
 def _evaluate(run: PTQRun, model: nn.Module) -> EvalResult:
@@ -171,101 +192,30 @@ def _evaluate(run: PTQRun, model: nn.Module) -> EvalResult:
                           progress=run.opts.progress)
 
 
-def _prepare(run: PTQRun, fp32: nn.Module) -> None:
-    try:
-        run.qmodel = prepare(fp32, run.cfg.quant)
-    except InputError as err:              # unknown skip layer names etc.
-        raise PTQError(f"{run.cfg.path}: quant: {err}") from err
-    state = quant_state(run.qmodel)
-    free = len(state.placement.layers) - len(state.skip_layers)
-    if run.opts.skip_count and run.opts.skip_count > free:
-        raise PTQError(f"--skip-layers {run.opts.skip_count}: only {free} quantized layers to choose from")
-    if run.opts.print_placement:
-        print(state.placement.describe())
-
-
-def _choose_float_layers(run: PTQRun, fp32: nn.Module, scratch: Path) -> None:
-    """Sensitivity ranking, then --skip-layers / max_drop, then the optional mAP confirmation."""
-    from yoloq.quant.sensitivity import layer_sensitivity
-    qcfg, opts, timer = run.cfg.quant, run.opts, run.timer
-    with timer.stage("sensitivity"):
-        run.sensitivity = layer_sensitivity(run.qmodel, fp32, run.calib.first(qcfg.sensitivity_images),
-                                            qcfg.sensitivity_mode, progress=opts.progress)
-    selection = None
-    if qcfg.sensitivity == "map" or qcfg.max_drop is not None:
-        with timer.stage("selection_fp32"):
-            selection = Selection(fp32, run.data_cfg, run.calib.files, qcfg, run.cfg.eval, run.cfg.model.img_size,
-                                  scratch)
-        run.selection = selection.info
-    with timer.stage("partial_search" if qcfg.max_drop is not None else "partial"):
-        run.partial = partial_quantization(run.qmodel, run.sensitivity, selection, qcfg, opts.skip_count,
-                                           opts.progress)
-    if qcfg.sensitivity == "map":
-        with timer.stage("sensitivity_map"):
-            confirm_with_map(run.qmodel, run.sensitivity, selection, qcfg.confirm_top, opts.progress)
-
-
-def _quantize(run: PTQRun, fp32: nn.Module) -> None:
-    """[equalize] -> prepare -> [SE float, channel scaling] -> calibrate -> [bias correction]
-    -> [reconstruction]."""
-    from yoloq.recipes import transforms as tf
-    qcfg, timer, log = run.cfg.quant, run.timer, _logger(run.opts)
-    images = torch.cat(run.calib.first(qcfg.transform_images))
-    steps = tf.Transforms(fp32, qcfg, images, timer, progress=run.opts.progress)
-    plan, trials = tf.plan_from_config(qcfg), []
-    if tf.needs_search(qcfg):
-        with timer.stage("transforms_auto"):
-            plan, trials = steps.search(qcfg)
-        log(f"transforms auto: {plan.label()}")
-
-    def prepare_timed(source: nn.Module) -> nn.Module:
-        with timer.stage("prepare"):
-            _prepare(run, source)
-        return run.qmodel
-
-    steps.build(plan, prepare_timed)
-    with timer.stage("calibrate"):          # before the FP32 evaluation: NaN / inf activations fail in seconds
-        _calibrate(run, fp32)
-    log(f"calibration: {run.calib_info['method']} on {run.calib.images} train images")
-    if plan.bias_correction:
-        steps.records["bias_correction"] = steps.correct_biases(run.qmodel)
-    run.transforms = tf.report_record(plan, qcfg, steps.records, trials, timer.times)
-    if qcfg.reconstruct != "off":
-        with timer.stage("reconstruct"):
-            _reconstruct(run, steps.source(plan))      # the FP32 model the quantized one was prepared from
-        rec = run.reconstruction
-        log(f"reconstruction: {rec['method']}, {len(rec['blocks'])} blocks ({rec['improved']} improved) "
-            f"on {rec['images']} train images")
-
-
-def quantize(cfg: Config, data_cfg: DataConfig, fp32: nn.Module, calib: CalibrationSet,
-             progress: bool = False) -> PTQRun:
-    """Only the quantization stages of ``cfg.quant`` (transforms, calibration, bias correction,
-    reconstruction) on ``calib``: ``run.qmodel`` and the stage records, no evaluation or report
-    (what ``yoloq bench-ptq`` compares with other tools)."""
-    run = PTQRun(name=cfg.model.name, cfg=cfg, data_cfg=data_cfg, opts=PTQOptions(progress=progress))
-    run.calib = calib
-    _quantize(run, fp32)
-    return run
-
-
 def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
+    """Load, quantize (calibration first: NaN / inf activations fail in seconds), evaluate FP32,
+    diagnose, evaluate INT8."""
     cfg, qcfg, timer, log = run.cfg, run.cfg.quant, run.timer, _logger(run.opts)
     with timer.stage("load"):
-        fp32 = load_model(cfg.model, random_weights=run.opts.random_weights, seed=cfg.quant.seed)
+        fp32 = load_model(cfg.model, random_weights=run.opts.random_weights, seed=qcfg.seed)
+        fp32.to(resolve_device(run.opts.device))
     with timer.stage("load_calibration_images"):
-        run.calib = load_calibration_set(run.data_cfg, qcfg.calib_images, cfg.model.img_size, qcfg.batch_size,
-                                         cfg.eval.workers, qcfg.seed)
-    _quantize(run, fp32)
+        calib = load_calibration_set(run.data_cfg, qcfg.calibration.images, cfg.model.img_size,
+                                     qcfg.loader.batch_size, cfg.eval.workers, qcfg.seed)
+    done = run_quantization(cfg, run.data_cfg, fp32, calib, skip_count=run.opts.skip_count, rank=True,
+                            timer=timer, scratch=scratch, progress=run.opts.progress)
+    for key in ("calib", "qmodel", "calib_info", "transforms", "reconstruction", "sensitivity", "partial", "selection"):
+        setattr(run, key, getattr(done, key))
+    _log_quantization(run)
+    if run.opts.print_placement:
+        print(quant_state(run.qmodel).placement.describe())
     with timer.stage("eval_fp32"):
         run.fp32_eval = _evaluate(run, fp32)
     log(f"FP32 AP {run.fp32_eval.stats['AP'] * 100:.2f} on {run.fp32_eval.n_images} images")
-    if qcfg.sensitivity != "off" or run.opts.skip_count or qcfg.max_drop is not None:
-        _choose_float_layers(run, fp32, scratch)
     if qcfg.diagnose:
         from yoloq.quant.diagnose import diagnose
         with timer.stage("diagnose"):
-            run.diagnosis = diagnose(run.qmodel, run.calib.first(max(8, qcfg.sensitivity_images)))
+            run.diagnosis = diagnose(run.qmodel, run.calib.first(max(8, qcfg.sensitivity.images)))
     with timer.stage("eval_int8"):
         run.int8_eval = _evaluate(run, run.qmodel)
     log(f"INT8 AP {run.int8_eval.stats['AP'] * 100:.2f}")
@@ -285,22 +235,26 @@ def run_ptq(cfg: Config | str | os.PathLike, options: Optional[PTQOptions] = Non
     keys (``None`` values are ignored), ``data`` the dataset YAML; other keywords are
     ``PTQOptions`` fields."""
     opts = dataclasses.replace(options or PTQOptions(), **option_overrides)
+    resolve_device(opts.device)                 # a GPU that is not there: one line, before any work
     cfg, data_cfg = resolve(cfg, quant=quant, eval=eval, model=model, data=data, random_weights=opts.random_weights)
     _check_options(opts, cfg)
-    name = opts.name if opts.name is not None else f"{cfg.model.name}_{cfg.quant.calib}"
+    name = opts.name if opts.name is not None else f"{cfg.model.name}_{cfg.quant.calibration.method}"
     final_dir = check_run_folder(opts.out, name, "ptq",
                                  "--name" if opts.name is not None else "run name from model.name",
                                  inputs={"--weights": cfg.model.weights, "--data": cfg.data})
     seed_everything(cfg.quant.seed)
     run = PTQRun(name=name, cfg=cfg, data_cfg=data_cfg, opts=opts)
+    reset_peak_memory(resolve_device(opts.device))
     # under torchrun every rank runs the pipeline (evaluations sharded) and rank 0 alone writes the run
-    with output_dir_on_main(lambda: staging_dir(final_dir, "ptq")) as stage_dir, tempfile.TemporaryDirectory() as scratch:
+    with output_dir_on_main(lambda: staging_dir(final_dir, "ptq")) as stage_dir, tempfile.TemporaryDirectory() as scratch, \
+            thread_invariant_kernels(opts.thread_invariant):
         _quantize_and_evaluate(run, Path(scratch))
         report = build_report(run)
         if opts.save_model:
             _save_model(run, stage_dir / "quant.pt")
             report["files"].append("quant.pt")
         report["timings"] = run.timer.with_total()
+        report["memory"] = peak_memory(resolve_device(opts.device))
         write_report(report, stage_dir, plots=opts.plots)
     state = quant_state(run.qmodel)
     return PTQResult(name=name, out_dir=final_dir, fp32=report["fp32"], int8=report["int8"], drop=report["drop"],
@@ -316,12 +270,11 @@ def _save_model(run: PTQRun, path: Path) -> None:
             "fp32_AP": run.fp32_eval.stats["AP"], "int8_AP": run.int8_eval.stats["AP"],
             "calib_images": run.calib.images, "seed": run.cfg.quant.seed,
             "transforms": run.transforms.get("plan", "none"),
-            "reconstruct": run.cfg.quant.reconstruct})
+            "reconstruct": run.cfg.quant.reconstruction.method})
 
 
 def build_report(run: PTQRun) -> dict:
     """The report dict (``yoloq.report.ptq`` renders it)."""
-    import pytorch_quantization
     cfg, opts, state = run.cfg, run.opts, quant_state(run.qmodel)
     fp32_eval, int8_eval = run.fp32_eval, run.int8_eval
     stats = lambda s: {k: float(s[k]) for k in s}          # noqa: E731
@@ -343,7 +296,8 @@ def build_report(run: PTQRun) -> dict:
         "data": {"config": run.data_cfg.path, "ann_key": cfg.eval.val_ann, "ann_file": fp32_eval.ann_file,
                  "eval_images": fp32_eval.n_images, "max_images": opts.max_images},
         "calibration": {**run.calib_info, "images": run.calib.images, "seed": cfg.quant.seed,
-                        "percentile": cfg.quant.percentile, "num_bins": cfg.quant.num_bins, "split": "train",
+                        "percentile": cfg.quant.calibration.percentile, "num_bins": cfg.quant.calibration.num_bins,
+                        "split": "train",
                         "files": list(run.calib.files)},
         "fp32": stats(fp32_eval.stats),
         "int8": stats(int8_eval.stats),
@@ -363,6 +317,5 @@ def build_report(run: PTQRun) -> dict:
         "timings": dict(run.timer.times),
         "files": ["report.md", "report.json"],
         "notes": notes,
-        "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "pytorch_quantization": getattr(pytorch_quantization, "__version__", "?")},
+        "env": {**run_environment(resolve_device(opts.device)), "conv_kernels": conv_kernels(opts.thread_invariant)},
     }

@@ -42,6 +42,7 @@ from torch import nn
 
 from yoloq.errors import YoloqError
 from yoloq.quant.learnable import LSQActQuantizer
+from yoloq.quant import backend
 from yoloq.quant.scheme import ACT_RANGE, QDQSpec, TensorQuantizer, export_spec
 from yoloq.quant.state import Slot, has_quant_state, quant_state, quantizer_slots, replace_quantizers
 from yoloq.config import NMSKind, choices
@@ -52,7 +53,6 @@ OFFSET_MODES = ("subadd", "zero_point")
 NMS_KINDS = choices(NMSKind)
 INPUT_NAME = "images"
 OUTPUT_NAME = "outputs"
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 SLIM_SKIP = ["FusionConvMul"]
 
 
@@ -121,9 +121,9 @@ def _quantizer_names(model: nn.Module) -> dict[int, str]:
 def _spec_of(q: nn.Module, where: str, offset_mode: str) -> Optional[QDQSpec]:
     """QDQSpec of an enabled quantizer, None for a disabled one; ExportError if uncalibrated."""
     if isinstance(q, TensorQuantizer):
-        if q._disabled:
+        if not backend.is_enabled(q):
             return None
-        if getattr(q, "_amax", None) is None:
+        if backend.get_amax(q) is None:
             raise ExportError(f"quantizer {where} has no amax: the model is not calibrated")
     elif not getattr(q, "enabled", True):
         return None

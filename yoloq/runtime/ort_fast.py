@@ -113,11 +113,6 @@ class OrtFastInfo:
 
 
 # --------------------------------------------------------------------------- graph helpers
-def _is_qdq_graph(g: OnnxGraph) -> bool:
-    ops = {n.op_type for n in g.g.node}
-    return "QuantizeLinear" in ops and "DequantizeLinear" in ops
-
-
 def _quantized_conv(g: OnnxGraph, conv: onnx.NodeProto) -> bool:
     """A Conv reading a DQ activation and DQ weights (an onnxruntime QLinearConv candidate)."""
     if len(conv.input) < 2:

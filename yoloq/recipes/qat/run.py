@@ -137,10 +137,11 @@ def ptq_student(cfg: Config, data_cfg: DataConfig, weights: str, progress: bool)
     """``--weights``: the FP32 checkpoint through the config's PTQ stages (calibration, transforms,
     bias correction, reconstruction; as ``yoloq.ptq``), in memory."""
     from yoloq.recipes.common import load_calibration_set
-    from yoloq.recipes.ptq import quantize
+    from yoloq.recipes.ptq import run_quantization
     q = cfg.quant
-    calib = load_calibration_set(data_cfg, q.calib_images, cfg.model.img_size, q.batch_size, cfg.eval.workers, q.seed)
-    run = quantize(cfg, data_cfg, load_model(cfg.model, weights), calib, progress=progress)
+    calib = load_calibration_set(data_cfg, q.calibration.images, cfg.model.img_size, q.loader.batch_size,
+                                 cfg.eval.workers, q.seed)
+    run = run_quantization(cfg, data_cfg, load_model(cfg.model, weights), calib, progress=progress)
     return run.qmodel, {"name": cfg.model.name, "calib_method": run.calib_info["method"], "weights": str(weights)}
 
 
@@ -286,7 +287,7 @@ def _meta(name: str, cfg: Config, ckpt: Optional[Path], opts: QATOptions, ptq_me
 
 def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Optional[Path], ptq_meta: dict, result: FitResult,
                  data: QATData, timings: dict) -> dict:
-    import pytorch_quantization
+    from yoloq.quant import backend
     fp32, ptq = result.extra.get("fp32", {}), result.extra.get("ptq", {})
     rows = {r["epoch"]: r for r in result.history}
     best = rows.get(result.best_epoch, result.history[-1] if result.history else {})
@@ -317,6 +318,6 @@ def build_report(name: str, cfg: Config, opts: QATOptions, ckpt: Optional[Path],
         "files": ["report.md", "report.json", "curves.csv", "curves.png", "results.csv", "tensorboard/", "quant.pt",
                   "last.pt", "best.pt", f"{LIBRARY_LOG} (when the library warned)"],
         "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "pytorch_quantization": getattr(pytorch_quantization, "__version__", "?"),
+                "pytorch_quantization": backend.version(),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1},
     }

@@ -20,8 +20,6 @@ PRECISIONS = ("int8", "fp16", "fp32", "best")      # "best" = int8 (INT8 + FP16 
 
 DEFAULT_BATCHES = (1, 16, 32)                       # min / opt / max batch of a dynamic-batch profile
 
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
 
 class TrtUnavailable(YoloqError, RuntimeError):
     """TensorRT (the ``tensorrt`` Python package) or a CUDA GPU is missing."""
