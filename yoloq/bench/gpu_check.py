@@ -94,17 +94,16 @@ def lite_check(pack: Path, device: str, work: Path, log: Path, env: dict, timeou
             "cpu_timings": reference["timings"], "memory": find_keys(report, ("peak", "memory", "rss", "cuda"))}
 
 
-def find_keys(tree, words, prefix: str = "") -> dict:
-    """Every leaf whose key path names one of ``words`` (peak RSS / CUDA memory, wherever the
-    report keeps them)."""
+def find_keys(tree: dict, words, prefix: str = "") -> dict:
+    """Every number or string under ``tree`` whose key names one of ``words`` (peak RSS / CUDA
+    memory, wherever the report keeps them), by dotted path."""
     found = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            path = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, (dict, list)):
-                found.update(find_keys(v, words, path) if isinstance(v, dict) else {})
-            elif any(w in str(k).lower() for w in words):
-                found[path] = v
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            found.update(find_keys(value, words, path))
+        elif not isinstance(value, list) and any(w in str(key).lower() for w in words):
+            found[path] = value
     return found
 
 
@@ -187,16 +186,15 @@ def trt_check(lite: dict, pack: Path, work: Path, log: Path, env: dict, timeout:
     if not ckpt.is_file():
         return {"skipped": f"no Lite-S result to export ({ckpt} missing)"}
     onnx, engine, out = work / "lite_s.onnx", work / "lite_s.engine", work / "trt_eval.json"
-    repo = Path(__file__).resolve().parents[2]
-    steps = [yoloq_cmd("export", "--ckpt", str(ckpt), "--out", str(onnx), "--dynamic-batch"),
-             [sys.executable, str(repo / "tools" / "trt.py"), "build", "--onnx", str(onnx), "--engine", str(engine)],
-             [sys.executable, str(repo / "tools" / "trt.py"), "eval", "--engine", str(engine), "--cfg", "yolov6lite_s",
-              "--data", str(pack / "data" / "data.yaml"), "--out", str(out)]]
+    steps = [yoloq_cmd("export", "--ckpt", str(ckpt), "--out", str(onnx), "--dynamic-batch"),    # = tools/export.py
+             yoloq_cmd("trt", "build", "--onnx", str(onnx), "--engine", str(engine)),               # = tools/trt.py
+             yoloq_cmd("trt", "eval", "--engine", str(engine), "--cfg", "yolov6lite_s",
+                       "--data", str(pack / "data" / "data.yaml"), "--out", str(out))]
     start = time.perf_counter()
     for cmd in steps:
         code, _, _ = run_child(cmd, log, env, timeout=max(1.0, timeout - (time.perf_counter() - start)), cwd=cwd)
         if code != 0:
-            return {"error": f"{' '.join(cmd[1:4])} ... exited with {code}; see the log"}
+            return {"error": f"yoloq {' '.join(cmd[3:5])} exited with {code}; see the log"}
     result = json.loads(out.read_text())
     ap = result.get("stats", result).get("AP")
     int8 = lite.get("int8_AP", {}).get("device")
