@@ -171,9 +171,11 @@ def test_passthrough_and_fixed_count_checks():
 
 
 def test_run_child_reports_peak_rss_and_stops_at_the_timeout(tmp_path):
-    code, wall, rss = run_child([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+    code, wall, rss = run_child([sys.executable, "-c", "b = bytearray(600 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
                                 tmp_path / "a.log")
-    assert code == 0 and 300 <= rss < 2000
+    assert code == 0 and 600 <= rss < 1000
+    code, wall, rss = run_child([sys.executable, "-c", "pass"], tmp_path / "c.log")
+    assert code == 0 and rss < 100                             # the child's, not this process's
     code, wall, _ = run_child([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "b.log", timeout=1)
     assert code < 0 and wall < 30
 

@@ -81,6 +81,8 @@ def test_compare_passes_within_the_tolerances_and_fails_outside():
     assert ok["passed"] and ok["int8_AP"]["diff"] == pytest.approx(-0.9 * INT8_TOL)
     assert not compare(ref, _report(0.2312 + 1.2 * FP32_TOL / 100, 0.2270))["passed"]
     assert not compare(ref, _report(0.2312, 0.2270 + 1.2 * INT8_TOL / 100))["passed"]
+    assert not compare(ref, _report(0.2312 - 1.2 * FP32_TOL / 100, 0.2270))["passed"]
+    assert not compare(ref, _report(0.2312, 0.2270 - 1.2 * INT8_TOL / 100))["passed"]
     assert compare(ref, _report(0.2312, 0.2270, "entropy"))["calib_method"] == {"cpu": "mse", "device": "entropy"}
 
 
