@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,31 +55,57 @@ def ptq_command(cfg: str, scale: Scale, out: Path, name: str, weights: Optional[
     return cmd + list(extra)
 
 
+# Runs the command as ITS child and writes that child's peak RSS (KiB) to argv[1]: a process spawned
+# straight from this one would inherit this process's high-water mark at exec (Linux keeps the
+# larger of the old and new memory's peaks), so the bench's own memory would leak into the figure.
+RSS_WRAPPER = """
+import os, resource, signal, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda signum, frame: child.terminate())
+code = child.wait()
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_child(cmd: Sequence[str], log_path: Path, env: Optional[dict] = None, timeout: Optional[float] = None,
               cwd: Optional[Path] = None) -> tuple[int, float, float]:
     """Run ``cmd`` with its output in ``log_path``: (exit code, wall seconds, peak RSS in MB of the
-    child, or of its largest descendant that it waited for, as the kernel reports it to wait4).
-    After ``timeout`` seconds the child gets SIGTERM (yoloq cleans up as for Ctrl-C), SIGKILL
-    ``KILL_GRACE_S`` later; its exit code is then negative."""
+    command, or of its largest descendant that it waited for). After ``timeout`` seconds it gets
+    SIGTERM (yoloq cleans up as for Ctrl-C), its process group SIGKILL ``KILL_GRACE_S`` later; the
+    exit code is then negative."""
     start = time.perf_counter()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        timers = [threading.Timer(timeout, proc.terminate), threading.Timer(timeout + KILL_GRACE_S, proc.kill)] \
-            if timeout else []
+    with tempfile.TemporaryDirectory() as tmp, open(log_path, "ab") as log:
+        rss_file = Path(tmp) / "rss"
+        proc = subprocess.Popen([sys.executable, "-c", RSS_WRAPPER, str(rss_file), *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        timers = [threading.Timer(timeout, proc.terminate),
+                  threading.Timer(timeout + KILL_GRACE_S, lambda: _kill_group(proc.pid))] if timeout else []
         for t in timers:
             t.daemon = True
             t.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:             # Ctrl-C / SIGTERM: do not leave the child running
+            proc.wait()
+        except BaseException:             # Ctrl-C / SIGTERM: do not leave the command running
             proc.terminate()
             proc.wait()
             raise
         finally:
             for t in timers:
                 t.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024.0     # Linux: KiB
+        rss_kib = float(rss_file.read_text()) if rss_file.is_file() else 0.0
+    return proc.returncode, time.perf_counter() - start, rss_kib / 1024.0       # Linux: KiB
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _log_tail(path: Path) -> str:

@@ -65,7 +65,7 @@ def _ptq(args: list, out: Path, name: str, log: Path, env: dict, timeout: float,
     code, wall, rss = run_child(cmd, log, env, timeout=timeout, cwd=cwd)
     path = out / name / "report.json"
     report = json.loads(path.read_text()) if code == 0 and path.is_file() else None
-    return {"exit_code": code, "timed_out": code < 0, "wall_s": round(wall, 1), "peak_rss_mb": round(rss, 1),
+    return {"exit_code": code, "timed_out": wall >= timeout, "wall_s": round(wall, 1), "peak_rss_mb": round(rss, 1),
             "report": report, "report_path": str(path)}
 
 
