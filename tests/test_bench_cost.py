@@ -14,7 +14,8 @@ import torch
 from conftest import REPO, needs_shared
 from yoloq.bench.cost import (COCO_VAL2017, RATIO_LIMIT, SHARED_VAL, CostError, RunRecord, Scale, findings,
                               model_cost, model_cost_from_dict, stage_table, summary_table)
-from yoloq.bench.cost_run import CANDIDATE_FRACTION, PRIOR_PROB, fixed_counts, random_checkpoint, run_child, too_few_calibration_images
+from yoloq.bench.cost_run import (CANDIDATE_FRACTION, PRIOR_PROB, fixed_counts, random_checkpoint, run_child,
+                                  too_few_calibration_images)
 from yoloq.cli.bench_cost import split_passthrough
 
 # Lite-S default run on the 500 val images, 2 quiet cores (docs/results.md): 77.1 s = 5.4x 14.3 s

@@ -130,7 +130,8 @@ def test_cpu_path_of_the_whole_check(tmp_path):
     scale = result["scale"]
     assert scale["exit_code"] == 0 and scale["eval_images"] == 12 and scale["timings"]["eval_fp32"] > 0
     assert json.loads((out / "scale_report.json").read_text())["data"]["eval_images"] == 12
-    assert result["tensorrt"] == {"skipped": "TensorRT is not installed here (the 'tensorrt' module cannot be imported)"}
+    assert result["tensorrt"] == {
+        "skipped": "TensorRT is not installed here (the 'tensorrt' module cannot be imported)"}
     assert (out / "lite_s_report.json").is_file() and "$ yoloq ptq" in (out / "gpu_check.log").read_text()
 
 

@@ -34,7 +34,8 @@ CHILD = "import sys; from yoloq.cli import console; sys.argv[0] = 'yoloq'; conso
 def build_parser():
     p = argparse.ArgumentParser(prog="tools/gpu_pack.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / ".carry", help="the pack folder (default: %(default)s; emptied first)")
+    p.add_argument("--out", type=Path, default=REPO / ".carry",
+                   help="the pack folder (default: %(default)s; emptied first)")
     p.add_argument("--data", default=str(REPO / "data" / "coco_shared.yaml"), help="dataset YAML to pack from")
     p.add_argument("--weights", type=Path, default=REPO.parent / "shared" / "weights" / "yolov6lite_s.pt")
     p.add_argument("--val-images", type=int, help="first N val images by id (default: all)")

@@ -94,13 +94,13 @@ def pack_val(images_dir: Path, ann_file: Path, out: Path, max_side: int, limit: 
     (out / "val2017").mkdir(parents=True, exist_ok=True)
     images, scale = [], {}
     for e in entries:
-        dims = _scaled_image(images_dir / e["file_name"], out / "val2017" / Path(e["file_name"]).with_suffix(".jpg").name,
-                             max_side)
+        name = Path(e["file_name"]).with_suffix(".jpg").name
+        dims = _scaled_image(images_dir / e["file_name"], out / "val2017" / name, max_side)
         if dims is None:
             continue
         w, h, nw, nh = dims
         scale[e["id"]] = (nw / w, nh / h)
-        images.append({**e, "file_name": Path(e["file_name"]).with_suffix(".jpg").name, "width": nw, "height": nh})
+        images.append({**e, "file_name": name, "width": nw, "height": nh})
     anns = [_scaled_annotation(a, *scale[a["image_id"]]) for a in gt["annotations"] if a["image_id"] in scale]
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     (out / "annotations" / "instances_val2017.json").write_text(json.dumps(
