@@ -91,8 +91,11 @@ def install(pack: Path, site: Path, log: Path) -> dict:
         info["installed"] = wheels if code == 0 else []
         info["wheel_install_exit"] = code
         paths.append(site / "deps")
+    source = site / "src"                 # a copy: building in the tree would leave build/ and *.egg-info there
+    shutil.copytree(REPO / "yoloq", source / "yoloq", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", source)
     code = _pip(["install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "--no-compile",
-                 "--target", str(site / "pkg"), str(REPO)], log)
+                 "--target", str(site / "pkg"), str(source)], log)
     paths.append(site / "pkg" if code == 0 else REPO)
     info["yoloq"] = "installed (pip --no-deps)" if code == 0 else f"tree on PYTHONPATH (pip exit {code})"
     for p in reversed(paths):
