@@ -7,7 +7,7 @@
     yoloq infer --cfg ... --source images/      # detections drawn on images or a video
     yoloq trt build|eval|bench ...
     yoloq train --cfg yolov6n_qarepvgg.yaml     # training (yoloq.train), RepOpt: yoloq repopt-scales
-    yoloq bench-ptq | bench-ort | bench-fidelity | bench-eval ...
+    yoloq bench-ptq | bench-ort | bench-fidelity | bench-eval | bench-cost ...
     yoloq --version
 
 User errors print one line and exit with code 2; see ``yoloq.cli.common``.
@@ -33,6 +33,7 @@ COMMANDS = {
     "bench-ort": ("yoloq.cli.bench_ort", "benchmark: onnxruntime CPU latency of the INT8 variants"),
     "bench-fidelity": ("yoloq.cli.bench_fidelity", "benchmark: deployed (onnxruntime) vs fake-quant mAP"),
     "bench-eval": ("yoloq.cli.bench_eval", "benchmark: evaluation pipeline speed"),
+    "bench-cost": ("yoloq.cli.bench_cost", "benchmark: the default PTQ run's cost per stage, extrapolated to COCO val2017"),
 }
 
 
