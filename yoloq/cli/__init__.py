@@ -1,12 +1,12 @@
 """The ``yoloq`` command: one sub-command per tool, the same flags as ``tools/*.py``.
 
-    yoloq ptq --cfg yolov6lite_s.yaml           # post-training quantization (calibrate, evaluate, report)
+    yoloq ptq --cfg yolov6lite_s           # post-training quantization (calibrate, evaluate, report)
     yoloq qat --cfg ... --from runs/ptq/<name>  # quantization-aware training
     yoloq export --ckpt .../quant.pt --out m.onnx
     yoloq eval --cfg ... [--onnx m.onnx]
     yoloq infer --cfg ... --source images/      # detections drawn on images or a video
     yoloq trt build|eval|bench ...
-    yoloq train --cfg yolov6n_qarepvgg.yaml     # training (yoloq.train), RepOpt: yoloq repopt-scales
+    yoloq train --cfg yolov6n_qarepvgg     # training (yoloq.train), RepOpt: yoloq repopt-scales
     yoloq bench-ptq | bench-ort | bench-fidelity | bench-eval | bench-cost ...
     yoloq --version
 

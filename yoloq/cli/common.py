@@ -146,7 +146,7 @@ def parser(prog: str, doc: str, settings: bool = True) -> argparse.ArgumentParse
 def add_settings_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="settings", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                    help="override keys of the --cfg config (YAML values; 1e-3 is a number), e.g. "
-                        "eval.conf_thres=0.001 quant.calib_images=64 train.lr0=0.02")
+                        "eval.conf_thres=0.001 quant.calibration.images=64 train.lr0=0.02")
 
 
 def add_threshold_arguments(p) -> None:

@@ -1,12 +1,12 @@
 """Detections drawn on an image, a folder of images, or a video, from FP32 weights, a quantized
 quant.pt, an ONNX file or a TensorRT engine; class names from the dataset YAML.
 
-    yoloq infer --cfg yolov6lite_s.yaml --source bus.jpg                        # config's weights
-    yoloq infer --cfg yolov6lite_s.yaml --source images/ --save-txt --save-conf
-    yoloq infer --cfg yolov6lite_s.yaml --source street.mp4 --device cuda
-    yoloq infer --cfg yolov6lite_s.yaml --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --source images/
-    yoloq infer --cfg yolov6lite_s.yaml --onnx lite_s_int8.onnx --source images/
-    yoloq infer --cfg yolov6lite_s.yaml --engine lite_s_int8.engine --source street.mp4   # needs TensorRT
+    yoloq infer --cfg yolov6lite_s --source bus.jpg                        # config's weights
+    yoloq infer --cfg yolov6lite_s --source images/ --save-txt --save-conf
+    yoloq infer --cfg yolov6lite_s --source street.mp4 --device cuda
+    yoloq infer --cfg yolov6lite_s --ckpt runs/ptq/yolov6lite_s_auto/quant.pt --source images/
+    yoloq infer --cfg yolov6lite_s --onnx lite_s_int8.onnx --source images/
+    yoloq infer --cfg yolov6lite_s --engine lite_s_int8.engine --source street.mp4   # needs TensorRT
 
 Output: <out>/<name>/ (default runs/infer/<source name>) with the drawn images (same format as
 the input), videos as .mp4, and with --save-txt labels/<image>.txt in YOLO format (class cx cy w
