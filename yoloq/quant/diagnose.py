@@ -143,8 +143,15 @@ def diagnose(qmodel: nn.Module, images: Sequence[torch.Tensor], thresholds: Opti
         row["act_channel_spread"] = None if st.channel_max is None else channel_spread(st.channel_max)
         row["act_sqnr_db"] = power_ratio_db(st.signal, st.noise) if st.amax is not None and st.signal > 0 else None
         row["flags"] = _flags(row, th)
-        rows.append(row)
+        rows.append(_rounded(row))
     return {"thresholds": asdict(th), "images": int(sum(x.shape[0] for x in images)), "layers": rows}
+
+
+def _rounded(row: dict) -> dict:
+    """Statistics to 9 significant digits: the float64 sums behind them are split by the thread
+    count, which moves their last bits (1 vs 2 threads gave different reports); 9 digits keep every
+    value far below what it means and the report the same with any thread count."""
+    return {k: float(f"{v:.9g}") if isinstance(v, float) else v for k, v in row.items()}
 
 
 def _flags(row: dict, th: Thresholds) -> list[str]:
