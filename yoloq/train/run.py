@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yoloq.config import Config, ConfigError, apply_settings, load_config, load_data_config
+from yoloq.config import Config, ConfigError, apply_settings, load_config
+from yoloq.data import load_data_config
 from yoloq.device import resolve_device
 from yoloq.io import atomic_write_text, check_run_folder
 from yoloq.models.detector import init_head_biases
