@@ -91,8 +91,7 @@ def _resolve(cfg, opts: TrainOptions):
 
 def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[dict], seed: int) -> nn.Module:
     """The model to train: from ``weights`` or from scratch (head prior; RepOpt re-init)."""
-    from yoloq.weights import load_weights
-    from yoloq.models.build import build_model
+    from yoloq.models.build import build_model, load_weights
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     check_trainable(model, cfg.path or "config")
