@@ -191,3 +191,16 @@ def test_every_dotted_name_the_architecture_doc_names_exists():
         if obj is None:
             missing.append(name)
     assert not missing, f"{ARCHITECTURE.name} names what yoloq does not have: {missing}"
+
+
+PACKAGES_LISTING_MODULES = ("yoloq.config", "yoloq.quant", "yoloq.recipes.qat")
+
+
+def test_package_docstrings_list_every_module():
+    """The packages whose docstring is their table of contents name each of their modules."""
+    modules = module_files()
+    for package in PACKAGES_LISTING_MODULES:
+        doc = ast.get_docstring(ast.parse(modules[package].read_text(encoding="utf-8")))
+        own = [m.rpartition(".")[2] for m in modules if m.rpartition(".")[0] == package]
+        unnamed = [name for name in own if f"``{name}``" not in doc]
+        assert own and not unnamed, f"{modules[package].relative_to(REPO)}: its module list lacks {unnamed}"
