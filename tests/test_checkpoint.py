@@ -17,7 +17,7 @@ from torch import nn
 from yoloq.weights import (CheckpointError, load_weights, read_checkpoint, remap_legacy_keys,
                               save_checkpoint)
 from yoloq.config import ModelConfig
-from yoloq.models import build_model
+from yoloq.models import build_model, load_weights as load_with_hint
 from yoloq.models.lite import build_lite
 from conftest import SHARED  # noqa: E402
 
@@ -254,7 +254,7 @@ def test_mismatch_names_keys_and_suggests_the_right_config(tmp_path):
     model = lite("s")
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(CheckpointError) as err:
-        load_weights(model, tmp_path / "m.pt")
+        load_with_hint(model, tmp_path / "m.pt")        # yoloq.weights.load_weights + the config that fits
     msg = str(err.value)
     assert "m.pt" in msg and "yolov6lite_s" in msg and "mis-shaped" in msg
     assert "backbone.lite_effiblock_2.0.conv_1.block.conv.weight: file [32, 32, 1, 1] vs model [24, 32, 1, 1]" in msg

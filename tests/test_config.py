@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from yoloq.config import (Config, ConfigError, DataConfig, ModelConfig, load_config, load_data_config,
-                          resolve_path)
+from yoloq.config import Config, ConfigError, DataConfig, ModelConfig, load_config, resolve_path
+from yoloq.data import load_data_config
 from conftest import REPO  # noqa: E402
 
 

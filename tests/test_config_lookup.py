@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from yoloq.config import lookup as config_lookup
-from yoloq.config import ConfigError, load_config, load_data_config
+from yoloq.config import ConfigError, load_config
+from yoloq.data import load_data_config
 from yoloq.config.lookup import (CONFIG_DIR, DATA_DIR, available_configs, expand_path_vars, find_config,
                                  find_data_config, shared_dir)
 from conftest import REPO, SHARED  # noqa: E402
@@ -129,7 +130,8 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     (tmp_path / "work" / "shared").symlink_to(SHARED if SHARED.is_dir() else tmp_path)
     probe = textwrap.dedent("""
         import json, yoloq
-        from yoloq.config import ConfigError, load_config, load_data_config
+        from yoloq.config import ConfigError, load_config
+        from yoloq.data import load_data_config
         cfg = load_config("yolov6lite_s.yaml")
         data = load_data_config(cfg.data)
         try:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from yoloq.errors import InputError
-from yoloq.config import DataConfig, load_data_config
+from yoloq.config import DataConfig
+from yoloq.data import load_data_config
 from yoloq.data import CocoDetectionDataset, FailedItem, calibration_images, calibration_loader, letterbox, make_loader
 from yoloq.data.coco import INTERPOLATIONS
 from yoloq.eval.coco_eval import scale_boxes

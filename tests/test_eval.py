@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from yoloq.config import EvalConfig, load_data_config
+from yoloq.config import EvalConfig
+from yoloq.data import load_data_config
 from yoloq.runtime.ort import OnnxPredictor
 from yoloq.eval import (COCO80_TO_91, STAT_NAMES, category_ids, coco_stats, evaluate,
                         evaluate_model, non_max_suppression, save_result)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from conftest import LITE_S_CFG, needs_shared, tiny_coco
-from yoloq.config import EvalConfig, load_config, load_data_config
+from yoloq.config import EvalConfig, load_config
+from yoloq.data import load_data_config
 from yoloq.errors import InputError
 from yoloq.eval import evaluate, non_max_suppression
 from yoloq.runtime.layouts import choose_layout, raw_to_yoloq

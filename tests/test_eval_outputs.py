@@ -18,7 +18,7 @@ import yaml
 from torch import nn
 
 from conftest import COCO, REPO, needs_coco, tiny_coco
-from yoloq.config import load_data_config
+from yoloq.data import load_data_config
 from yoloq.data.coco import letterbox
 from yoloq.eval import COCO80_TO_91, coco_evaluation, evaluate_model
 from yoloq.report.eval import per_class_table, plot_pr_curves

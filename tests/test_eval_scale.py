@@ -17,7 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import REPO, tiny_coco
-from yoloq.config import EvalConfig, load_data_config
+from yoloq.config import EvalConfig
+from yoloq.data import load_data_config
 from yoloq.data.coco import ImageMeta
 from yoloq.eval import CocoDetections, evaluate, evaluate_model, non_max_suppression
 from yoloq.eval.coco_eval import scale_boxes

@@ -571,7 +571,8 @@ def test_lite_s_ptq_onnxruntime_matches_fake_quant(tmp_path):
     500-image mAP agreement is measured by tools/bench_fidelity.py (README)."""
     if not (SHARED / "weights" / "yolov6lite_s.pt").is_file() or not (SHARED / "coco").is_dir():
         pytest.skip(f"shared weights / COCO subset not found under {SHARED}")
-    from yoloq.config import load_config, load_data_config
+    from yoloq.config import load_config
+    from yoloq.data import load_data_config
     from yoloq.data.coco import calibration_loader
     from yoloq.eval.coco_eval import evaluate, evaluate_model
     from yoloq.runtime.ort import OnnxPredictor

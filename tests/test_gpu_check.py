@@ -42,7 +42,7 @@ def test_packed_images_are_shrunk_and_their_boxes_scaled_alike(tmp_path):
     entry = out["images"][0]
     assert (entry["width"], entry["height"]) == (40, 32)
     assert cv2.imread(str(tmp_path / "pack" / "data" / "val2017" / entry["file_name"])).shape == (32, 40, 3)
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
     data_cfg = load_data_config(str(tmp_path / "pack" / "data" / "data.yaml"))
     assert Path(data_cfg.train_images).is_dir() and Path(data_cfg.val_ann).is_file() and data_cfg.nc == 80
 
@@ -64,7 +64,7 @@ def test_ground_truth_as_detections_scores_ap_1_on_the_packed_and_repeated_data(
     ev = COCOeval(gt, gt.loadRes(dets), "bbox")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
     from yoloq.data.coco import CocoDetectionDataset
     cfg = load_data_config(str(data_yaml))
     ds = CocoDetectionDataset(cfg.val_images, cfg.val_ann, 64)

@@ -357,7 +357,8 @@ def test_billion_laughs_value_is_refused_quickly(tmp_path, section, key):
 
 
 def test_billion_laughs_in_set_and_data_yaml(tmp_path):
-    from yoloq.config import ConfigError, apply_settings, load_config, load_data_config
+    from yoloq.config import ConfigError, apply_settings, load_config
+    from yoloq.data import load_data_config
     with pytest.raises(ConfigError, match="--set model.name: YAML aliases expand"):
         apply_settings(load_config("yolov6lite_s"), [f"model.name={_laughs()}"])
     (tmp_path / "d.yaml").write_text(f"train: a\nval: b\nnc: 2\nnames: {_laughs()}\n")

@@ -61,7 +61,7 @@ def test_labelled_augmented_qat_writes_its_logs(tmp_path):
 
 
 def test_augmented_views_change_per_epoch_and_repeat_per_seed(tmp_path):
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
     from yoloq.recipes.qat.data import qat_data
     cfg_path, _ = _setup(tmp_path, qat={"augment": True})
     cfg = load_config(cfg_path)
@@ -175,7 +175,7 @@ def test_pact_qat_keeps_the_library_log_out_of_the_terminal(tmp_path):
 
 def test_qat_from_fp32_weights_runs_the_config_ptq_first(tmp_path):
     """--weights: the config's PTQ in memory (the same student `yoloq ptq` saves), then QAT."""
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
     from yoloq.quant.checkpoint import load_quantized
     from yoloq.recipes.ptq import run_ptq
     from yoloq.recipes.qat.run import ptq_student

@@ -280,7 +280,7 @@ def test_calibration_batches_rechunks_and_drops_remainder():
 
 @needs_coco
 def test_calibration_batches_real_train_images():
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
     from yoloq.data.coco import CocoDetectionDataset, calibration_images
 
     data_cfg = load_data_config(DATA_YAML)
@@ -464,7 +464,7 @@ def test_fp16_engine_close_to_pytorch(lite_s, fp16_engine):
 @pytest.mark.parametrize("kind", yt.CALIBRATORS)
 @needs_coco
 def test_implicit_calibration_engine(lite_s, kind):
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
 
     if yt.trt_major(trt_module()) >= yt.STRONGLY_TYPED_MAJOR:
         pytest.skip(f"TensorRT {trt_module().__version__} has no implicit INT8 calibration (removed in 11)")
@@ -517,7 +517,7 @@ def test_benchmark(fp16_engine):
 def test_eval_engine_matches_pytorch_map(lite_s, fp16_engine):
     if not lite_s["real"]:
         pytest.skip("mAP comparison needs the real YOLOv6Lite-S weights in ../shared/weights")
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
     from yoloq.eval import evaluate_model
 
     data_cfg, eval_cfg = load_data_config(DATA_YAML), lite_s["cfg"].eval

@@ -10,7 +10,8 @@ import dataclasses
 
 import pytest
 
-from yoloq.config import load_config, load_data_config
+from yoloq.config import load_config
+from yoloq.data import load_data_config
 from yoloq.eval.coco_eval import evaluate_model
 from yoloq.train import TrainOptions, run_train
 from yoloq.train.run import build_training_model

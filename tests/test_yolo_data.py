@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from yoloq.config import ConfigError, DataConfig, EvalConfig, load_config, load_data_config
+from yoloq.config import ConfigError, DataConfig, EvalConfig, load_config
+from yoloq.data import load_data_config
 from yoloq.data.coco import CocoDetectionDataset, calibration_images, calibration_loader
 from yoloq.data.yolo_labels import label_path, read_labels
 from yoloq.eval.coco_eval import COCO80_TO_91, coco_stats, evaluate_model

@@ -7,7 +7,7 @@
 
 See ``yoloq.api`` (the Python API) and ``yoloq.cli`` (the ``yoloq`` command).
 """
-__version__ = "0.3.0"
+from yoloq.version import __version__
 
 _API = ("load", "load_quantized", "ptq", "qat", "evaluate", "FP32Model", "QuantizedModel")
 

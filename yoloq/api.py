@@ -26,7 +26,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from yoloq.config import Config, DataConfig, QATConfig, QuantConfig, load_config, load_data_config
+from yoloq.config import Config, DataConfig, QATConfig, QuantConfig, load_config
+from yoloq.data import load_data_config
 from yoloq.device import DeviceLike, resolve_device
 from yoloq.errors import InputError
 

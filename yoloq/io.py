@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from yoloq.errors import YoloqError, short_repr
+from yoloq.version import __version__
 
 STAGING_SUFFIX = ".tmp"            # hidden ".<name>.<random>.tmp" siblings of an output
 
@@ -204,7 +205,6 @@ def check_run_folder(out: str | os.PathLike, name: str, kind: str, what: str = "
 
 
 def write_run_marker(folder: Path, kind: str) -> None:
-    from yoloq import __version__
     atomic_write_text(Path(folder) / RUN_MARKER, json.dumps({"kind": kind, "yoloq": __version__}) + "\n")
 
 

@@ -20,13 +20,13 @@ are given, the names of upstream YOLOv6 0.3.0 checkpoints are renamed to the cur
 
 ``load_weights(model, path)`` loads strictly: train-form files into the model as built, deploy-form
 files (``rbr_reparam`` or fused conv biases) after ``model.fuse()``. Anything else raises
-``CheckpointError`` with the first missing / unexpected / mis-shaped keys and the config in
-``configs/*.yaml`` whose model the file does fit.
+``WeightsMismatch`` (a ``CheckpointError``) with the first missing / unexpected / mis-shaped keys;
+``yoloq.models.build.load_weights`` adds the config in ``configs/*.yaml`` whose model the file does
+fit (this module builds no models: it sits below ``yoloq.models``).
 """
 from __future__ import annotations
 
 import copy
-import functools
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -35,7 +35,6 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from yoloq.config.lookup import CONFIG_DIR
 from yoloq.io import atomic_torch_save
 from yoloq.safe_load import CheckpointError, ModuleStub, safe_torch_load
 
@@ -240,7 +239,8 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 # --------------------------------------------------------------------------- comparing key sets
 
 
-def _shapes(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, tuple]":
+def key_shapes(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, tuple]":
+    """{key: shape} of a state dict, in its order."""
     return OrderedDict((k, tuple(v.shape)) for k, v in state_dict.items())
 
 
@@ -283,78 +283,20 @@ def looks_deploy_form(state_dict: Mapping[str, Any], model_keys: Iterable[str]) 
                for k in state_dict)
 
 
-# --------------------------------------------------------------------------- config suggestion
-
-
-@functools.lru_cache(maxsize=64)
-def _config_signatures(config_path: str, mtime: float) -> list[tuple[str, dict]]:
-    """[(form, {key: shape})] of a config's model in train and deploy form (built on 'meta')."""
-    from yoloq.config import load_config
-    from yoloq.models.build import build_model
-    cfg = load_config(config_path)
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-        sigs = [("train", dict(_shapes(model.state_dict())))]
-        if hasattr(model, "fuse"):
-            sigs.append(("deploy", dict(_shapes(model.fuse().state_dict()))))
-    return sigs
-
-
-def _candidate_configs(config_dir: Path, state_dict: Mapping[str, Any], hint: Optional[str]) -> list[Path]:
-    """Configs of the file's family (Lite or not, judged from the keys; a cheap YAML read each),
-    the one named by the file's ``arch`` entry first."""
-    from yoloq.config import load_config
-    is_lite = any(".lite_effiblock_" in k for k in state_dict)
-    ranked = []
-    for config in sorted(Path(config_dir).glob("*.yaml")):
-        try:
-            model_cfg = load_config(config).model
-        except Exception:
-            continue
-        if (model_cfg.arch == "lite") != is_lite:
-            continue
-        named = hint is not None and hint in (model_cfg.name, config.stem)
-        ranked.append((not named, config.name, config))
-    return [row[-1] for row in sorted(ranked)]
-
-
-def suggest_config(state_dict: Mapping[str, torch.Tensor], config_dir: Path = CONFIG_DIR,
-                   hint: Optional[str] = None) -> Optional[tuple[str, str, bool]]:
-    """(config path, form, exact) of the ``configs/*.yaml`` model that best fits ``state_dict``:
-    the first exact key/shape match, else the largest overlap of (key, shape) pairs; None if none.
-    ``hint`` (the file's ``arch`` entry, if any) is tried first."""
-    best = None
-    for config in _candidate_configs(Path(config_dir), state_dict, hint):
-        try:
-            sigs = _config_signatures(str(config), config.stat().st_mtime)
-        except Exception:          # a config that does not build cannot be a suggestion
-            continue
-        for form, shapes in sigs:
-            adapted, _ = remap_legacy_keys(state_dict, shapes)
-            file_shapes = _shapes(adapted)
-            common = sum(1 for k, s in file_shapes.items() if shapes.get(k) == s)
-            score = common / max(len(set(file_shapes) | set(shapes)), 1)
-            if best is None or score > best[0]:
-                best = (score, str(config), form)
-            if score == 1.0:
-                return str(config), form, True
-    if best is None or best[0] == 0:
-        return None
-    return best[1], best[2], False
-
-
-def _suggestion_text(state_dict: Mapping[str, torch.Tensor], hint: Optional[str] = None) -> str:
-    found = suggest_config(state_dict, hint=hint)
-    if found is None:
-        return "No config in configs/*.yaml builds a model with these keys."
-    config, form, exact = found
-    rel = os.path.relpath(config, CONFIG_DIR.parent)
-    if exact:
-        return f"The file fits {rel} ({form} form, every key and shape matches): use --cfg {rel}."
-    return f"Closest config: {rel} ({form} form, partial overlap only)."
-
-
 # --------------------------------------------------------------------------- loading into a model
+
+
+class WeightsMismatch(CheckpointError):
+    """A checkpoint whose keys or shapes do not fit the model. Carries the file's state dict and its
+    ``arch`` entry so that ``yoloq.models.build.load_weights`` can add the config the file does fit."""
+
+    def __init__(self, message: str, note: str, state_dict: Mapping[str, torch.Tensor], arch: Optional[str]):
+        super().__init__(message + note)
+        self.message, self.note, self.state_dict, self.arch = message, note, state_dict, arch
+
+    def with_hint(self, hint: str) -> "WeightsMismatch":
+        """The same error with ``hint`` (a line naming a config) before the note."""
+        return WeightsMismatch(f"{self.message}\n{hint}", self.note, self.state_dict, self.arch)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -380,29 +322,26 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load ``path`` into ``model`` strictly; returns the ``info`` of ``read_checkpoint`` plus
     ``form`` ('train' | 'deploy'). Deploy-form files fuse the model first (in place).
 
-    Raises CheckpointError (naming the file, the first missing / unexpected / mis-shaped keys and
-    the config that fits) instead of loading anything partially.
+    Raises WeightsMismatch, a CheckpointError naming the file and the first missing / unexpected /
+    mis-shaped keys, instead of loading anything partially (``yoloq.models.build.load_weights`` adds
+    the config that fits).
     """
     raw, info = read_checkpoint(path)
     _check_finite(raw, path)
-    model_shapes = _shapes(model.state_dict())
+    model_shapes = key_shapes(model.state_dict())
     state_dict, remapped = remap_legacy_keys(raw, model_shapes)
-    mismatch = Mismatch(_shapes(state_dict), model_shapes)
+    mismatch = Mismatch(key_shapes(state_dict), model_shapes)
     form = "train"
     if mismatch and hasattr(model, "fuse") and looks_deploy_form(state_dict, model_shapes):
-        fused_shapes = _shapes(copy.deepcopy(model).fuse().state_dict())
+        fused_shapes = key_shapes(copy.deepcopy(model).fuse().state_dict())
         fused_sd, fused_remapped = remap_legacy_keys(raw, fused_shapes)
-        fused_mismatch = Mismatch(_shapes(fused_sd), fused_shapes)
+        fused_mismatch = Mismatch(key_shapes(fused_sd), fused_shapes)
         if not fused_mismatch or fused_mismatch.count < mismatch.count:
             state_dict, remapped, mismatch, form = fused_sd, fused_remapped, fused_mismatch, "deploy"
     if mismatch:
-        fused_note = ""
-        if _is_fused(model):
-            fused_note = "\nThe model looks fused already: load weights before calling fuse()."
-        suggestion = _suggestion_text(raw, info.get("meta", {}).get("arch"))
-        raise CheckpointError(
-            f"{path}: checkpoint does not fit model '{_model_name(model)}' ({form} form): "
-            f"{mismatch.describe()}\n{suggestion}{fused_note}")
+        fused_note = "\nThe model looks fused already: load weights before calling fuse()." if _is_fused(model) else ""
+        raise WeightsMismatch(f"{path}: checkpoint does not fit model '{_model_name(model)}' ({form} form): "
+                              f"{mismatch.describe()}", fused_note, raw, info.get("meta", {}).get("arch"))
     if form == "deploy":
         model.fuse()
     model.load_state_dict(state_dict, strict=True)

@@ -210,7 +210,8 @@ class Subject:
 def prepare_subject(entry: str, data: Optional[str], work: Path, random: bool = False) -> Subject:
     """The config's trained weights when its file exists (and ``random`` is off), else a random
     checkpoint with the head prior in ``work``."""
-    from yoloq.config import load_config, load_data_config
+    from yoloq.config import load_config
+    from yoloq.data import load_data_config
     cfg_name, size = parse_model(entry)
     cfg = load_config(cfg_name)
     if size:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from yoloq.config import apply_settings, load_config, load_data_config
+from yoloq.config import apply_settings, load_config
+from yoloq.data import load_data_config
 from yoloq.eval import evaluate_model
 from yoloq.models import load_model
 

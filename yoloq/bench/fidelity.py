@@ -153,7 +153,8 @@ def format_rows(rows: list[dict], header: str) -> str:
 
 def run(args) -> int:
     """The benchmark for parsed command-line ``args`` (``yoloq bench-fidelity``)."""
-    from yoloq.config import load_config, load_data_config
+    from yoloq.config import load_config
+    from yoloq.data import load_data_config
     from yoloq.io import check_output_file
     if args.out:
         check_output_file(args.out, "--out", inputs={"--ckpt": list(args.ckpt), "--cfg": str(args.cfg)})

@@ -152,7 +152,8 @@ def scale_timing(pack: Path, device: str, work: Path, log: Path, env: dict, time
                  model: str = "yolov6s_repvgg", eval_images: int = 5000, calib_images: int = 256,
                  extra: tuple = ()) -> dict:
     """The default PTQ of ``model`` on ``eval_images`` repeated val images, timed."""
-    from yoloq.config import load_config, load_data_config
+    from yoloq.config import load_config
+    from yoloq.data import load_data_config
     start = time.perf_counter()
     data_yaml = repeated_dataset(pack / "data", work / "scale_data", eval_images, calib_images)
     cfg = load_config(model)

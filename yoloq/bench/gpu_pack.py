@@ -132,7 +132,7 @@ def pack_data(data_yaml: str, out: Path, max_side: int, val_images: Optional[int
     """Shrunk copies of a dataset's val images (first ``val_images`` by id, all when None) and of
     ``train_images`` train images (the calibration choice for ``seed``, so the default's 256 are
     among them; all when None)."""
-    from yoloq.config import load_data_config
+    from yoloq.data import load_data_config
     from yoloq.data.coco import calibration_images, list_images
     data_cfg = load_data_config(data_yaml)
     n_val = pack_val(Path(data_cfg.val_images), Path(data_cfg.val_ann), out, max_side, val_images)

@@ -190,7 +190,8 @@ def format_table(repeats: list, maps: dict | None, header: str, rounds: int) -> 
 
 def run(args) -> int:
     """The benchmark for parsed command-line ``args`` (``yoloq bench-ort``)."""
-    from yoloq.config import load_config, load_data_config
+    from yoloq.config import load_config
+    from yoloq.data import load_data_config
     from yoloq.data.coco import calibration_loader
     from yoloq.io import check_output_dir
     cfg = load_config(args.cfg)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from yoloq.cli.common import CFG_HELP, add_evaluation_arguments, evaluation_overrides, parser, positive_int
-from yoloq.config import load_config, load_data_config
+from yoloq.config import load_config
+from yoloq.data import load_data_config
 from yoloq.errors import InputError
 from yoloq.io import check_output_file
 from yoloq.recipes.common import align_classes

@@ -67,7 +67,8 @@ def _predictor(a, cfg, nc: int, device):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from yoloq.config import load_config, load_data_config
+    from yoloq.config import load_config
+    from yoloq.data import load_data_config
     from yoloq.device import resolve_device
     from yoloq.io import check_output_dir
     from yoloq.recipes.common import align_classes

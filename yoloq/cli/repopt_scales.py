@@ -27,9 +27,8 @@ def build_parser(prog: str = "yoloq repopt-scales"):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.models.blocks import LinearAddBlock
-    from yoloq.models.build import build_model
+    from yoloq.models.build import build_model, load_weights
     from yoloq.train.repopt import extract_scales, save_scales
-    from yoloq.weights import load_weights
     a = build_parser().parse_args(argv)
     check_output_file(a.out, "--out", inputs={"--weights": a.weights, "--cfg": str(a.cfg)})
     cfg = load_config(a.cfg)

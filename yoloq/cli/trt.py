@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 
 from yoloq.cli.common import (CFG_HELP, add_evaluation_arguments, add_settings_argument, evaluation_overrides,
                               non_negative_int, parser, positive_float, positive_int)
-from yoloq.config import load_config, load_data_config
+from yoloq.config import load_config
+from yoloq.data import load_data_config
 from yoloq.errors import InputError
 from yoloq.io import atomic_write_text, check_output_file
 from yoloq.runtime import tensorrt as yt

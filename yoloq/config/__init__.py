@@ -9,15 +9,16 @@ resolved against the directory of the YAML file that holds them. Command-line fl
 only through ``Config.with_overrides``, which validates again.
 
 Modules: ``base`` (allowed values, the ``Section`` base, ``from_dict``), ``sections`` (the
-sections and ``Config``), ``load`` (``load_config`` / ``load_data_config`` / ``apply_settings``), ``yaml_text`` (bounded YAML), ``lookup`` (shipped
-configs by name, ``${YOLOQ_SHARED}``), ``upstream`` (upstream ``.py`` configs, read with ``ast``).
+sections and ``Config``), ``quant`` (the nested ``quant`` section), ``load`` (``load_config`` /
+``apply_settings``), ``yaml_text`` (bounded YAML), ``lookup`` (shipped configs by name,
+``${YOLOQ_SHARED}``), ``upstream`` (upstream ``.py`` configs, read with ``ast``). Dataset YAMLs are
+read by ``yoloq.data.load_data_config``.
 """
 from yoloq.config import base
 from yoloq.config.base import *  # noqa: F401,F403 - the allowed values (Literal aliases) and helpers
-from yoloq.config.load import apply_settings, load_config, load_data_config, resolve_path
+from yoloq.config.load import apply_settings, load_config, resolve_path
 from yoloq.config.sections import (AugmentConfig, Config, DataConfig, EvalConfig, ExportConfig, LossConfig,
                                    ModelConfig, QATConfig, QuantConfig, TrainConfig)
 
 __all__ = base.__all__ + ["apply_settings", "AugmentConfig", "Config", "DataConfig", "EvalConfig", "ExportConfig", "LossConfig",
-                         "ModelConfig", "QATConfig", "QuantConfig", "TrainConfig", "load_config", "load_data_config",
-                         "resolve_path"]
+                         "ModelConfig", "QATConfig", "QuantConfig", "TrainConfig", "load_config", "resolve_path"]

@@ -1,5 +1,5 @@
-"""Reading experiment configs and dataset YAMLs: paths relative to the file that holds them,
-``${YOLOQ_SHARED}`` expanded, shipped configs by bare name, upstream ``.py`` configs and YOLO data YAMLs."""
+"""Reading experiment configs: paths relative to the file that holds them, ``${YOLOQ_SHARED}``
+expanded, shipped configs by bare name, upstream ``.py`` configs. Dataset YAMLs: yoloq.data.load."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from yoloq.config.base import ConfigError, closest_hint, from_dict
-from yoloq.config.lookup import expand_path_vars, find_config, find_data_config
-from yoloq.config.sections import _SECTIONS, Config, DataConfig
+from yoloq.config.lookup import expand_path_vars, find_config
+from yoloq.config.sections import _SECTIONS, Config
 from yoloq.config.upstream import load_upstream_config
 from yoloq.config.yaml_text import load_yaml
 from yoloq.errors import short_repr
@@ -85,24 +85,3 @@ def load_config(path: str | os.PathLike | Config) -> Config:
     if data is not None and not isinstance(data, str):
         raise ConfigError(f"{path}: 'data' must be the path of a dataset YAML, got {short_repr(data)}")
     return Config(**sections, data=resolve_path(data, base, f"{path}: data"), path=str(path))
-
-
-def load_data_config(path: str | os.PathLike) -> DataConfig:
-    """Load a dataset YAML: yoloq's COCO-JSON form (``data/*.yaml``, paths relative to it) or an
-    upstream YOLOv6 data YAML (``train``/``val`` image folders or lists, YOLO .txt labels;
-    yoloq.data.yolo). A bare name looks in the shipped data YAMLs."""
-    path = find_data_config(path)
-    raw = read_yaml(path)
-    from yoloq.data.yolo import is_yolo_data_yaml, load_yolo_data_config
-    if is_yolo_data_yaml(raw):
-        return load_yolo_data_config(path, raw)
-    dc = from_dict(DataConfig, raw, str(path))
-    for key in ("train_files", "val_files"):
-        files = getattr(dc, key)
-        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
-            raise ConfigError(f"{path}: '{key}' must be a list of image paths relative to the folder, got {short_repr(files)}")
-    base = path.parent.resolve()
-    for key in ("train_images", "train_ann", "val_images", "val_ann", "val_ann_official"):
-        setattr(dc, key, resolve_path(getattr(dc, key), base, f"{path}: {key}"))
-    dc.path = str(path)
-    return dc

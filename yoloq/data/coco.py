@@ -34,6 +34,9 @@ PAD_VALUE = 114
 # the reference mAP of ../shared/weights/README.md; see tools/bench_eval.py and the tests.
 INTERPOLATIONS = ("pil", "linear", "area")
 DEFAULT_INTERPOLATION = "pil"
+# The 80 COCO detection classes as their category ids (1..90 with gaps), in class-index order.
+_UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+COCO80_TO_91 = [i for i in range(1, 91) if i not in _UNUSED_COCO_IDS]
 
 
 @dataclass(frozen=True)

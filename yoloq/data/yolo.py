@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from yoloq.config import ConfigError, DataConfig
+from yoloq.config.load import read_yaml
+from yoloq.config.lookup import expand_path_vars
 from yoloq.data.coco import IMAGE_SUFFIXES
 from yoloq.data.yolo_labels import CACHE_SUFFIX, coco_ground_truth, label_path
 
@@ -36,7 +38,6 @@ def is_yolo_data_yaml(raw: dict) -> bool:
 def resolve_source(value: str, key: str, yaml_path: Path) -> Path:
     """An existing path for ``value``: absolute as given; relative against the current directory
     (upstream), then the YAML's folder, then its parent."""
-    from yoloq.config.lookup import expand_path_vars
     path = Path(os.path.expanduser(expand_path_vars(value, f"{yaml_path}: {key}")))
     yaml_dir = yaml_path.parent.resolve()
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, yaml_dir / path, yaml_dir.parent / path]
@@ -151,7 +152,6 @@ def load_yolo_data_config(path: str | os.PathLike, raw: dict) -> DataConfig:
 def train_ground_truth(data_cfg: DataConfig) -> Optional[str]:
     """COCO ground truth of a YOLO dataset's train labels (cached), or None for a COCO-JSON dataset
     (whose ``train_ann`` is given in its YAML)."""
-    from yoloq.config.load import read_yaml
     if not data_cfg.path:
         return None
     raw = read_yaml(Path(data_cfg.path))

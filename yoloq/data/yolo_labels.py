@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
+from yoloq.data.coco import COCO80_TO_91
 from yoloq.errors import InputError
 from yoloq.io import OutputPathError, atomic_write_text
 
@@ -104,7 +105,6 @@ def read_labels(path: str | Path, nc: int) -> list[tuple[int, float, float, floa
 def category_ids(nc: int, is_coco: bool) -> list[int]:
     """Class index -> category id: COCO's 80 -> 91 map when ``is_coco``, else the index (as upstream)."""
     if is_coco:
-        from yoloq.eval.coco_eval import COCO80_TO_91
         if nc != 80:
             raise InputError(f"is_coco: true needs nc = 80 (COCO's detection classes), got nc = {nc}")
         return list(COCO80_TO_91)

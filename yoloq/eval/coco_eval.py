@@ -25,8 +25,8 @@ from yoloq import distributed as dist
 from yoloq.errors import InputError
 from yoloq.config import AnnKey, Backend, DataConfig, EvalConfig, choices
 from yoloq.data.ground_truth import validate_ground_truth
-from yoloq.data.coco import (DEFAULT_INTERPOLATION, CocoDetectionDataset, ImageMeta, make_loader,
-                             read_annotation_images, read_coco_json)
+from yoloq.data.coco import (COCO80_TO_91, DEFAULT_INTERPOLATION, CocoDetectionDataset, ImageMeta, make_loader,
+                             read_annotation_images, read_coco_json)      # COCO80_TO_91: also yoloq.eval's
 from yoloq.device import module_device
 from yoloq.eval.detections import CocoDetections, batch_rows
 from yoloq.eval.loop import predict_shard, shard_indices, timing_summary
@@ -36,10 +36,6 @@ from yoloq.io import atomic_write_text
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = choices(Backend)
 ANN_KEYS = choices(AnnKey)
-
-# The 80 COCO detection classes as their category ids (1..90 with gaps), in class-index order.
-_UNUSED_COCO_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
-COCO80_TO_91 = [i for i in range(1, 91) if i not in _UNUSED_COCO_IDS]
 
 
 @dataclass

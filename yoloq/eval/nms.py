@@ -5,8 +5,8 @@ Candidates are picked for the whole batch at once. Suppression runs per (image, 
 are moved to disjoint regions of the plane and suppressed together by one ``torchvision.ops.nms``
 call, but only up to a candidate budget per call (4,000 on the CPU, 20,000 on a GPU, the sizes at
 which torchvision itself stops merging groups). NMS compares every kept box with every later one,
-so one call over a whole batch would cost about batch-size times more than one call per image (16x
-measured at batch 16 on Lite-S); consecutive images share a call while they fit the budget, and a
+so one call over a whole batch would cost about batch-size times more than one call per image
+(docs/results.md, Scale); consecutive images share a call while they fit the budget, and a
 single image over it is suppressed class by class.
 """
 from __future__ import annotations

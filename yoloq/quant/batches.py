@@ -2,14 +2,18 @@
 
 Steps accept a tensor batch or a loader item ``(images, meta...)``; :func:`image_batch` unwraps
 one, :func:`image_batches` a whole iterable, and :func:`first_images` takes the first ``n``
-images as batches (what a step that needs fewer images than calibration uses).
+images as batches (what a step that needs fewer images than calibration uses). Steps that record
+what the layers see run the batches inside :func:`hooks_attached`.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
+from torch import nn
 
+from yoloq.device import module_device
 from yoloq.errors import InputError
 
 
@@ -49,3 +53,18 @@ def first_images(batches: list[torch.Tensor], n: int) -> list[torch.Tensor]:
 
 def count_images(batches: Iterable[torch.Tensor]) -> int:
     return int(sum(b.shape[0] for b in batches))
+
+
+@contextmanager
+def hooks_attached(model: nn.Module, handles: list) -> Iterator[torch.device]:
+    """``model`` in eval mode while the hooks ``handles`` (registered by the caller) record a forward
+    pass; yields the model's device. On exit, also on an error, the hooks are removed and the
+    model's training mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield module_device(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yoloq.device import module_device
 from yoloq.quant import backend
 from yoloq.quant.backend import input_quantizer, weight_quantizer
+from yoloq.quant.batches import hooks_attached
 from yoloq.quant.channel_scale import scaled_input
 from yoloq.quant.scheme import QMAX
 from yoloq.quant.state import quant_state
@@ -91,9 +91,6 @@ def bias_correction(qmodel: nn.Module, images: torch.Tensor) -> dict:
     images, the mean |shift| overall and the ten largest per layer."""
     layers = _layers(qmodel)
     recorded = quant_state(qmodel).bias_shifts
-    was_training = qmodel.training
-    qmodel.eval()
-    images = images.to(module_device(qmodel))
     shifts: dict[str, float] = {}
 
     def hook(name):
@@ -106,12 +103,8 @@ def bias_correction(qmodel: nn.Module, images: torch.Tensor) -> dict:
         return correct
 
     handles = [qmodel.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
-    try:
-        qmodel(images)
-    finally:
-        for h in handles:
-            h.remove()
-        qmodel.train(was_training)
+    with hooks_attached(qmodel, handles) as device:
+        qmodel(images.to(device))
     return {"layers": len(shifts), "images": int(images.shape[0]),
             "mean_abs_shift": sum(shifts.values()) / max(1, len(shifts)),
             "largest": sorted(shifts.items(), key=lambda kv: -kv[1])[:10]}

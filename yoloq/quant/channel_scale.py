@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from yoloq.quant.backend import QuantConv2d, retype
+from yoloq.quant.batches import hooks_attached
 from yoloq.quant.equalize import compensable, input_ranges, scale_input_channels
 from yoloq.quant.placement import TracedGraph, trace
 from yoloq.quant.state import quant_state
@@ -146,16 +147,9 @@ def input_absmax(model: nn.Module, layers: Iterable[str], batches: Iterable[torc
     """Per-channel max |x| of each named conv's input over ``batches`` (FP32 forward)."""
     ranges: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).register_forward_pre_hook(absmax_hook(ranges, n)) for n in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
+    with hooks_attached(model, handles) as device:
         for batch in batches:
             model(batch.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return ranges
 
 

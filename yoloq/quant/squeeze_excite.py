@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from yoloq.quant.batches import hooks_attached
 from yoloq.quant.placement import TracedGraph, trace
 
 GLOBAL_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -73,15 +74,8 @@ def conv_macs(model: nn.Module, img_size: int) -> dict[str, int]:
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
                if isinstance(m, nn.modules.conv._ConvNd)]
-    was_training = model.training
-    model.eval()
-    try:
-        p = next(model.parameters())
-        model(torch.zeros(1, 3, img_size, img_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with hooks_attached(model, handles) as device:
+        model(torch.zeros(1, 3, img_size, img_size, device=device, dtype=next(model.parameters()).dtype))
     return macs
 
 

@@ -20,6 +20,7 @@ from yoloq.quant.learnable import (KINDS, LEARNABLE, LSQ_MODES, PACT_VARIANTS, Z
                                    LSQWeightQuantizer, PACTQuantizer)
 from yoloq.quant import backend
 from yoloq.quant.backend import set_amax
+from yoloq.quant.batches import hooks_attached, image_batch
 from yoloq.quant.scheme import (ACT_RANGE, QMAX, TensorQuantizer, is_enabled, new_input_quantizer,
                                 new_weight_quantizer, quantizers_off)
 from yoloq.quant.state import Slot, has_quant_state, quant_state, quantizer_slots, replace_quantizers
@@ -61,18 +62,9 @@ def collect_activation_samples(model: nn.Module, batches: Iterable, quantizers: 
     samples = {key: _Samples() for key in quantizers}
     hooks = [q.register_forward_pre_hook(lambda mod, args, key=key: samples[key].add(args[0]))
              for key, q in quantizers.items()]
-    was_training = model.training
-    try:
-        model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with quantizers_off(model):
-            for batch in batches:
-                images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(images.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    with hooks_attached(model, hooks) as device, quantizers_off(model):
+        for batch in batches:
+            model(image_batch(batch, "QAT initialisation").to(device))
     return samples
 
 

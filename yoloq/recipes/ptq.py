@@ -28,7 +28,8 @@ from typing import Optional
 
 from torch import nn
 
-from yoloq.config import Config, DataConfig, load_config, load_data_config
+from yoloq.config import Config, DataConfig, load_config
+from yoloq.data import load_data_config
 from yoloq.device import resolve_device
 from yoloq.distributed import output_dir_on_main
 from yoloq.errors import YoloqError

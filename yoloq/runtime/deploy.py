@@ -14,7 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from yoloq.config import ExportConfig, load_config, load_data_config
+from yoloq.config import ExportConfig, load_config
+from yoloq.data import load_data_config
 from yoloq.quant.checkpoint import QuantCheckpointError, load_quantized
 from yoloq.runtime.onnx_export import ExportError, ExportInfo, count_qdq, export_onnx
 

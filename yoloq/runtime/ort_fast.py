@@ -23,15 +23,15 @@ What :func:`make_ort_fast` changes (in this order), and what each costs in accur
 3. **Conv -> Relu -> Q(s, zp)** becomes ``Conv -> Q(s, zp) -> Clip(min=zp)``: onnxruntime forms
    ``QLinearConv`` and applies the ReLU to the 8-bit codes. Exact: ``Q(relu(y)) == max(Q(y), zp)``
    (Q is monotone, Q(0) = zp), the consumer's own scale. (An earlier form, ``Q/DQ -> LeakyRelu(0) ->
-   Q``, gave ``QLinearLeakyRelu``, a 256-entry lookup; the 8-bit Clip is 4-5x cheaper: YOLOv6-N's 54
-   ReLUs went from 2.2-2.9 ms to 0.5 ms.)
+   Q``, gave ``QLinearLeakyRelu``, a 256-entry lookup per value, which the 8-bit Clip is much cheaper
+   than.)
 4. **Conv -> HardSwish / SiLU (``y * gate(y)``) -> Q(s)**: a *new* pre-activation ``Q/DQ`` on the conv
    output on the consumer's grid (scale ``s``; zero point <= 0 shifted to cover the calibrated
    minimum when ``calib_images`` are given). onnxruntime then runs QLinearConv and the activation in
    float between DQ and Q. NOT exact: for |y| < 3 the activation is applied to ``y`` rounded to the
-   grid, then rounded again — measured on YOLOv6Lite-S, ~18% of the consumer's codes move by one
-   step, and mAP on 100 val images fell from 23.4 (Q/DQ graph) to 15.1. ``pre_act="minmax"`` /
-   ``"symmetric"`` (own calibrated range) is worse (13.4).
+   grid, then rounded again, so a share of the consumer's codes move by one step; what that costs in
+   mAP is the "fast" column of docs/results.md's onnxruntime table (Deployment). ``pre_act="minmax"``
+   / ``"symmetric"`` (the conv output's own calibrated range) lost more than the consumer's grid.
 5. Convs whose output is not self-gated (SE input read by GlobalAveragePool + Mul, SE gate conv,
    residual add) stay float by default (``other="float"``: exact; clipping them on a consumer's
    grid is wrong because ``y * gate`` may be far smaller than ``y``); ``other="minmax"`` gives them a

@@ -21,7 +21,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from yoloq.config import AugmentConfig
+from yoloq.config import AugmentConfig, ConfigError
 from yoloq.data.coco import PAD_VALUE, letterbox
 
 MIN_BOX_SIDE = 2.0          # pixels: thinner boxes after a transform are dropped
@@ -195,7 +195,7 @@ class Augmenter:
         for key in ("mosaic", "mixup", "fliplr"):
             value = getattr(cfg, key)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"augment.{key} is a probability in [0, 1], got {value}")
+                raise ConfigError(f"augment.{key} is a probability in [0, 1], got {value}")
         self.cfg, self.size = cfg, int(size)
 
     def _mosaic(self, load: Loader, index: int, count: int, rng: np.random.Generator) -> Sample:

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yoloq.config import Config, ConfigError, apply_settings, load_config, load_data_config
+from yoloq.config import Config, ConfigError, apply_settings, load_config
+from yoloq.data import load_data_config
 from yoloq.device import resolve_device
 from yoloq.io import atomic_write_text, check_run_folder
 from yoloq.models.detector import init_head_biases
@@ -90,8 +91,7 @@ def _resolve(cfg, opts: TrainOptions):
 
 def build_training_model(cfg: Config, weights: Optional[str], scales: Optional[dict], seed: int) -> nn.Module:
     """The model to train: from ``weights`` or from scratch (head prior; RepOpt re-init)."""
-    from yoloq.weights import load_weights
-    from yoloq.models.build import build_model
+    from yoloq.models.build import build_model, load_weights
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     check_trainable(model, cfg.path or "config")

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yoloq.config import Config, DataConfig, QATConfig, load_config, load_data_config
+from yoloq.config import Config, DataConfig, QATConfig, load_config
+from yoloq.data import load_data_config
 from yoloq.data.coco import calibration_loader
 from yoloq.device import resolve_device
 from yoloq.eval.coco_eval import evaluate_model
