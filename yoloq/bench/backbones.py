@@ -1,0 +1,239 @@
+"""RepVGG, QARepVGG and RepOpt-VGG under PTQ: the logic of ``yoloq bench-backbones`` (usage and
+flags: ``yoloq.cli.bench_backbones``).
+
+Per backbone: the trained yolov6n of ``yoloq.bench.backbone_runs`` (trained first when missing),
+evaluated in FP32 on the images it was evaluated on while training, then quantized by two pipelines
+on calibration images that are never evaluation images, each for every calibration seed:
+
+- ``default``: yoloq's shipped default PTQ recipe (what the Lite configs ship: calibration ``auto``,
+  per-channel input scaling on all convs with α chosen on calibration images, bias correction);
+  the yolov6n configs carry no ``quant`` section, so their own settings would be plain ``max``;
+- ``plain``: no transforms (no equalization, channel scaling, bias correction, reconstruction),
+  one calibration rule (``max`` unless ``--plain-calib``).
+
+Every drop comes with its paired-bootstrap interval over the evaluation images
+(``yoloq.eval.bootstrap``), and each backbone's drop is compared with RepVGG's on the same resampled
+images (the claim of the QARepVGG and RepOpt papers is about that difference).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from yoloq.bench.backbone_runs import (BACKBONES, MODEL, BenchBackbonesError, EvalData, Runs, base_data, config_name,
+                                       ensure_run, run_summary, write_eval_data_yaml)
+from yoloq.config import apply_settings, load_config
+from yoloq.device import resolve_device
+from yoloq.eval.bootstrap import DEFAULT_LEVEL, MatchTable, match_table, paired_bootstrap
+from yoloq.eval.coco_eval import evaluate_model
+from yoloq.io import atomic_write_text, check_output_dir, check_run_name, to_json
+from yoloq.models import load_model
+from yoloq.recipes.common import load_calibration_set, seed_everything
+from yoloq.recipes.ptq import resolve, run_quantization
+
+PIPELINES = ("default", "plain")
+DEFAULT_PIPELINE = {"calibration.method": "auto", "transforms.equalize": False, "transforms.channel_scale": "all",
+                    "transforms.bias_correction": True, "reconstruction.method": "off"}
+PLAIN_PIPELINE = {"transforms.equalize": False, "transforms.channel_scale": "off", "transforms.se_float": False,
+                  "transforms.bias_correction": False, "reconstruction.method": "off"}
+PLAIN_METHODS = ("max", "entropy", "mse", "percentile")
+SETTABLE_SECTIONS = ("eval", "quant")           # --set: PTQ and evaluation only; training uses the recipe
+REFERENCE = "repvgg"                            # the backbone the others' drops are compared with
+
+
+def pipeline_overrides(pipeline: str, plain_method: str = "max") -> dict:
+    if pipeline == "default":
+        return dict(DEFAULT_PIPELINE)
+    return {**PLAIN_PIPELINE, "calibration.method": plain_method}
+
+
+def check_settings(settings: list) -> None:
+    """``--set`` may change the evaluation and quantization keys, not the training recipe."""
+    for item in settings:
+        section = item.partition("=")[0].partition(".")[0].strip()
+        if section not in SETTABLE_SECTIONS:
+            raise BenchBackbonesError(f"--set {item}: bench-backbones takes only {' / '.join(SETTABLE_SECTIONS)} "
+                                      "keys (the training recipe is fixed; see --epochs / --train-images / "
+                                      "--img-size)")
+
+
+@dataclass
+class Settings:
+    backbones: tuple = BACKBONES
+    pipelines: tuple = PIPELINES
+    plain_method: str = "max"
+    seeds: tuple = (0, 1, 2)
+    calib_images: int = 256
+    resamples: int = 1000
+    workers: int = 0
+    settings: list = field(default_factory=list)
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class Measured:
+    """One backbone: FP32 and every (pipeline, seed) INT8 result, with their COCO match tables."""
+    backbone: str
+    weights: str
+    eval_data: EvalData
+    fp32: dict
+    rows: list = field(default_factory=list)
+    reference: Optional[MatchTable] = None
+    tables: dict = field(default_factory=dict)          # (pipeline, seed) -> MatchTable of the INT8 model
+
+
+def _stats(stats: dict) -> dict:
+    return {k: float(v) for k, v in stats.items()}
+
+
+def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Settings, img_size: int,
+                     bar: Optional[tqdm] = None) -> Measured:
+    """FP32 once, then every pipeline for every calibration seed (one calibration set per seed)."""
+    cfg = apply_settings(load_config(config_name(backbone)), s.settings)
+    cfg, data_cfg = resolve(cfg, model={"weights": str(weights), "img_size": img_size}, eval={"workers": s.workers},
+                            quant={"calibration.images": s.calib_images, "loader.workers": s.workers},
+                            data=str(eval_data.yaml_path))
+    fp32 = load_model(cfg.model).to(resolve_device(s.device))
+    fp32_eval = _evaluate(fp32, data_cfg, cfg, eval_data)
+    out = Measured(backbone, str(weights), eval_data, _stats(fp32_eval.stats),
+                   reference=match_table(eval_data.ann_file, fp32_eval.detections.to_list(), eval_data.image_ids))
+    for seed in s.seeds:
+        calib = load_calibration_set(data_cfg, cfg.quant.calibration.images, img_size, cfg.quant.loader.batch_size,
+                                     s.workers, seed)
+        overlap = sorted(set(calib.files) & set(eval_data.files))
+        if overlap:                          # yoloq.data.coco refuses this already; a bench must never show it
+            raise BenchBackbonesError(f"{eval_data.yaml_path}: calibration image {overlap[0]} is an evaluation image")
+        for pipeline in s.pipelines:
+            pcfg = cfg.with_overrides(quant={**pipeline_overrides(pipeline, s.plain_method), "seed": seed})
+            row, out.tables[(pipeline, seed)] = _quantize_and_score(out, pcfg, data_cfg, fp32, calib, s.resamples)
+            out.rows.append({"pipeline": pipeline, "seed": seed, **row})
+            if bar is not None:
+                bar.set_postfix_str(f"{backbone} {pipeline} seed {seed}: drop {row['drop_text']}")
+                bar.update()
+    return out
+
+
+def _quantize_and_score(out: Measured, cfg, data_cfg, fp32, calib, resamples: int) -> tuple[dict, MatchTable]:
+    """One PTQ run of ``fp32`` as ``cfg.quant`` says: its row (INT8 AP, the drop's paired interval
+    against ``out``'s FP32) and the INT8 model's match table."""
+    seed_everything(cfg.quant.seed)
+    start = time.perf_counter()
+    run = run_quantization(cfg, data_cfg, fp32, calib, progress=False)
+    quant_s = time.perf_counter() - start
+    int8_eval = _evaluate(run.qmodel, data_cfg, cfg, out.eval_data)
+    table = match_table(out.eval_data.ann_file, int8_eval.detections.to_list(), out.eval_data.image_ids)
+    interval = paired_bootstrap(out.reference, table, resamples=resamples)
+    return {"calib_images": calib.images, "calib_files": list(calib.files), "calib_method": run.calib_info["method"],
+            "transforms": run.transforms.get("plan", "none"), "int8": _stats(int8_eval.stats),
+            "drop": interval.to_dict(), "drop_text": interval.text(), "quant_seconds": round(quant_s, 1)}, table
+
+
+def _evaluate(model, data_cfg, cfg, eval_data: EvalData):
+    result = evaluate_model(model, data_cfg, cfg.eval, cfg.model.img_size, progress=False)
+    if result.failed_files:
+        raise BenchBackbonesError(f"{eval_data.ann_file}: evaluation image(s) could not be read: "
+                                  f"{result.failed_files[:3]}")
+    return result
+
+
+# --------------------------------------------------------------------------- comparison with RepVGG
+
+
+def drop_difference(reference: tuple, candidate: tuple, resamples: int, level: float = DEFAULT_LEVEL,
+                    seed: int = 0) -> dict:
+    """drop(candidate) − drop(reference) in AP points, each a (FP32, INT8) pair of match tables on the
+    same images, and its percentile interval: all four scored on the same resampled images each
+    time (negative: the candidate loses less to INT8)."""
+    (ref_fp, ref_q), (cand_fp, cand_q) = reference, candidate
+    ids = ref_fp.image_ids
+    if not all(t.image_ids == ids for t in (ref_q, cand_fp, cand_q)):
+        raise BenchBackbonesError("the backbones were evaluated on different images: their drops cannot be paired")
+    diff = lambda w=None: ((cand_fp.ap(w) - cand_q.ap(w)) - (ref_fp.ap(w) - ref_q.ap(w))) * 100   # noqa: E731
+    rng, n = np.random.default_rng(seed), len(ids)
+    draws = np.array([diff(np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64))
+                      for _ in range(resamples)])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return {"difference": diff(), "low": float(low), "high": float(high), "level": level, "resamples": resamples,
+            "images": n}
+
+
+def differences(measured: list[Measured], s: Settings) -> list[dict]:
+    """Each backbone's drop against RepVGG's, per pipeline, on the first calibration seed."""
+    by_name = {m.backbone: m for m in measured}
+    ref = by_name.get(REFERENCE)
+    if ref is None:
+        return []
+    seed, rows = s.seeds[0], []
+    for m in measured:
+        if m is ref:
+            continue
+        for pipeline in s.pipelines:
+            d = drop_difference((ref.reference, ref.tables[(pipeline, seed)]),
+                                (m.reference, m.tables[(pipeline, seed)]), s.resamples)
+            rows.append({"backbone": m.backbone, "reference": REFERENCE, "pipeline": pipeline, "seed": seed, **d})
+    return rows
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def bench(runs: Runs, s: Settings) -> dict:
+    """Train what is missing, measure every backbone, return the summary (what the files hold)."""
+    check_settings(s.settings)
+    resolve_device(s.device)
+    if runs.recipe.img_size % 32:
+        raise BenchBackbonesError(f"--img-size {runs.recipe.img_size}: must be a multiple of 32 (the largest stride)")
+    base = base_data(runs)
+    weights = {b: ensure_run(runs, b) for b in s.backbones}          # the long part first, PTQ after
+    measured, yaml_texts = [], {}
+    steps = len(s.backbones) * len(s.seeds) * len(s.pipelines)
+    with tempfile.TemporaryDirectory() as tmp, \
+            tqdm(total=steps, desc="PTQ runs", disable=not s.progress, dynamic_ncols=True) as bar:
+        for b in s.backbones:
+            eval_data = write_eval_data_yaml(runs.root / b, base, Path(tmp) / f"{b}.yaml")
+            measured.append(measure_backbone(b, weights[b], eval_data, s, runs.recipe.img_size, bar))
+            yaml_texts[b] = eval_data.yaml_path.read_text()
+    return summary(measured, runs, s, yaml_texts)
+
+
+def summary(measured: list[Measured], runs: Runs, s: Settings, yaml_texts: dict) -> dict:
+    first = measured[0].eval_data
+    return {
+        "model": MODEL, "recipe": runs.recipe.to_dict(), "runs": str(runs.root), "trained_now": list(runs.trained),
+        "eval": {"ann_file": first.ann_file, "images": len(first.image_ids), "image_ids": first.image_ids,
+                 "img_size": runs.recipe.img_size},
+        "pipelines": {p: pipeline_overrides(p, s.plain_method) for p in s.pipelines},
+        "plain_calibration": s.plain_method, "seeds": list(s.seeds), "calib_images": s.calib_images,
+        "resamples": s.resamples, "settings": list(s.settings),
+        "backbones": [{"backbone": m.backbone, "weights": m.weights, "eval_ann": m.eval_data.ann_file,
+                       "eval_images": len(m.eval_data.image_ids), "fp32": m.fp32, "rows": m.rows,
+                       "run": run_summary(Path(m.weights).parent, runs.recipe)} for m in measured],
+        "versus_reference": differences(measured, s),
+        "data_yaml": yaml_texts,
+    }
+
+
+def run(runs: Runs, s: Settings, out: str, name: str) -> int:
+    """``yoloq bench-backbones``: the benchmark, then <out>/<name>/{backbones.md, backbones.json, data/*.yaml}."""
+    from yoloq.bench.backbones_table import render_markdown
+    folder = check_output_dir(Path(out) / check_run_name(name), "--out")      # before the work, not after
+    start = time.perf_counter()
+    result = bench(runs, s)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    markdown = render_markdown(result)
+    for b, text in result["data_yaml"].items():
+        atomic_write_text(folder / "data" / f"{b}.yaml", text)
+    result["data_yaml"] = {b: f"data/{b}.yaml" for b in result["data_yaml"]}
+    atomic_write_text(folder / "backbones.json", to_json(result))
+    atomic_write_text(folder / "backbones.md", markdown)
+    print(markdown)
+    print(f"wrote {folder}/ in {result['seconds']:.0f} s")
+    return 0
