@@ -110,12 +110,11 @@ def test_drop_difference_pairs_two_backbones_on_the_same_images(data_yaml):
     ann = data_yaml.parent / "val.json"
     gt = json.loads(ann.read_text())
     ids = [e["id"] for e in gt["images"]]
-    perfect = _detections(gt)
-    missing = _detections(gt, drop_images={3})
     table = lambda dets: match_table(str(ann), dets, ids)    # noqa: E731
-    lossless = (table(perfect), table(perfect))               # INT8 identical to FP32: drop 0
-    lossy = (table(perfect), table(missing))                  # INT8 lost image 3's box
-    expected = (_coco_ap(ann, perfect) - _coco_ap(ann, missing)) * 100        # pycocotools, independently
+    perfect, missing = table(_detections(gt)), table(_detections(gt, drop_images={3}))
+    lossless = (perfect, [perfect])                           # INT8 identical to FP32: drop 0
+    lossy = (perfect, [missing])                              # INT8 lost image 3's box
+    expected = (_coco_ap(ann, _detections(gt)) - _coco_ap(ann, _detections(gt, {3}))) * 100   # pycocotools
     assert expected > 1
     d = drop_difference(lossless, lossy, resamples=200)
     assert d["difference"] == pytest.approx(expected, abs=1e-9)
@@ -123,8 +122,11 @@ def test_drop_difference_pairs_two_backbones_on_the_same_images(data_yaml):
     assert drop_difference(lossy, lossless, resamples=200)["difference"] == pytest.approx(-expected, abs=1e-9)
     same = drop_difference(lossy, lossy, resamples=50)
     assert same["difference"] == same["low"] == same["high"] == 0.0           # paired: identical drops cancel
-    other = (match_table(str(ann), perfect, ids[:4]), match_table(str(ann), perfect, ids[:4]))
-    with pytest.raises(Exception, match="different images"):
+    # two calibration seeds, one lossless and one lossy: the mean drop is half of it
+    half = drop_difference(lossless, (perfect, [perfect, missing]), resamples=50)
+    assert half["difference"] == pytest.approx(expected / 2, abs=1e-9)
+    other = (match_table(str(ann), _detections(gt), ids[:4]), [match_table(str(ann), _detections(gt), ids[:4])])
+    with pytest.raises(InputError, match="different images"):
         drop_difference(lossless, other, resamples=10)
 
 
@@ -154,12 +156,15 @@ def test_bench_command_on_random_weight_runs(tmp_path, data_yaml, capsys):
         assert b["run"]["differs"] == ["no run.json: the training settings are unknown"]   # said, not hidden
     assert [(r["backbone"], r["pipeline"]) for r in result["versus_reference"]] == [("qarepvgg", "plain"),
                                                                                    ("repopt", "plain")]
-    written = load_data_config(folder / result["data_yaml"]["repvgg"])
-    assert sorted(written.val_files) == sorted(eval_files) and not eval_files & set(written.train_files)
+    for b in result["backbones"]:
+        written = load_data_config(folder / b["data_yaml"])
+        assert sorted(written.val_files) == sorted(eval_files) and not eval_files & set(written.train_files)
+        assert sorted(b["detections"]) == ["fp32", "plain_seed0", "plain_seed1"]
+        assert all(isinstance(json.loads((folder / f).read_text()), list) for f in b["detections"].values())
     md = (folder / "backbones.md").read_text()
     assert md in stdout
     assert "| RepVGG | " in md and "| QARepVGG (V2) | " in md and "| RepOpt-VGG | " in md
-    assert "drop over 2 calibration seeds (plain max)" in md and "drop − RepVGG's drop" in md
+    assert "drop over 2 calibration seeds (plain max)" in md and "drop − RepVGG's drop (mean of 2 calibration" in md
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,6 +17,7 @@ images (the claim of the QARepVGG and RepOpt papers is about that difference).
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class Measured:
     rows: list = field(default_factory=list)
     reference: Optional[MatchTable] = None
     tables: dict = field(default_factory=dict)          # (pipeline, seed) -> MatchTable of the INT8 model
+    detections: dict = field(default_factory=dict)      # "fp32" / (pipeline, seed) -> COCO results list
 
 
 def _stats(stats: dict) -> dict:
@@ -103,7 +105,8 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
     fp32 = load_model(cfg.model).to(resolve_device(s.device))
     fp32_eval = _evaluate(fp32, data_cfg, cfg, eval_data)
     out = Measured(backbone, str(weights), eval_data, _stats(fp32_eval.stats),
-                   reference=match_table(eval_data.ann_file, fp32_eval.detections.to_list(), eval_data.image_ids))
+                   detections={"fp32": fp32_eval.detections.to_list()})
+    out.reference = match_table(eval_data.ann_file, out.detections["fp32"], eval_data.image_ids)
     for seed in s.seeds:
         calib = load_calibration_set(data_cfg, cfg.quant.calibration.images, img_size, cfg.quant.loader.batch_size,
                                      s.workers, seed)
@@ -112,7 +115,7 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
             raise BenchBackbonesError(f"{eval_data.yaml_path}: calibration image {overlap[0]} is an evaluation image")
         for pipeline in s.pipelines:
             pcfg = cfg.with_overrides(quant={**pipeline_overrides(pipeline, s.plain_method), "seed": seed})
-            row, out.tables[(pipeline, seed)] = _quantize_and_score(out, pcfg, data_cfg, fp32, calib, s.resamples)
+            row = _quantize_and_score(out, (pipeline, seed), pcfg, data_cfg, fp32, calib, s.resamples)
             out.rows.append({"pipeline": pipeline, "seed": seed, **row})
             if bar is not None:
                 bar.set_postfix_str(f"{backbone} {pipeline} seed {seed}: drop {row['drop_text']}")
@@ -120,19 +123,20 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
     return out
 
 
-def _quantize_and_score(out: Measured, cfg, data_cfg, fp32, calib, resamples: int) -> tuple[dict, MatchTable]:
+def _quantize_and_score(out: Measured, key: tuple, cfg, data_cfg, fp32, calib, resamples: int) -> dict:
     """One PTQ run of ``fp32`` as ``cfg.quant`` says: its row (INT8 AP, the drop's paired interval
-    against ``out``'s FP32) and the INT8 model's match table."""
+    against ``out``'s FP32); the INT8 model's detections and match table go into ``out`` under ``key``."""
     seed_everything(cfg.quant.seed)
     start = time.perf_counter()
     run = run_quantization(cfg, data_cfg, fp32, calib, progress=False)
     quant_s = time.perf_counter() - start
     int8_eval = _evaluate(run.qmodel, data_cfg, cfg, out.eval_data)
-    table = match_table(out.eval_data.ann_file, int8_eval.detections.to_list(), out.eval_data.image_ids)
-    interval = paired_bootstrap(out.reference, table, resamples=resamples)
+    out.detections[key] = int8_eval.detections.to_list()
+    out.tables[key] = match_table(out.eval_data.ann_file, out.detections[key], out.eval_data.image_ids)
+    interval = paired_bootstrap(out.reference, out.tables[key], resamples=resamples)
     return {"calib_images": calib.images, "calib_files": list(calib.files), "calib_method": run.calib_info["method"],
             "transforms": run.transforms.get("plan", "none"), "int8": _stats(int8_eval.stats),
-            "drop": interval.to_dict(), "drop_text": interval.text(), "quant_seconds": round(quant_s, 1)}, table
+            "drop": interval.to_dict(), "drop_text": interval.text(), "quant_seconds": round(quant_s, 1)}
 
 
 def _evaluate(model, data_cfg, cfg, eval_data: EvalData):
@@ -148,14 +152,22 @@ def _evaluate(model, data_cfg, cfg, eval_data: EvalData):
 
 def drop_difference(reference: tuple, candidate: tuple, resamples: int, level: float = DEFAULT_LEVEL,
                     seed: int = 0) -> dict:
-    """drop(candidate) − drop(reference) in AP points, each a (FP32, INT8) pair of match tables on the
-    same images, and its percentile interval: all four scored on the same resampled images each
-    time (negative: the candidate loses less to INT8)."""
+    """drop(candidate) − drop(reference) in AP points and its percentile interval. Each side is
+    ``(FP32 match table, [INT8 match tables])``: its drop is FP32 AP minus the mean INT8 AP over the
+    list (calibration seeds). Every table is scored on the same resampled images each time, so the
+    interval is that of the paired difference over images; the spread over calibration seeds is
+    not in it (negative: the candidate loses less to INT8)."""
     (ref_fp, ref_q), (cand_fp, cand_q) = reference, candidate
     ids = ref_fp.image_ids
-    if not all(t.image_ids == ids for t in (ref_q, cand_fp, cand_q)):
+    if not ref_q or not cand_q:
+        raise ValueError("drop_difference needs at least one INT8 table on each side")
+    if not all(t.image_ids == ids for t in [cand_fp, *ref_q, *cand_q]):
         raise BenchBackbonesError("the backbones were evaluated on different images: their drops cannot be paired")
-    diff = lambda w=None: ((cand_fp.ap(w) - cand_q.ap(w)) - (ref_fp.ap(w) - ref_q.ap(w))) * 100   # noqa: E731
+
+    def diff(w=None) -> float:
+        drop = lambda fp, qs: fp.ap(w) - sum(q.ap(w) for q in qs) / len(qs)      # noqa: E731
+        return (drop(cand_fp, cand_q) - drop(ref_fp, ref_q)) * 100
+
     rng, n = np.random.default_rng(seed), len(ids)
     draws = np.array([diff(np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64))
                       for _ in range(resamples)])
@@ -166,45 +178,54 @@ def drop_difference(reference: tuple, candidate: tuple, resamples: int, level: f
 
 
 def differences(measured: list[Measured], s: Settings) -> list[dict]:
-    """Each backbone's drop against RepVGG's, per pipeline, on the first calibration seed."""
-    by_name = {m.backbone: m for m in measured}
-    ref = by_name.get(REFERENCE)
+    """Each backbone's drop against RepVGG's, per pipeline, the drops averaged over the seeds."""
+    ref = next((m for m in measured if m.backbone == REFERENCE), None)
     if ref is None:
         return []
-    seed, rows = s.seeds[0], []
+    rows = []
     for m in measured:
         if m is ref:
             continue
         for pipeline in s.pipelines:
-            d = drop_difference((ref.reference, ref.tables[(pipeline, seed)]),
-                                (m.reference, m.tables[(pipeline, seed)]), s.resamples)
-            rows.append({"backbone": m.backbone, "reference": REFERENCE, "pipeline": pipeline, "seed": seed, **d})
+            side = lambda x: (x.reference, [x.tables[(pipeline, seed)] for seed in s.seeds])   # noqa: E731
+            d = drop_difference(side(ref), side(m), s.resamples)
+            rows.append({"backbone": m.backbone, "reference": REFERENCE, "pipeline": pipeline,
+                         "seeds": list(s.seeds), **d})
     return rows
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def bench(runs: Runs, s: Settings) -> dict:
-    """Train what is missing, measure every backbone, return the summary (what the files hold)."""
+def bench(runs: Runs, s: Settings) -> tuple[dict, dict]:
+    """Train what is missing, measure every backbone: the summary, and the files beside it
+    ({relative path: text}: each backbone's data YAML, every model's detections)."""
     check_settings(s.settings)
     resolve_device(s.device)
     if runs.recipe.img_size % 32:
         raise BenchBackbonesError(f"--img-size {runs.recipe.img_size}: must be a multiple of 32 (the largest stride)")
     base = base_data(runs)
     weights = {b: ensure_run(runs, b) for b in s.backbones}          # the long part first, PTQ after
-    measured, yaml_texts = [], {}
+    measured, files = [], {}
     steps = len(s.backbones) * len(s.seeds) * len(s.pipelines)
     with tempfile.TemporaryDirectory() as tmp, \
             tqdm(total=steps, desc="PTQ runs", disable=not s.progress, dynamic_ncols=True) as bar:
         for b in s.backbones:
             eval_data = write_eval_data_yaml(runs.root / b, base, Path(tmp) / f"{b}.yaml")
             measured.append(measure_backbone(b, weights[b], eval_data, s, runs.recipe.img_size, bar))
-            yaml_texts[b] = eval_data.yaml_path.read_text()
-    return summary(measured, runs, s, yaml_texts)
+            files[f"data/{b}.yaml"] = eval_data.yaml_path.read_text()
+    result = summary(measured, runs, s)
+    for m in measured:
+        for key, dets in m.detections.items():
+            files[_detections_file(m.backbone, key)] = json.dumps(dets)
+    return result, files
 
 
-def summary(measured: list[Measured], runs: Runs, s: Settings, yaml_texts: dict) -> dict:
+def _detections_file(backbone: str, key) -> str:
+    return f"detections/{backbone}_{key if key == 'fp32' else '_seed'.join(map(str, key))}.json"
+
+
+def summary(measured: list[Measured], runs: Runs, s: Settings) -> dict:
     first = measured[0].eval_data
     return {
         "model": MODEL, "recipe": runs.recipe.to_dict(), "runs": str(runs.root), "trained_now": list(runs.trained),
@@ -215,23 +236,25 @@ def summary(measured: list[Measured], runs: Runs, s: Settings, yaml_texts: dict)
         "resamples": s.resamples, "settings": list(s.settings),
         "backbones": [{"backbone": m.backbone, "weights": m.weights, "eval_ann": m.eval_data.ann_file,
                        "eval_images": len(m.eval_data.image_ids), "fp32": m.fp32, "rows": m.rows,
-                       "run": run_summary(Path(m.weights).parent, runs.recipe)} for m in measured],
+                       "run": run_summary(Path(m.weights).parent, runs.recipe), "data_yaml": f"data/{m.backbone}.yaml",
+                       "detections": {"fp32" if k == "fp32" else f"{k[0]}_seed{k[1]}": _detections_file(m.backbone, k)
+                                      for k in m.detections}}
+                      for m in measured],
         "versus_reference": differences(measured, s),
-        "data_yaml": yaml_texts,
     }
 
 
 def run(runs: Runs, s: Settings, out: str, name: str) -> int:
-    """``yoloq bench-backbones``: the benchmark, then <out>/<name>/{backbones.md, backbones.json, data/*.yaml}."""
+    """``yoloq bench-backbones``: the benchmark, then <out>/<name>/: backbones.md, backbones.json,
+    data/<backbone>.yaml, detections/<backbone>_<fp32 | pipeline_seedN>.json (COCO results)."""
     from yoloq.bench.backbones_table import render_markdown
     folder = check_output_dir(Path(out) / check_run_name(name), "--out")      # before the work, not after
     start = time.perf_counter()
-    result = bench(runs, s)
+    result, files = bench(runs, s)
     result["seconds"] = round(time.perf_counter() - start, 1)
     markdown = render_markdown(result)
-    for b, text in result["data_yaml"].items():
-        atomic_write_text(folder / "data" / f"{b}.yaml", text)
-    result["data_yaml"] = {b: f"data/{b}.yaml" for b in result["data_yaml"]}
+    for path, text in files.items():
+        atomic_write_text(folder / path, text)
     atomic_write_text(folder / "backbones.json", to_json(result))
     atomic_write_text(folder / "backbones.md", markdown)
     print(markdown)

@@ -56,7 +56,9 @@ def versus_table(summary: dict) -> str:
     table = [[NAMES.get(r["backbone"], r["backbone"]), _pipeline_label(summary, r["pipeline"]),
               f"{r['difference']:+.2f} ({r['level'] * 100:.0f}% CI {r['low']:+.2f} to {r['high']:+.2f})"]
              for r in rows]
-    return md_table(["backbone", "pipeline", f"drop − {NAMES['repvgg']}'s drop"], table)
+    seeds = len(summary["seeds"])
+    what = f"mean of {seeds} calibration seeds" if seeds > 1 else f"seed {summary['seeds'][0]}"
+    return md_table(["backbone", "pipeline", f"drop − {NAMES['repvgg']}'s drop ({what})"], table)
 
 
 def render_markdown(summary: dict) -> str:
@@ -80,7 +82,8 @@ def render_markdown(summary: dict) -> str:
     if notes:
         lines += ["Runs whose run.json differs from the recipe: " + "; ".join(notes) + ".", ""]
     if summary["versus_reference"]:
-        lines += [f"Drop against RepVGG's, paired on the same resampled images (seed {summary['seeds'][0]}; "
-                  "negative: loses less than RepVGG):", "", versus_table(summary), ""]
+        lines += ["Drop against RepVGG's, each drop averaged over the calibration seeds, paired on the same "
+                  "resampled images (the interval is over images only; negative: loses less than RepVGG):", "",
+                  versus_table(summary), ""]
     lines += ["Every run:", "", seed_table(summary), ""]
     return "\n".join(lines)
