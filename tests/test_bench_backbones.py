@@ -152,6 +152,7 @@ def test_bench_command_on_random_weight_runs(tmp_path, data_yaml, capsys):
             assert r["calib_method"] == "max" and r["transforms"] == "none"
             assert r["drop"]["drop"] == pytest.approx((b["fp32"]["AP"] - r["int8"]["AP"]) * 100, abs=1e-9)
             assert r["drop"]["images"] == 2
+            assert 0 < r["output_error"]["sqnr_db"] < 200        # INT8 outputs compared, not FP32 with itself
         assert b["rows"][0]["calib_files"] != b["rows"][1]["calib_files"]      # the seeds draw different images
         assert b["run"]["differs"] == ["no run.json: the training settings are unknown"]   # said, not hidden
     assert [(r["backbone"], r["pipeline"]) for r in result["versus_reference"]] == [("qarepvgg", "plain"),
@@ -164,7 +165,7 @@ def test_bench_command_on_random_weight_runs(tmp_path, data_yaml, capsys):
     md = (folder / "backbones.md").read_text()
     assert md in stdout
     assert "| RepVGG | " in md and "| QARepVGG (V2) | " in md and "| RepOpt-VGG | " in md
-    assert "drop over 2 calibration seeds (plain max)" in md and "drop − RepVGG's drop (mean of 2 calibration" in md
+    assert "drop over 2 calibration seeds (plain max)" in md and "output SQNR dB (plain max)" in md and "drop − RepVGG's drop (mean of 2 calibration" in md
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,16 +25,18 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from yoloq.bench.backbone_runs import (BACKBONES, MODEL, BenchBackbonesError, EvalData, Runs, base_data, config_name,
                                        ensure_run, run_summary, write_eval_data_yaml)
 from yoloq.config import apply_settings, load_config
-from yoloq.device import resolve_device
+from yoloq.device import module_device, resolve_device
 from yoloq.eval.bootstrap import DEFAULT_LEVEL, MatchTable, match_table, paired_bootstrap
-from yoloq.eval.coco_eval import evaluate_model
+from yoloq.eval.coco_eval import evaluate_model, val_dataset
 from yoloq.io import atomic_write_text, check_output_dir, check_run_name, to_json
 from yoloq.models import load_model
+from yoloq.quant.metrics import output_error
 from yoloq.recipes.common import load_calibration_set, seed_everything
 from yoloq.recipes.ptq import resolve, run_quantization
 
@@ -89,6 +91,7 @@ class Measured:
     reference: Optional[MatchTable] = None
     tables: dict = field(default_factory=dict)          # (pipeline, seed) -> MatchTable of the INT8 model
     detections: dict = field(default_factory=dict)      # "fp32" / (pipeline, seed) -> COCO results list
+    fp32_outputs: Optional[torch.Tensor] = None         # raw FP32 outputs on the evaluation images
 
 
 def _stats(stats: dict) -> dict:
@@ -104,8 +107,9 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
                             data=str(eval_data.yaml_path))
     fp32 = load_model(cfg.model).to(resolve_device(s.device))
     fp32_eval = _evaluate(fp32, data_cfg, cfg, eval_data)
+    images = _eval_images(data_cfg, eval_data, img_size)
     out = Measured(backbone, str(weights), eval_data, _stats(fp32_eval.stats),
-                   detections={"fp32": fp32_eval.detections.to_list()})
+                   detections={"fp32": fp32_eval.detections.to_list()}, fp32_outputs=_outputs(fp32, images))
     out.reference = match_table(eval_data.ann_file, out.detections["fp32"], eval_data.image_ids)
     for seed in s.seeds:
         calib = load_calibration_set(data_cfg, cfg.quant.calibration.images, img_size, cfg.quant.loader.batch_size,
@@ -115,7 +119,7 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
             raise BenchBackbonesError(f"{eval_data.yaml_path}: calibration image {overlap[0]} is an evaluation image")
         for pipeline in s.pipelines:
             pcfg = cfg.with_overrides(quant={**pipeline_overrides(pipeline, s.plain_method), "seed": seed})
-            row = _quantize_and_score(out, (pipeline, seed), pcfg, data_cfg, fp32, calib, s.resamples)
+            row = _quantize_and_score(out, (pipeline, seed), pcfg, data_cfg, fp32, calib, s.resamples, images)
             out.rows.append({"pipeline": pipeline, "seed": seed, **row})
             if bar is not None:
                 bar.set_postfix_str(f"{backbone} {pipeline} seed {seed}: drop {row['drop_text']}")
@@ -123,7 +127,8 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
     return out
 
 
-def _quantize_and_score(out: Measured, key: tuple, cfg, data_cfg, fp32, calib, resamples: int) -> dict:
+def _quantize_and_score(out: Measured, key: tuple, cfg, data_cfg, fp32, calib, resamples: int,
+                        images: list) -> dict:
     """One PTQ run of ``fp32`` as ``cfg.quant`` says: its row (INT8 AP, the drop's paired interval
     against ``out``'s FP32); the INT8 model's detections and match table go into ``out`` under ``key``."""
     seed_everything(cfg.quant.seed)
@@ -134,9 +139,26 @@ def _quantize_and_score(out: Measured, key: tuple, cfg, data_cfg, fp32, calib, r
     out.detections[key] = int8_eval.detections.to_list()
     out.tables[key] = match_table(out.eval_data.ann_file, out.detections[key], out.eval_data.image_ids)
     interval = paired_bootstrap(out.reference, out.tables[key], resamples=resamples)
+    error = output_error(out.fp32_outputs, _outputs(run.qmodel, images))
     return {"calib_images": calib.images, "calib_files": list(calib.files), "calib_method": run.calib_info["method"],
             "transforms": run.transforms.get("plan", "none"), "int8": _stats(int8_eval.stats),
-            "drop": interval.to_dict(), "drop_text": interval.text(), "quant_seconds": round(quant_s, 1)}
+            "drop": interval.to_dict(), "drop_text": interval.text(), "quant_seconds": round(quant_s, 1),
+            "output_error": error}
+
+
+def _eval_images(data_cfg, eval_data: EvalData, img_size: int, chunk: int = 16) -> list:
+    """The evaluation images letterboxed as the evaluation sees them, in batches of ``chunk``."""
+    dataset = val_dataset(data_cfg, eval_data.ann_file, img_size)
+    images = [dataset[i][0] for i in range(len(dataset))]        # all readable: _evaluate checked
+    return [torch.stack(images[i:i + chunk]) for i in range(0, len(images), chunk)]
+
+
+@torch.no_grad()
+def _outputs(model, batches: list) -> torch.Tensor:
+    """The raw detector outputs ``[B, N, 4 + nc]`` of ``model`` (on its device) for ``batches``."""
+    model.eval()
+    device = module_device(model)
+    return torch.cat([model(b.to(device)).cpu() for b in batches])
 
 
 def _evaluate(model, data_cfg, cfg, eval_data: EvalData):

@@ -20,6 +20,12 @@ def _spread(rows: list) -> str:
     return f"{min(drops):.2f} to {max(drops):.2f} (mean {sum(drops) / len(drops):.2f})"
 
 
+def _sqnr(rows: list) -> str:
+    values = [r["output_error"]["sqnr_db"] for r in rows]
+    text = f"{sum(values) / len(values):.1f}"
+    return text + (f" ({min(values):.1f} to {max(values):.1f})" if len(values) > 1 else "")
+
+
 def main_table(summary: dict) -> str:
     """backbone | FP32 AP | per pipeline: INT8 AP, drop (95% CI) on the first seed [, drop over the seeds]."""
     pipelines, seeds = list(summary["pipelines"]), summary["seeds"]
@@ -29,6 +35,7 @@ def main_table(summary: dict) -> str:
         header += [f"INT8 AP ({label})", f"drop ({label})"]
         if len(seeds) > 1:
             header.append(f"drop over {len(seeds)} calibration seeds ({label})")
+        header.append(f"output SQNR dB ({label})")
     table = []
     for b in summary["backbones"]:
         row = [NAMES.get(b["backbone"], b["backbone"]), _ap(b["fp32"])]
@@ -38,6 +45,7 @@ def main_table(summary: dict) -> str:
             row += [_ap(first["int8"]), first["drop_text"]]
             if len(seeds) > 1:
                 row.append(_spread(rows))
+            row.append(_sqnr(rows))
         table.append(row)
     return md_table(header, table)
 
@@ -47,8 +55,10 @@ def seed_table(summary: dict) -> str:
     for b in summary["backbones"]:
         for r in b["rows"]:
             table.append([NAMES.get(b["backbone"], b["backbone"]), _pipeline_label(summary, r["pipeline"]), r["seed"],
-                          r["calib_method"], r["transforms"], _ap(r["int8"]), r["drop_text"]])
-    return md_table(["backbone", "pipeline", "seed", "calibration", "transforms", "INT8 AP", "drop (95% CI)"], table)
+                          r["calib_method"], r["transforms"], _ap(r["int8"]), r["drop_text"],
+                          f"{r['output_error']['sqnr_db']:.1f}"])
+    return md_table(["backbone", "pipeline", "seed", "calibration", "transforms", "INT8 AP", "drop (95% CI)",
+                     "output SQNR dB"], table)
 
 
 def versus_table(summary: dict) -> str:
@@ -74,7 +84,10 @@ def render_markdown(summary: dict) -> str:
         f"{ev['img_size']} px; calibration: {summary['calib_images']} other train images (none of them an "
         f"evaluation image), calibration seeds {seeds}. AP in %, drops in AP points with the paired-bootstrap "
         f"interval over the evaluation images ({summary['resamples']} resamples); the main table shows seed "
-        f"{summary['seeds'][0]}.",
+        f"{summary['seeds'][0]}. Output SQNR: the INT8 detector's raw outputs against FP32's on the evaluation "
+        "images (mean of class-score SQNR and score-weighted box SQNR, `yoloq.quant.metrics.output_error`; "
+        "higher is better; mean over the seeds, range in brackets): a continuous measure of the quantization error, "
+        "far less noisy than AP on a few images.",
         "Pipelines: " + "; ".join(f"{_pipeline_label(summary, p)} = " + ", ".join(f"{k}={v}" for k, v in o.items())
                                   for p, o in summary["pipelines"].items()) + ".", "",
         main_table(summary), ""]
