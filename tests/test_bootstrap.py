@@ -265,3 +265,43 @@ def test_batched_bootstrap_equals_the_loop_on_real_detections():
         np.testing.assert_allclose(table.ap_batch(weights), [table.ap(w) for w in weights], rtol=0, atol=1e-13)
     fast = paired_bootstrap(ref, cand, resamples=150, seed=2)
     np.testing.assert_allclose([fast.low, fast.high], _loop_interval(ref, cand, 150, seed=2), rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_bench_ptq_rows_carry_the_drop_interval(tmp_path):
+    from yoloq.cli import main as yoloq_main
+    from yoloq.report.ptq import load_report
+    yoloq_main(["bench-ptq", "--cfg", "yolov6lite_s", "--calib-images", "4", "--max-images", "6", "--workers", "0",
+                "--methods", "max", "--skip-ort", "--bootstrap", "40", "--out", str(tmp_path / "b"), "--name", "t",
+                "--no-progress"])
+    bench = load_report(tmp_path / "b" / "t" / "bench.json")
+    (row,) = bench["rows"]
+    ci = row["drop_ci"]
+    assert ci["images"] == 6 and ci["resamples"] == 40 and ci["drop"] == pytest.approx(row["drop"]["AP"], abs=1e-9)
+    assert ci["low"] <= ci["drop"] <= ci["high"]
+    assert f"{ci['drop']:.2f} (95% CI {ci['low']:.2f}–{ci['high']:.2f})" in (tmp_path / "b" / "t" / "bench.md").read_text()
+
+
+@pytest.mark.slow
+@needs_shared
+def test_qat_report_carries_the_ptq_and_qat_drop_intervals(tmp_path):
+    """FP32, PTQ and the best QAT epoch are evaluated on the same images: both drops get their
+    interval, each the report's own drop, and report.md prints them."""
+    from yoloq.recipes.ptq import run_ptq
+    from yoloq.recipes.qat.run import run_qat
+    run_ptq("yolov6lite_s", out=str(tmp_path / "ptq"), name="p", progress=False, plots=False, max_images=6,
+            eval={"workers": 0, "bootstrap": 0},
+            quant={"calibration.method": "max", "calibration.images": 8, "sensitivity.metric": "off",
+                   "diagnose": False, "transforms.images": 8})
+    result = run_qat("yolov6lite_s", from_dir=str(tmp_path / "ptq" / "p"), max_images=6, out=str(tmp_path / "qat"),
+                     progress=False, eval={"workers": 0, "bootstrap": 40},
+                     qat={"quantizer": "pact", "epochs": 1, "images": 8, "batch_size": 4, "workers": 0})
+    r = result.report
+    for key in ("ptq", "qat"):
+        ci = r["drop_ci"][key]
+        assert ci["images"] == 6 and ci["resamples"] == 40
+        assert ci["drop"] == pytest.approx(r["drop"][key]["AP"], abs=1e-9) and ci["low"] <= ci["drop"] <= ci["high"]
+    ci = r["drop_ci"]["qat"]
+    assert f"QAT best **{ci['drop']:.2f} (95% CI {ci['low']:.2f}–{ci['high']:.2f})**" in \
+        (result.out_dir / "report.md").read_text()

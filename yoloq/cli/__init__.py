@@ -34,6 +34,7 @@ COMMANDS = {
     "bench-fidelity": ("yoloq.cli.bench_fidelity", "benchmark: deployed (onnxruntime) vs fake-quant mAP"),
     "bench-eval": ("yoloq.cli.bench_eval", "benchmark: evaluation pipeline speed"),
     "bench-cost": ("yoloq.cli.bench_cost", "benchmark: the default PTQ run's cost per stage, extrapolated to COCO val2017"),
+    "bench-robustness": ("yoloq.cli.bench_robustness", "benchmark: the default PTQ drop and α choice per calibration set"),
 }
 
 
