@@ -10,6 +10,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from yoloq.eval.bootstrap import drop_interval, match_table, paired_bootstrap
+from conftest import needs_shared
 
 
 def _synthetic(tmp_path, n_images=40, seed=0):
@@ -148,3 +149,159 @@ def test_weighted_recall_thresholds_are_compared_exactly(tmp_path):
                 values.append(np.mean(q))
             expected.append(np.mean(values))
         assert table.ap(w) == pytest.approx(np.mean(expected), abs=1e-12)
+
+
+def _bootstrap_weights(n_images, rows, seed):
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n_images, n_images), minlength=n_images).astype(float)
+                     for _ in range(rows)])
+
+
+def _loop_interval(reference, candidate, resamples, level=0.95, seed=0):
+    """The bootstrap as first written: one resample at a time through MatchTable.ap."""
+    n = len(reference.image_ids)
+    rng = np.random.default_rng(seed)
+    drops = []
+    for _ in range(resamples):
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+        drops.append(reference.ap(w) - candidate.ap(w))
+    tail = (1 - level) / 2 * 100
+    return np.percentile(np.asarray(drops) * 100, [tail, 100 - tail])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batched_ap_equals_the_per_resample_ap(tmp_path, seed):
+    """ap_batch (true-positive columns only, recall points counted per column) = ap row by row,
+    on resamples that drop images, double them and leave categories without ground truth; the
+    crowd boxes give columns ignored at some IoU thresholds and not at others."""
+    gt_path, anns, ids = _synthetic(tmp_path, n_images=30, seed=20 + seed)
+    dets = _detections(anns, len(ids), noise=0.07, seed=30 + seed)
+    table = match_table(str(gt_path), dets, ids)
+    assert any(len(ign) for c in table.categories for ign in c.ignored_cols)
+    weights = np.concatenate([np.ones((1, len(ids))), _bootstrap_weights(len(ids), 60, seed)])
+    weights[-1, :] = 0.0
+    weights[-1, :3] = [1, 2, 0]                                   # most categories without ground truth
+    expected = np.array([table.ap(w) for w in weights])
+    np.testing.assert_allclose(table.ap_batch(weights), expected, rtol=0, atol=1e-13)
+
+
+def test_batched_bootstrap_equals_the_loop(tmp_path):
+    gt_path, anns, ids = _synthetic(tmp_path, n_images=50, seed=40)
+    ref = match_table(str(gt_path), _detections(anns, len(ids), noise=0.03, seed=41), ids)
+    cand = match_table(str(gt_path), _detections(anns, len(ids), noise=0.1, seed=41), ids)
+    fast = paired_bootstrap(ref, cand, resamples=230, seed=3)           # more than one chunk
+    np.testing.assert_allclose([fast.low, fast.high], _loop_interval(ref, cand, 230, seed=3), rtol=0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- in the PTQ report
+
+
+def test_report_shows_the_interval_next_to_the_drop():
+    from yoloq.report.ptq import format_summary, render_markdown
+    ci = {"reference_ap": 23.1, "candidate_ap": 22.6, "drop": 0.5, "low": 0.21, "high": 0.83, "level": 0.95,
+          "resamples": 1000, "images": 500, "seed": 0}
+    report = {"name": "r", "fp32": {"AP": 0.231}, "int8": {"AP": 0.226}, "drop": {"AP": 0.5}, "drop_ci": ci}
+    assert "AP drop **0.50 (95% CI 0.21–0.83)**" in render_markdown(report)
+    assert "drop 0.50 (95% CI 0.21–0.83) points" in format_summary(report)
+    del report["drop_ci"]
+    assert "CI" not in render_markdown(report) and "drop 0.50 points" in format_summary(report)
+
+
+def test_bootstrap_key_is_checked():
+    from yoloq.config import ConfigError
+    from yoloq.config.sections import EvalConfig
+    with pytest.raises(ConfigError, match="eval.bootstrap"):
+        EvalConfig(bootstrap=-1)
+    with pytest.raises(ConfigError, match="eval.bootstrap"):
+        EvalConfig(bootstrap=0.5)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_ptq_report_carries_the_drop_interval(tmp_path):
+    """run_ptq on 8 val images: drop_ci's drop (from the bootstrap's own match table) is the
+    report's pycocotools drop, the interval holds it, report.md and the summary print it; with
+    eval.bootstrap 0 there is none."""
+    from yoloq.recipes.ptq import run_ptq
+    from yoloq.report.ptq import format_summary
+    common = dict(out=str(tmp_path / "runs"), plots=False, save_model=False, max_images=8, progress=False,
+                  quant={"calibration.images": 8, "calibration.method": "max", "sensitivity.metric": "off",
+                         "diagnose": False})
+    res = run_ptq("yolov6lite_s", name="ci", eval={"workers": 0, "bootstrap": 50}, **common)
+    ci = res.report["drop_ci"]
+    assert ci["images"] == 8 and ci["resamples"] == 50 and ci["level"] == 0.95
+    assert ci["drop"] == pytest.approx(res.report["drop"]["AP"], abs=1e-9)
+    assert ci["low"] <= ci["drop"] <= ci["high"] and ci["low"] < ci["high"]
+    text = f"{ci['drop']:.2f} (95% CI {ci['low']:.2f}–{ci['high']:.2f})"
+    assert text in (tmp_path / "runs" / "ci" / "report.md").read_text() and text in format_summary(res.report)
+    assert "bootstrap" in res.timings
+    off = run_ptq("yolov6lite_s", name="off", eval={"workers": 0, "bootstrap": 0}, **common)
+    assert off.report["drop_ci"] is None and "bootstrap" not in off.timings
+
+
+@pytest.mark.slow
+@needs_shared
+def test_batched_bootstrap_equals_the_loop_on_real_detections():
+    """Lite-S FP32 and a plainly calibrated INT8 model on 40 val images: real detections (hundreds
+    per image, scores tied at 4 decimals, crowd boxes). The batched bootstrap gives the interval of
+    the per-resample loop, and each resample's AP equals MatchTable.ap; the table an evaluation
+    keeps equals a fresh match."""
+    from yoloq.eval.coco_eval import evaluate_model
+    from yoloq.models import load_model
+    from yoloq.quant.recipe import Calibrate, Prepare, quantize
+    from yoloq.recipes.common import load_calibration_set
+    from yoloq.recipes.ptq import resolve
+    cfg, data_cfg = resolve("yolov6lite_s", eval={"workers": 0})
+    fp32 = load_model(cfg.model).eval()
+    calib = load_calibration_set(data_cfg, 8, cfg.model.img_size, 8, 0, 0)
+    int8 = quantize(fp32, [Prepare(), Calibrate("max")], calib.batches)
+    ref_eval, cand_eval = (evaluate_model(m, data_cfg, cfg.eval, cfg.model.img_size, max_images=40, progress=False)
+                           for m in (fp32, int8))
+    ref, cand = ref_eval.matches, cand_eval.matches
+    fresh = match_table(ref_eval.ann_file, ref_eval.detections.to_list(), ref_eval.image_ids)
+    assert ref.ap() == fresh.ap() == pytest.approx(ref_eval.stats["AP"], abs=1e-12)
+    weights = _bootstrap_weights(40, 30, seed=5)
+    for table in (ref, cand):
+        np.testing.assert_allclose(table.ap_batch(weights), [table.ap(w) for w in weights], rtol=0, atol=1e-13)
+    fast = paired_bootstrap(ref, cand, resamples=150, seed=2)
+    np.testing.assert_allclose([fast.low, fast.high], _loop_interval(ref, cand, 150, seed=2), rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_bench_ptq_rows_carry_the_drop_interval(tmp_path):
+    from yoloq.cli import main as yoloq_main
+    from yoloq.report.ptq import load_report
+    yoloq_main(["bench-ptq", "--cfg", "yolov6lite_s", "--calib-images", "4", "--max-images", "6", "--workers", "0",
+                "--methods", "max", "--skip-ort", "--bootstrap", "40", "--out", str(tmp_path / "b"), "--name", "t",
+                "--no-progress"])
+    bench = load_report(tmp_path / "b" / "t" / "bench.json")
+    (row,) = bench["rows"]
+    ci = row["drop_ci"]
+    assert ci["images"] == 6 and ci["resamples"] == 40 and ci["drop"] == pytest.approx(row["drop"]["AP"], abs=1e-9)
+    assert ci["low"] <= ci["drop"] <= ci["high"]
+    assert f"{ci['drop']:.2f} (95% CI {ci['low']:.2f}–{ci['high']:.2f})" in (tmp_path / "b" / "t" / "bench.md").read_text()
+
+
+@pytest.mark.slow
+@needs_shared
+def test_qat_report_carries_the_ptq_and_qat_drop_intervals(tmp_path):
+    """FP32, PTQ and the best QAT epoch are evaluated on the same images: both drops get their
+    interval, each the report's own drop, and report.md prints them."""
+    from yoloq.recipes.ptq import run_ptq
+    from yoloq.recipes.qat.run import run_qat
+    run_ptq("yolov6lite_s", out=str(tmp_path / "ptq"), name="p", progress=False, plots=False, max_images=6,
+            eval={"workers": 0, "bootstrap": 0},
+            quant={"calibration.method": "max", "calibration.images": 8, "sensitivity.metric": "off",
+                   "diagnose": False, "transforms.images": 8})
+    result = run_qat("yolov6lite_s", from_dir=str(tmp_path / "ptq" / "p"), max_images=6, out=str(tmp_path / "qat"),
+                     progress=False, eval={"workers": 0, "bootstrap": 40},
+                     qat={"quantizer": "pact", "epochs": 1, "images": 8, "batch_size": 4, "workers": 0})
+    r = result.report
+    for key in ("ptq", "qat"):
+        ci = r["drop_ci"][key]
+        assert ci["images"] == 6 and ci["resamples"] == 40
+        assert ci["drop"] == pytest.approx(r["drop"][key]["AP"], abs=1e-9) and ci["low"] <= ci["drop"] <= ci["high"]
+    ci = r["drop_ci"]["qat"]
+    assert f"QAT best **{ci['drop']:.2f} (95% CI {ci['low']:.2f}–{ci['high']:.2f})**" in \
+        (result.out_dir / "report.md").read_text()

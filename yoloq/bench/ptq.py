@@ -10,6 +10,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from yoloq.models import load_model
 from yoloq.recipes.common import load_calibration_set, seed_everything
 from yoloq.recipes.ptq import resolve, run_quantization
 from yoloq.io import atomic_write_bytes, atomic_write_text, check_output_dir, check_run_name, to_json
-from yoloq.report.common import md_table, stat_drop
+from yoloq.report.common import drop_text, md_table, stat_drop
 
 YOLOQ_METHODS = ("max", "percentile-99.99", "percentile-99.999", "entropy", "mse", "auto", "pipeline")
 # "pipeline": the config's whole quant section (PTQ transforms, calibration, bias correction,
@@ -133,11 +134,23 @@ class Bench:
             return evaluate_model(model_or_onnx, self.data_cfg, self.cfg.eval, self.cfg.model.img_size, **kw)
         return evaluate(OnnxPredictor(model_or_onnx), self.data_cfg, self.cfg.eval, self.cfg.model.img_size, **kw)
 
-    def add(self, tool: str, variant: str, fp32_stats: dict, result, calib_s: float, note: str = "") -> None:
+    def add(self, tool: str, variant: str, reference, result, calib_s: float, note: str = "") -> None:
+        """One row: ``result`` against ``reference`` (the FP32 evaluation of the same runtime), with
+        the drop's paired-bootstrap interval (``--bootstrap`` resamples)."""
+        fp32_stats = reference.stats
         self.rows.append({"tool": tool, "variant": variant, "fp32": fp32_stats, "int8": result.stats,
-                          "drop": stat_drop(fp32_stats, result.stats), "calib_seconds": calib_s,
+                          "drop": stat_drop(fp32_stats, result.stats), "drop_ci": self.interval(reference, result),
+                          "calib_seconds": calib_s,
                           "eval_seconds": result.seconds, "images_per_s": result.images_per_s, "note": note})
         print(f"{tool:12s} {variant:20s} AP {result.stats['AP'] * 100:6.2f}  calib {calib_s:7.1f} s", flush=True)
+
+    def interval(self, reference, result) -> Optional[dict]:
+        if isinstance(result, _as_result):
+            return result.drop_ci
+        if not self.args.bootstrap or reference is result:
+            return None
+        from yoloq.recipes.ptq import drop_interval_record
+        return drop_interval_record(reference, result, self.args.bootstrap)
 
     def yoloq_rows(self) -> None:
         """The config's pipeline, every calibration method from one statistics pass, then auto."""
@@ -156,7 +169,7 @@ class Bench:
             calib_s = time.perf_counter() - start
             done = {r["variant"]: r for r in self.rows if r["tool"] == "yoloq"}
             result = _as_result(done[info["method"]]) if info["method"] in done else self.evaluate(auto_model)
-            self.add("yoloq", "auto", self.fp32_eval.stats, result, calib_s, note=f"chose {info['method']}")
+            self.add("yoloq", "auto", self.fp32_eval, result, calib_s, note=f"chose {info['method']}")
 
     def method_rows(self, methods: list[str]) -> None:
         """Plain calibration (no transforms) with each range rule, from one statistics pass."""
@@ -168,7 +181,7 @@ class Bench:
         for method in methods:
             start = time.perf_counter()
             apply_calibration(qmodel, method)
-            self.add("yoloq", method_key(method), self.fp32_eval.stats, self.evaluate(qmodel),
+            self.add("yoloq", method_key(method), self.fp32_eval, self.evaluate(qmodel),
                      collect_s + time.perf_counter() - start)
 
     def pipeline_rows(self, tmp: Path) -> None:
@@ -180,16 +193,16 @@ class Bench:
         plan = run.transforms.get("plan", "none")
         recon = self.cfg.quant.reconstruction.method
         note = f"{plan}; calib {run.calib_info['method']}" + (f"; {recon}" if recon != "off" else "")
-        self.add("yoloq", "pipeline", self.fp32_eval.stats, self.evaluate(run.qmodel), quant_s, note=note)
+        self.add("yoloq", "pipeline", self.fp32_eval, self.evaluate(run.qmodel), quant_s, note=note)
         info = export_onnx(run.qmodel, tmp / "pipeline.onnx", img_size=self.cfg.model.img_size, batch=None)
-        self.add("yoloq", "pipeline_onnx", self.fp32_eval.stats, self.evaluate(Path(info.path)), quant_s,
+        self.add("yoloq", "pipeline_onnx", self.fp32_eval, self.evaluate(Path(info.path)), quant_s,
                  note="its Q/DQ ONNX export, evaluated with onnxruntime")
 
     def onnx_rows(self, tmp: Path) -> None:
         """onnxruntime's quantize_static variants and the peers, all from the same FP32 ONNX."""
         fp32_onnx = export_fp32_onnx(self.fp32, tmp / "fp32.onnx", self.cfg.model.img_size)
         ort_fp32 = self.evaluate(fp32_onnx)
-        self.add("onnxruntime", "fp32", ort_fp32.stats, ort_fp32, 0.0, note="FP32 ONNX export (sanity check)")
+        self.add("onnxruntime", "fp32", ort_fp32, ort_fp32, 0.0, note="FP32 ONNX export (sanity check)")
         for variant in ([] if self.args.skip_ort else self.args.ort_variants):
             qpath = tmp / f"{variant}.onnx"
             try:
@@ -199,7 +212,7 @@ class Bench:
                 self.rows.append({"tool": "onnxruntime", "variant": variant, "error": f"{type(err).__name__}: {err}"})
                 print(f"onnxruntime {variant}: failed: {err}", flush=True)
                 continue
-            self.add("onnxruntime", variant, ort_fp32.stats, result, calib_s)
+            self.add("onnxruntime", variant, ort_fp32, result, calib_s)
         if self.args.peers:              # NNCF, AMD Quark, AIMET in child processes (yoloq.bench.peers)
             self.rows += self.peer_rows(fp32_onnx, ort_fp32.stats, tmp)
 
@@ -236,20 +249,22 @@ class _as_result:
 
     def __init__(self, row: dict):
         self.stats, self.seconds, self.images_per_s = row["int8"], row["eval_seconds"], row["images_per_s"]
+        self.drop_ci = row.get("drop_ci")
 
 
 def render_bench_markdown(bench: dict) -> str:
     head = [f"# PTQ peer benchmark: {bench['model']} at {bench['img_size']}", "",
             f"{bench['eval_images']} images of `{bench['ann_file']}`; {bench['calib_images']} train images for "
             f"calibration (the same for every row), seed {bench['seed']}. AP in %, drop in points vs the "
-            f"FP32 of the same runtime. Calibration time includes the statistics pass.", ""]
+            f"FP32 of the same runtime, with its paired-bootstrap interval over the images where measured. "
+            f"Calibration time includes the statistics pass.", ""]
     table = []
     for r in bench["rows"]:
         if "error" in r:
             table.append((r["tool"], r["variant"], "-", "failed", "-", "-", "-", r["error"][:80]))
             continue
         table.append((r["tool"], r["variant"], f"{r['fp32']['AP'] * 100:.2f}", f"{r['int8']['AP'] * 100:.2f}",
-                      f"{r['drop']['AP']:.2f}", f"{r['int8']['AP50'] * 100:.2f}", f"{r['calib_seconds']:.1f}",
+                      drop_text(r["drop"]["AP"], r.get("drop_ci")), f"{r['int8']['AP50'] * 100:.2f}", f"{r['calib_seconds']:.1f}",
                       r.get("note", "")))
     return "\n".join(head + [md_table(("tool", "variant", "FP32 AP", "INT8 AP", "drop", "INT8 AP50",
                                        "calib s", "note"), table), ""])

@@ -37,6 +37,8 @@ def build_parser(prog: str = "yoloq bench-ptq"):
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=non_negative_int)
+    p.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
+                   help="paired-bootstrap resamples of each row's drop interval (0: none; default %(default)s)")
     p.add_argument("--device", default="auto",
                    help="where yoloq's rows run: auto (cuda when available), cpu, cuda or cuda:N; onnxruntime and the "
                         "peers run on the CPU")

@@ -66,6 +66,11 @@ def _print_summary(result) -> None:
     pct = lambda s: f"{s['AP'] * 100:.2f}" if "AP" in s else "-"      # noqa: E731
     print(f"{r['name']}: FP32 AP {pct(r['fp32'])}  PTQ AP {pct(r['ptq'])}  QAT AP {pct(r['qat'])} "
           f"(best epoch {r['best_epoch']}, last {pct(r['qat_last'])})")
+    from yoloq.report.common import drop_text
+    cis = r.get("drop_ci") or {}
+    if cis.get("qat"):
+        ptq = f"; PTQ {drop_text(cis['ptq']['drop'], cis['ptq'])}" if cis.get("ptq") else ""
+        print(f"AP drop vs FP32: QAT {drop_text(cis['qat']['drop'], cis['qat'])}{ptq} points")
     print("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
     print(f"wrote {result.out_dir}/")
 

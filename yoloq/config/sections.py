@@ -65,9 +65,12 @@ class EvalConfig(Section):
     workers: int = 2
     backend: Backend = "pycocotools"
     val_ann: AnnKey = "val_ann"         # which annotation key of the data YAML to evaluate on
+    bootstrap: int = 1000               # resamples of the paired bootstrap interval of a drop (0: none)
 
     def rules(self) -> None:
         self._require(0.0 <= self.conf_thres <= 1.0, "conf_thres", "in [0, 1]")
+        self._require(isinstance(self.bootstrap, int) and not isinstance(self.bootstrap, bool)
+                      and self.bootstrap >= 0, "bootstrap", "an integer >= 0 (resamples; 0: no interval)")
         self._require(0.0 < self.iou_thres <= 1.0, "iou_thres", "in (0, 1]")
         for key in ("max_det", "batch_size"):
             self._require(getattr(self, key) >= 1, key, ">= 1")

@@ -55,6 +55,9 @@ class EvalResult:
     pr_curve: dict = field(default_factory=dict)    # overall precision at 101 recall points (AP50, AP)
     timing: dict = field(default_factory=dict)      # per-image ms: preprocess / inference / nms; processes
     extra: dict = field(default_factory=dict)
+    image_ids: list = field(default_factory=list)   # the images evaluated (what a paired bootstrap resamples)
+    matches: Optional[object] = field(default=None, repr=False, compare=False)   # yoloq.eval.bootstrap.MatchTable
+    #                                 of the COCOeval match (pycocotools backend); not written to JSON
 
 
 @dataclass
@@ -63,6 +66,7 @@ class CocoScores:
     stats: dict
     per_class: list = field(default_factory=list)
     pr_curve: dict = field(default_factory=dict)
+    matches: Optional[object] = None        # yoloq.eval.bootstrap.MatchTable (pycocotools backend)
 
 
 # --------------------------------------------------------------------------- categories & boxes
@@ -121,9 +125,13 @@ def coco_evaluation(ann_file: str, detections, backend: str = "pycocotools",
         evaluator.accumulate()
         evaluator.summarize()
     counts = ground_truth_counts(gt.dataset, evaluator.params.imgIds)
+    matches = None
+    if backend == "pycocotools":            # kept for a paired bootstrap of a drop (no second matching)
+        from yoloq.eval.bootstrap import table_from_evaluator
+        matches = table_from_evaluator(evaluator)
     return CocoScores(stats={name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:12])},
                       per_class=per_class_ap(evaluator, gt.dataset.get("categories", []), counts),
-                      pr_curve=pr_curves(evaluator))
+                      pr_curve=pr_curves(evaluator), matches=matches)
 
 
 def coco_stats(ann_file: str, detections, backend: str = "pycocotools",
@@ -202,7 +210,8 @@ def evaluate(predict: Callable, data_cfg: DataConfig, eval_cfg: EvalConfig, img_
                       seconds=timing["wall_s"], images_per_s=len(evaluated_ids) / max(timing["wall_s"], 1e-9),
                       backend=eval_cfg.backend, ann_file=str(ann_file), img_size=int(img_size),
                       interpolation=interpolation, eval_seconds=time.perf_counter() - start,
-                      per_class=scores.per_class, pr_curve=scores.pr_curve, timing=timing)
+                      per_class=scores.per_class, pr_curve=scores.pr_curve, timing=timing,
+                      image_ids=sorted(int(i) for i in evaluated_ids), matches=scores.matches)
 
 
 @contextlib.contextmanager
@@ -238,7 +247,7 @@ def evaluate_model(model: torch.nn.Module, data_cfg: DataConfig, eval_cfg: EvalC
 # --------------------------------------------------------------------------- output
 def result_to_dict(result: EvalResult) -> dict:
     """The result as JSON-able data (detections as the COCO results list)."""
-    out = {f.name: getattr(result, f.name) for f in fields(result)}
+    out = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "matches"}
     out["detections"] = result.detections.to_list()
     return out
 

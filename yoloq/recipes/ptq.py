@@ -33,6 +33,7 @@ from yoloq.data import load_data_config
 from yoloq.device import resolve_device
 from yoloq.distributed import output_dir_on_main
 from yoloq.errors import YoloqError
+from yoloq.eval.bootstrap import evaluation_drop_interval
 from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import check_run_folder, staging_dir
 from yoloq.models import load_model
@@ -44,7 +45,7 @@ from yoloq.recipes.common import (CalibrationSet, StageTimer, align_classes, con
                                   peak_memory, reset_peak_memory, run_environment, seed_everything,
                                   thread_invariant_kernels)
 from yoloq.recipes.partial import Selection
-from yoloq.report.common import stat_drop
+from yoloq.report.common import drop_text, stat_drop
 from yoloq.report.ptq import write_report
 
 
@@ -100,6 +101,7 @@ class PTQRun:
     diagnosis: Optional[dict] = None
     transforms: dict = field(default_factory=dict)
     reconstruction: Optional[dict] = None
+    drop_ci: Optional[dict] = None
     qmodel: Optional[nn.Module] = None
 
 
@@ -220,6 +222,16 @@ def _quantize_and_evaluate(run: PTQRun, scratch: Path) -> None:
     with timer.stage("eval_int8"):
         run.int8_eval = _evaluate(run, run.qmodel)
     log(f"INT8 AP {run.int8_eval.stats['AP'] * 100:.2f}")
+    if cfg.eval.bootstrap:
+        with timer.stage("bootstrap"):
+            run.drop_ci = drop_interval_record(run.fp32_eval, run.int8_eval, cfg.eval.bootstrap)
+        log(f"AP drop {drop_text(run.drop_ci['drop'], run.drop_ci)} ({cfg.eval.bootstrap} bootstrap resamples)")
+
+
+def drop_interval_record(reference: EvalResult, candidate: EvalResult, resamples: int) -> dict:
+    """The report's ``drop_ci``: the AP drop and its paired-bootstrap interval over the evaluated images."""
+    interval = evaluation_drop_interval(reference, candidate, resamples)
+    return {**interval.to_dict(), "seed": 0, "method": "paired bootstrap over the evaluated images (percentile)"}
 
 
 def _logger(opts: PTQOptions):
@@ -303,6 +315,7 @@ def build_report(run: PTQRun) -> dict:
         "fp32": stats(fp32_eval.stats),
         "int8": stats(int8_eval.stats),
         "drop": stat_drop(fp32_eval.stats, int8_eval.stats),
+        "drop_ci": run.drop_ci,
         "per_class": {"fp32": fp32_eval.per_class, "int8": int8_eval.per_class},
         "pr_curve": {"fp32": fp32_eval.pr_curve, "int8": int8_eval.pr_curve},
         "eval_timing": {"fp32": fp32_eval.timing, "int8": int8_eval.timing},

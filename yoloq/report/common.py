@@ -25,6 +25,14 @@ def stat_drop(fp32: dict, int8: dict, names: Sequence[str] = MAIN_STATS) -> dict
     return out
 
 
+def drop_text(drop, ci=None) -> str:
+    """An AP drop in points with its bootstrap interval when there is one: ``0.46 (95% CI 0.21–0.70)``
+    (``ci``: the ``drop_ci`` record of a report, ``yoloq.eval.bootstrap.DropInterval.to_dict``)."""
+    if not ci:
+        return num(drop)
+    return f"{num(drop)} ({ci['level'] * 100:.0f}% CI {ci['low']:.2f}–{ci['high']:.2f})"
+
+
 def pct(v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"

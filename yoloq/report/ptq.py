@@ -1,6 +1,6 @@
 """The PTQ report: Markdown, JSON and PNG plots from the dict ``yoloq.recipes.ptq`` builds.
 
-Keys: name, model, config, data, calibration, fp32, int8, drop, skipped_layers, partial,
+Keys: name, model, config, data, calibration, fp32, int8, drop, drop_ci, skipped_layers, partial,
 sensitivity, diagnosis, timings, files, notes. Every file is written atomically (``yoloq.io``).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from yoloq.io import atomic_write_bytes, atomic_write_text, to_json
-from yoloq.report.common import MAIN_STATS, figure_bytes, md_table, num, pct, pyplot
+from yoloq.report.common import MAIN_STATS, drop_text, figure_bytes, md_table, num, pct, pyplot
 
 
 # --------------------------------------------------------------------------- markdown
@@ -32,6 +32,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     out += ["## FP32 vs INT8 (COCO bbox, %)", ""]
     rows = [(k, pct(fp32.get(k)), pct(int8.get(k)), num(drop.get(k))) for k in MAIN_STATS]
     out += [md_table(("metric", "FP32", "INT8", "drop"), rows), ""]
+    out += _interval_lines(report.get("drop_ci"))
     out += _per_class_section(report)
 
     errors = calib.get("auto_errors") or {}
@@ -60,6 +61,15 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(out)
+
+
+def _interval_lines(ci) -> list[str]:
+    """The AP drop with its paired-bootstrap interval (the noise of one evaluation on these images)."""
+    if not ci:
+        return []
+    return [f"AP drop **{drop_text(ci['drop'], ci)}**: paired bootstrap over the {ci['images']} evaluated images "
+            f"({ci['resamples']} resamples, seed {ci.get('seed', 0)}; FP32 and INT8 scored on the same resampled "
+            "images). An interval this wide is the noise of one evaluation on this many images.", ""]
 
 
 def _per_class_section(report: dict) -> list[str]:
@@ -310,7 +320,7 @@ def format_summary(report: dict) -> str:
     n_se = len(se.get("layers") or [])
     plan = (report.get("transforms") or {}).get("plan")
     return (f"{report.get('name')}: FP32 AP {pct(fp32.get('AP'))}  INT8 AP {pct(int8.get('AP'))}  "
-            f"drop {num(drop.get('AP'))} points (AP50 {pct(fp32.get('AP50'))} -> {pct(int8.get('AP50'))}); "
+            f"drop {drop_text(drop.get('AP'), report.get('drop_ci'))} points (AP50 {pct(fp32.get('AP50'))} -> {pct(int8.get('AP50'))}); "
             f"calib {report.get('calibration', {}).get('method')}, "
             f"{len(report.get('skipped_layers') or []) - n_se} layers in FP"
             + (f" + {n_se} SE convs" if n_se else "") + (f"; transforms: {plan}" if plan and plan != "none" else ""))

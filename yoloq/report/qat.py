@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from yoloq.io import atomic_write_bytes, atomic_write_text, to_json
-from yoloq.report.common import figure_bytes, md_table, num, pct, pyplot
+from yoloq.report.common import drop_text, figure_bytes, md_table, num, pct, pyplot
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -70,6 +70,12 @@ def render_qat_markdown(report: dict) -> str:
     rows = [(k, pct(fp32.get(k)), pct(ptq.get(k)), pct(qat.get(k)), pct(last.get(k)),
              num(report["drop"]["ptq"].get(k)), num(report["drop"]["qat"].get(k))) for k in STATS]
     out += [md_table(("metric", "FP32", "PTQ", "QAT best", "QAT last", "PTQ drop", "QAT drop"), rows), ""]
+    cis = report.get("drop_ci") or {}
+    if any(cis.values()):
+        ci = next(c for c in cis.values() if c)
+        out += ["AP drop vs FP32, paired bootstrap over the " f"{ci['images']} evaluated images ({ci['resamples']} "
+                "resamples): " + "; ".join(f"{label} **{drop_text(c['drop'], c)}**" for label, c in
+                                           (("PTQ", cis.get("ptq")), ("QAT best", cis.get("qat"))) if c), ""]
     out += ["## Epochs", ""]
     rows = [(r["epoch"], f"{r.get('loss', 0):.4f}", f"{r.get('cwd', 0):.4f}", f"{r.get('cls', 0):.4f}",
              f"{r.get('box', 0):.4f}", pct(r.get("AP")), f"{r.get('train_seconds', 0):.0f}") for r in report["history"]]

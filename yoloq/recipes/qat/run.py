@@ -259,9 +259,13 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
         if student.cfg.name != cfg.model.name:
             raise QATError(f"--from {ckpt}: holds model '{student.cfg.name}', the config {cfg.path} is for "
                            f"'{cfg.model.name}'")
-        evaluate = lambda m: evaluate_model(m.to(device), data_cfg, cfg.eval, student.cfg.img_size,  # noqa: E731
-                                            max_images=opts.max_images, progress=opts.progress,
-                                            shard=False).stats                # rank 0 alone evaluates
+        evaluations: list = []          # every val evaluation of this process (the drop intervals pair them)
+
+        def evaluate(m):
+            result = evaluate_model(m.to(device), data_cfg, cfg.eval, student.cfg.img_size, max_images=opts.max_images,
+                                    progress=opts.progress, shard=False)          # rank 0 alone evaluates
+            evaluations.append(result)
+            return result.stats
         result, qdata = distill(cfg, data_cfg, student, evaluate=evaluate, fp32_model=lambda: _fp32_model(cfg, opts),
                                 out_dir=out_dir, resume=opts.resume, fingerprint=fingerprint(cfg, ckpt, opts),
                                 device=device, progress=opts.progress, timer=timer)
@@ -270,10 +274,30 @@ def run_qat(cfg: Config | str | os.PathLike, options: Optional[QATOptions] = Non
         student.load_state_dict(result.best_state())
         student.cpu().eval()
         report = build_report(name, cfg, opts, ckpt, ptq_meta, result, qdata, timer.with_total())
+        with timer.stage("bootstrap"):
+            report["drop_ci"] = drop_intervals(report, evaluations, cfg.eval.bootstrap)
+        report["timings"] = timer.with_total()
         save_quantized(freeze_quantizers(student), out_dir / "quant.pt", meta=_meta(name, cfg, ckpt, opts, ptq_meta,
                                                                                      result, report))
         write_qat_report(report, result.history, out_dir, plots=opts.plots)
     return QATResult(name=name, out_dir=out_dir, report=report, history=result.history, model=student)
+
+
+def drop_intervals(report: dict, evaluations: list, resamples: int) -> dict:
+    """The PTQ and (best-epoch) QAT drops with their paired-bootstrap intervals against FP32: each
+    side is the evaluation of this process whose stats the report shows (none after a resume that
+    did not re-run it, or without FP32 weights)."""
+    from yoloq.recipes.ptq import drop_interval_record
+    def by_stats(stats: dict):
+        return next((e for e in reversed(evaluations)
+                     if stats and all(e.stats.get(k) == v for k, v in stats.items())), None)
+
+    fp32 = by_stats(report["fp32"])
+    out = {}
+    for key in ("ptq", "qat"):
+        other = by_stats(report[key])
+        out[key] = drop_interval_record(fp32, other, resamples) if resamples and fp32 and other else None
+    return out
 
 
 def _meta(name: str, cfg: Config, ckpt: Optional[Path], opts: QATOptions, ptq_meta: dict, result: FitResult,
