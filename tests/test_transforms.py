@@ -500,9 +500,8 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
     """A per-channel Mul before the QuantizeLinear of every scaled conv, and onnxruntime gives the
     fake-quant outputs. YOLOv6-N: tests/test_export.py's tolerance. Lite-S (real weights, ranges
     from four random 64 px images): one-step rounding flips (x * (127/amax) vs x / scale) are
-    amplified by its large folded depthwise weights even without any transform (measured: scores
-    within 0.02, boxes 4 px at the 99th percentile), so it gets the bound of test_export's real
-    Lite-S test (mean score difference < 0.015)."""
+    amplified by its large folded depthwise weights, so a few anchors move: see
+    assert_lite_export_close."""
     import onnx
     from test_export import assert_close_to_fake_quant, conv_layers, producers, run_ort
     from yoloq.runtime import export_onnx
@@ -533,7 +532,22 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
     if name == "yolov6n":
         assert_close_to_fake_quant(onnx_out, fq, fp32_out)
     else:
-        assert np.abs(onnx_out - fq)[..., 4:].mean() < 0.015
+        assert_lite_export_close(onnx_out, fq)
+
+
+def assert_lite_export_close(onnx_out: np.ndarray, fq: np.ndarray) -> None:
+    """Lite-S Q/DQ ONNX vs fake quant, per anchor ([B, 85 anchors, 4 box + 80 scores] at 64 px).
+    Measured (2 to 4 threads / 1 thread): mean score error 3e-5 / 1.4e-4, worst anchor 0.007 /
+    0.013; anchors with a box coordinate off by more than 1 px 0 % / 7 %, 99th percentile of the
+    box error 0.14 / 2.6 px. An activation scale of amax / 128 instead of / 127 in the export
+    gives mean 1e-3, worst anchor 0.032, 25 % of anchors off by > 1 px, 99th percentile 10 px: it
+    passed the mean-score-only check this replaces (< 0.015)."""
+    d = np.abs(onnx_out - fq)
+    scores, boxes = d[..., 4:], d[..., :4]
+    assert scores.mean() < 5e-4, scores.mean()
+    assert scores.max(-1).max() < 0.03, scores.max(-1).max()                   # every anchor
+    assert (boxes.max(-1) <= 1.0).mean() >= 0.9, (boxes.max(-1) <= 1.0).mean()  # 90 % within 1 px
+    assert np.quantile(boxes, 0.99) < 5.0, np.quantile(boxes, 0.99)
 
 
 # --------------------------------------------------------------------------- configuration
