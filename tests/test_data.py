@@ -16,10 +16,7 @@ from yoloq.data import load_data_config
 from yoloq.data import CocoDetectionDataset, FailedItem, calibration_images, calibration_loader, letterbox, make_loader
 from yoloq.data.coco import INTERPOLATIONS
 from yoloq.eval.coco_eval import scale_boxes
-from conftest import REPO, SHARED  # noqa: E402
-
-COCO = SHARED / "coco"
-needs_coco = pytest.mark.skipif(not (COCO / "annotations").is_dir(), reason=f"shared COCO data not found at {COCO}")
+from conftest import COCO, REPO, needs_coco  # noqa: E402
 
 
 # --------------------------------------------------------------------------- letterbox

@@ -17,11 +17,9 @@ from yoloq.runtime.ort import OnnxPredictor
 from yoloq.eval import (COCO80_TO_91, STAT_NAMES, category_ids, coco_stats, evaluate,
                         evaluate_model, non_max_suppression, save_result)
 from yoloq.data.coco import letterbox, read_annotation_images
-from conftest import REPO, SHARED  # noqa: E402
+from conftest import COCO, REPO, needs_coco, needs_shared  # noqa: E402
 
-COCO = SHARED / "coco"
 OFFICIAL = COCO / "annotations" / "instances_val2017_official.json"
-needs_coco = pytest.mark.skipif(not OFFICIAL.is_file(), reason=f"shared COCO data not found at {COCO}")
 
 
 # --------------------------------------------------------------------------- NMS
@@ -261,21 +259,8 @@ def test_onnx_predictor_falls_back_to_one_image_at_a_time(tmp_path):
 
 
 # --------------------------------------------------------------------------- CLI end to end
-def _real_models_available():
-    try:
-        import yoloq.weights  # noqa: F401
-        from yoloq.config import load_config
-        from yoloq.models import build_model
-        build_model(load_config(REPO / "configs" / "yolov6lite_s.yaml").model)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "models not there yet"
-        return False
-
-
 @pytest.mark.slow
-@needs_coco
-@pytest.mark.skipif(not (SHARED / "weights" / "yolov6lite_s.pt").is_file(), reason="Lite-S weights not found")
-@pytest.mark.skipif(not _real_models_available(), reason="yoloq.models Lite / yoloq.weights not available")
+@needs_shared
 def test_tools_eval_end_to_end_lite_s(tmp_path):
     out = tmp_path / "lite_s.json"
     cmd = [sys.executable, str(REPO / "tools" / "eval.py"), "--cfg", str(REPO / "configs" / "yolov6lite_s.yaml"),

@@ -69,22 +69,34 @@ def test_torchscript_archive_is_refused_before_loading(hostile):
     assert not marker.exists()
 
 
-@needs_shared
-@pytest.mark.parametrize("argv", [
-    ["eval", "--cfg", str(LITE_S_CFG), "--weights", "{ckpt}", "--max-images", "1"],
-    ["ptq", "--cfg", str(LITE_S_CFG), "--weights", "{ckpt}", "--calib-images", "1", "--max-images", "1"],
-    ["export", "--ckpt", "{ckpt}", "--out", "{tmp}/x.onnx"],
-    ["qat", "--cfg", str(LITE_S_CFG), "--from", "{ckpt}", "--out", "{tmp}/qat"],
-])
-
-
-def test_every_checkpoint_entry_point_refuses_torchscript(hostile, argv, tmp_path, capsys):
+def _refuses_torchscript(hostile, argv, tmp_path, capsys) -> None:
     path, marker = hostile
-    args = [a.format(ckpt=path, tmp=tmp_path) for a in argv] + (["--out", str(tmp_path / "ptq")] if argv[0] == "ptq" else [])
+    args = [a.format(ckpt=path, tmp=tmp_path) for a in argv]
     assert yoloq_main(args) == 2
     err = capsys.readouterr().err
     assert "TorchScript archive" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+@needs_shared
+@pytest.mark.parametrize("argv", [
+    ["eval", "--cfg", str(LITE_S_CFG), "--weights", "{ckpt}", "--max-images", "1"],
+    ["ptq", "--cfg", str(LITE_S_CFG), "--weights", "{ckpt}", "--calib-images", "1", "--max-images", "1",
+     "--out", "{tmp}/ptq"],
+])
+def test_every_checkpoint_entry_point_refuses_torchscript(hostile, argv, tmp_path, capsys):
+    _refuses_torchscript(hostile, argv, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "--ckpt", "{ckpt}", "--out", "{tmp}/x.onnx"],
+    ["qat", "--cfg", str(LITE_S_CFG), "--from", "{ckpt}", "--out", "{tmp}/qat"],
+])
+def test_export_and_qat_refuse_torchscript_without_any_shared_data(hostile, argv, tmp_path, capsys, monkeypatch):
+    """The refusal comes before any weights or images are read: it holds with the shared folder
+    pointing nowhere."""
+    monkeypatch.setenv("YOLOQ_SHARED", str(tmp_path / "no_shared_folder"))
+    _refuses_torchscript(hostile, argv, tmp_path, capsys)
 
 
 def test_qat_resume_state_is_read_through_the_same_check(hostile, tmp_path):

@@ -18,7 +18,7 @@ from yoloq.models import build_model
 from yoloq.models.detector import Decode
 from yoloq.models.lite import (DPBlock, LiteBlockS1, SEBlock, YOLOv6Lite, build_lite, channel_shuffle,
                                lite_channels)
-from conftest import REPO, SPEC_KEYS as SPEC_DIR  # noqa: E402
+from conftest import REPO, read_spec  # noqa: E402
 
 SIZES = {"s": 0.7, "m": 1.1, "l": 1.5}
 TOL = 1e-4
@@ -27,19 +27,6 @@ TOL = 1e-4
 def lite(size: str = "s", nc: int = 80) -> YOLOv6Lite:
     return build_lite(ModelConfig(name=f"yolov6lite_{size}", arch="lite", backbone="Lite_EffiBackbone",
                                   neck="Lite_EffiNeck", width_multiple=SIZES[size], nc=nc, img_size=320))
-
-
-def read_spec(size: str) -> list[tuple[str, tuple]]:
-    path = SPEC_DIR / f"yolov6lite_{size}_train.txt"
-    if not path.is_file():
-        pytest.skip(f"upstream key list {path} not available")
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.split(" ", 1)
-        rows.append((key, tuple(int(x) for x in shape.strip("()").split(",") if x.strip())))
-    return rows
 
 
 @torch.no_grad()
@@ -74,7 +61,7 @@ class DecodeLeafTracer(fx.Tracer):
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_state_dict_matches_upstream_keys_shapes_and_order(size):
-    spec = read_spec(size)
+    spec = read_spec(f"yolov6lite_{size}_train.txt")
     ours = [(k, tuple(v.shape)) for k, v in lite(size).state_dict().items()]
     assert len(ours) == len(spec) == 820
     for (k, s), (sk, ss) in zip(ours, spec):

@@ -26,14 +26,12 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 import onnx                                                              # noqa: E402
 from onnx import TensorProto, helper, numpy_helper                       # noqa: E402
 
+from yoloq.runtime import onnx_export as export                          # noqa: E402
 from yoloq.runtime import tensorrt as yt                                  # noqa: E402
 from yoloq.runtime.tensorrt.calibrator import CALIBRATOR_BASES           # noqa: E402
 from yoloq.cli import main as yoloq_main  # noqa: E402
 from yoloq.cli import trt as trt_cli  # noqa: E402
-from conftest import REPO, SHARED, DATA_YAML, LITE_S_CFG  # noqa: E402
-
-needs_coco = pytest.mark.skipif(not (SHARED / "coco" / "train2017").is_dir(),
-                                reason=f"shared COCO data not found at {SHARED / 'coco'}")
+from conftest import REPO, DATA_YAML, LITE_S_CFG, needs_coco  # noqa: E402
 
 
 
@@ -545,7 +543,6 @@ def test_cli_build_and_bench(lite_s, tmp_path, capsys):
 def test_explicit_qdq_int8_engine_from_export_onnx(trt_gpu, tmp_path):
     """INT8 engine from yoloq's own Q/DQ export (small random yolov6n): TensorRT output tracks the
     onnxruntime run of the same Q/DQ graph (different INT8 kernels and FP16 in between, so a loose bound)."""
-    export = pytest.importorskip("yoloq.runtime.onnx_export", reason="yoloq.runtime.onnx_export (export_onnx) not available")
     import onnxruntime as ort
     from yoloq.config import ModelConfig
     from yoloq.models import build_model
@@ -591,7 +588,6 @@ def test_channel_scaling_mul_fuses_into_the_engine(trt_gpu, tmp_path):
     channel scaling puts before a QuantizeLinear should not be a layer of its own in the INT8
     engine; TensorRT should fuse it with the producer's pointwise epilogue or the Q. Every such
     Mul must appear inside a fused layer name (' + ' or a PWN(...) group), never alone."""
-    export = pytest.importorskip("yoloq.runtime.onnx_export")
     from yoloq.quant.calibrate import calibrate
     from yoloq.quant.channel_scale import apply_channel_scaling
     from yoloq.quant.prepare import prepare

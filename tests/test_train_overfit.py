@@ -15,7 +15,7 @@ from yoloq.data import load_data_config
 from yoloq.eval.coco_eval import evaluate_model
 from yoloq.train import TrainOptions, run_train
 from yoloq.train.run import build_training_model
-from conftest import REPO, SHARED  # noqa: E402
+from conftest import REPO, needs_coco  # noqa: E402
 
 SETTINGS = ["train.warmup_epochs=0", "train.nominal_batch_size=4", "train.ema_tau=20", "train.eval_interval=40",
             # 40 steps are too few for BN running statistics at upstream's momentum 0.03 (0.97^40 = 0.30
@@ -27,7 +27,7 @@ SETTINGS = ["train.warmup_epochs=0", "train.nominal_batch_size=4", "train.ema_ta
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:no detections to evaluate")
-@pytest.mark.skipif(not (SHARED / "coco" / "train2017").is_dir(), reason="../shared/coco not available")
+@needs_coco
 def test_yolov6n_overfits_four_coco_train_images(tmp_path):
     opts = TrainOptions(epochs=40, batch_size=4, img_size=192, workers=0, lr0=0.02, train_images=4,
                         eval_split="train", settings=SETTINGS, out=str(tmp_path), name="fast", progress=False,

@@ -214,56 +214,107 @@ def test_bad_input_scale_is_refused():
 # --------------------------------------------------------------------------- bias correction
 
 
-def _weight_error_means(qmodel: nn.Module, x: torch.Tensor) -> dict:
-    """Per layer, the per-channel mean of (W_q - W) x_q on ``x`` as the quantized model runs it."""
-    from yoloq.quant.bias_correct import weight_rounding_shift
-    found = {}
-    hooks = [qmodel.get_submodule(n).register_forward_hook(
-        lambda m, i, y, n=n: found.__setitem__(n, weight_rounding_shift(m, i[0])))
-        for n in quant_state(qmodel).placement.layers]
-    with torch.no_grad():
-        qmodel(x)
-    for h in hooks:
-        h.remove()
-    return found
+def _fake_quant64(x: torch.Tensor, amax: torch.Tensor, qmin: int) -> torch.Tensor:
+    """Symmetric INT8 in float64, written out: step amax / 127, levels qmin..127."""
+    step = amax / 127
+    return torch.clamp(torch.round(x / step), qmin, 127) * step
+
+
+def _per_input_channel(conv: nn.Conv2d, s: torch.Tensor) -> torch.Tensor:
+    """``s`` shaped to multiply the weight's input channels: columns of a dense conv, filters of a
+    depthwise one."""
+    return s.view(1, -1, 1, 1) if conv.groups == 1 else s.view(-1, 1, 1, 1)
+
+
+@torch.no_grad()
+def oracle_bias_shifts(fp32: nn.Sequential, x: torch.Tensor, scales: dict | None = None) -> dict:
+    """Bias correction from first principles, float64, for a Sequential of convs and ReLUs
+    (no yoloq code). Conv i reads x / s (s: its input scale, 1 without one) and holds W = w * s
+    per input channel. Its input quantizer has amax = max |x / s| of the FP32 network on the
+    calibration images ('max' calibration), levels -128..127; its weight quantizer amax = max |W|
+    per output channel, levels -127..127. The shift is the weight-rounding error only:
+    mean over images and positions of conv(x_q, W_q - W) = E[W_q x_q] - E[W x_q]. The quantized
+    network then runs with bias b - shift, so each later conv sees corrected inputs."""
+    scales = scales or {}
+    convs = {str(i): m for i, m in enumerate(fp32) if isinstance(m, nn.Conv2d)}
+    scale = {n: scales.get(n, torch.ones(c.in_channels)).double().view(1, -1, 1, 1) for n, c in convs.items()}
+    amax, h = {}, x.double()
+    for i, m in enumerate(fp32):                                 # calibration: the FP32 network
+        if str(i) in convs:
+            amax[str(i)] = (h / scale[str(i)]).abs().max()
+        h = copy.deepcopy(m).double()(h)
+    shifts, h = {}, x.double()
+    for i, m in enumerate(fp32):                                 # the quantized network, corrected as it goes
+        n = str(i)
+        if n not in convs:
+            h = m(h)
+            continue
+        w = m.weight.double() * _per_input_channel(m, scale[n].flatten())
+        wq = _fake_quant64(w, w.abs().amax(dim=(1, 2, 3), keepdim=True), -127)
+        xq = _fake_quant64(h / scale[n], amax[n], -128)
+        conv = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+        shifts[n] = torch.nn.functional.conv2d(xq, wq - w, None, **conv).mean(dim=(0, 2, 3))
+        h = torch.nn.functional.conv2d(xq, wq, m.bias.double() - shifts[n], **conv)
+    return shifts
+
+
+def assert_bias_moves_match_the_oracle(fp32: nn.Sequential, x: torch.Tensor, scales: dict | None = None) -> None:
+    """yoloq's bias correction on ``fp32`` (channel-scaled by ``scales``, calibrated with 'max' on
+    ``x``) moves each bias by the oracle's shift. Tolerance: 1e-4 of the largest shift plus 8 float32
+    ulps of the bias (the moved amount is a difference of float32 biases); measured differences
+    are 1-2 ulps."""
+    qmodel = prepare(fp32)
+    for name, s in (scales or {}).items():
+        set_input_scale(qmodel, name, s)
+        assert isinstance(qmodel.get_submodule(name), InputScaledConv2d)
+    calibrate(qmodel, [x], "max", progress=False)
+    layers = quant_state(qmodel).placement.layers
+    before = {n: qmodel.get_submodule(n).bias.detach().clone() for n in layers}
+    bias_correction(qmodel, x)
+    expected = oracle_bias_shifts(fp32, x, scales)
+    assert sorted(expected) == sorted(layers)
+    for n in layers:
+        moved = (before[n] - qmodel.get_submodule(n).bias.detach()).double()
+        size = float(expected[n].abs().max())
+        tol = 1e-4 * size + 8 * torch.finfo(torch.float32).eps * float(before[n].abs().max())
+        assert size > 0 and tol < 0.01 * size, (n, size, tol)
+        assert (moved - expected[n]).abs().max() <= tol, (n, float((moved - expected[n]).abs().max()), size)
 
 
 def test_bias_correction_removes_the_weight_rounding_shift():
-    """Toy net whose conv 2 rounds most weights to zero (conftest): a strongly biased output. After
-    the correction, the output mean error of every conv that weight rounding causes is cancelled by
-    its bias (sequentially, so later layers see corrected inputs): on the calibration images the
-    corrected biases and the measured shifts agree, and on held-out images the network's output
-    mean error falls."""
+    """Toy net whose conv 2 rounds most weights to zero (conftest): a strongly biased output. On
+    held-out images the network's output mean error falls by half or more, and each bias moved by
+    the shift an independent float64 oracle computes (layer by layer, later layers seeing
+    corrected inputs)."""
     fp32 = toy_convnet()
     qmodel = prepare(fp32)
     gen = torch.Generator().manual_seed(0)
     calib = torch.cat([torch.rand(8, 3, 16, 16, generator=gen) for _ in range(2)])
     calibrate(qmodel, [calib], "max", progress=False)
     held_out = torch.rand(32, 3, 16, 16, generator=gen)
-    layers = quant_state(qmodel).placement.layers
 
     def output_mean_error(x):
         with torch.no_grad():
             return float((qmodel(x) - fp32(x)).mean(dim=(0, 2, 3)).abs().mean())
 
     before_error = output_mean_error(held_out)
-    biases = {n: qmodel.get_submodule(n).bias.clone() for n in layers}
     record = bias_correction(qmodel, calib)
     assert record["layers"] == 4 and record["images"] == 16 and record["mean_abs_shift"] > 0
     assert output_mean_error(held_out) < 0.5 * before_error
-    # what the correction moved into each bias is the shift the conv's rounding put on its
-    # output, measured with every earlier layer already corrected
-    corrected = copy.deepcopy(qmodel)
-    expected = {}
-    with torch.no_grad():
-        for n in layers:
-            corrected.get_submodule(n).bias.copy_(biases[n])
-        for n in layers:           # re-measure layer by layer, correcting as we go
-            expected[n] = _weight_error_means(corrected, calib)[n]
-            corrected.get_submodule(n).bias.sub_(expected[n].float())
-    for n in layers:
-        moved = (biases[n] - qmodel.get_submodule(n).bias).double()
-        assert torch.allclose(moved, expected[n], rtol=1e-4, atol=1e-6), n
+    assert_bias_moves_match_the_oracle(fp32, calib)
+
+
+def test_bias_correction_of_channel_scaled_convs_matches_the_oracle():
+    """The shipped default scales conv inputs (InputScaledConv2d, channel_scale: all): the shift is
+    the weight error of w * s on the quantized x / s, for a dense and a depthwise reader."""
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.ReLU(),
+                         nn.Conv2d(8, 6, 1)).eval()
+    gen = torch.Generator().manual_seed(4)
+    scales = {"2": torch.rand(8, generator=gen) * 3 + 0.2, "4": torch.rand(8, generator=gen) * 3 + 0.2}
+    x = torch.randn(8, 3, 18, 22, generator=gen)
+    assert_bias_moves_match_the_oracle(fp32, x, scales)
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(6, 6, 5, stride=2, padding=2, groups=6),
@@ -449,9 +500,8 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
     """A per-channel Mul before the QuantizeLinear of every scaled conv, and onnxruntime gives the
     fake-quant outputs. YOLOv6-N: tests/test_export.py's tolerance. Lite-S (real weights, ranges
     from four random 64 px images): one-step rounding flips (x * (127/amax) vs x / scale) are
-    amplified by its large folded depthwise weights even without any transform (measured: scores
-    within 0.02, boxes 4 px at the 99th percentile), so it gets the bound of test_export's real
-    Lite-S test (mean score difference < 0.015)."""
+    amplified by its large folded depthwise weights, so a few anchors move: see
+    assert_lite_export_close."""
     import onnx
     from test_export import assert_close_to_fake_quant, conv_layers, producers, run_ort
     from yoloq.runtime import export_onnx
@@ -482,7 +532,22 @@ def test_channel_scaled_export_matches_fake_quant(name, tmp_path):
     if name == "yolov6n":
         assert_close_to_fake_quant(onnx_out, fq, fp32_out)
     else:
-        assert np.abs(onnx_out - fq)[..., 4:].mean() < 0.015
+        assert_lite_export_close(onnx_out, fq)
+
+
+def assert_lite_export_close(onnx_out: np.ndarray, fq: np.ndarray) -> None:
+    """Lite-S Q/DQ ONNX vs fake quant, per anchor ([B, 85 anchors, 4 box + 80 scores] at 64 px).
+    Measured (2 to 4 threads / 1 thread): mean score error 3e-5 / 1.4e-4, worst anchor 0.007 /
+    0.013; anchors with a box coordinate off by more than 1 px 0 % / 7 %, 99th percentile of the
+    box error 0.14 / 2.6 px. An activation scale of amax / 128 instead of / 127 in the export
+    gives mean 1e-3, worst anchor 0.032, 25 % of anchors off by > 1 px, 99th percentile 10 px: it
+    passed the mean-score-only check this replaces (< 0.015)."""
+    d = np.abs(onnx_out - fq)
+    scores, boxes = d[..., 4:], d[..., :4]
+    assert scores.mean() < 5e-4, scores.mean()
+    assert scores.max(-1).max() < 0.03, scores.max(-1).max()                   # every anchor
+    assert (boxes.max(-1) <= 1.0).mean() >= 0.9, (boxes.max(-1) <= 1.0).mean()  # 90 % within 1 px
+    assert np.quantile(boxes, 0.99) < 5.0, np.quantile(boxes, 0.99)
 
 
 # --------------------------------------------------------------------------- configuration

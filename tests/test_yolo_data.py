@@ -17,12 +17,7 @@ from yoloq.data import load_data_config
 from yoloq.data.coco import CocoDetectionDataset, calibration_images, calibration_loader
 from yoloq.data.yolo_labels import label_path, read_labels
 from yoloq.eval.coco_eval import COCO80_TO_91, coco_stats, evaluate_model
-from conftest import REPO, SHARED  # noqa: E402
-
-COCO = SHARED / "coco"
-LITE_S = SHARED / "weights" / "yolov6lite_s.pt"
-needs_coco = pytest.mark.skipif(not (COCO / "annotations" / "instances_val2017_official.json").is_file(),
-                                reason=f"shared COCO data not found at {COCO}")
+from conftest import COCO, LITE_S_WEIGHTS as LITE_S, REPO, needs_coco, needs_shared  # noqa: E402
 
 
 def image(path: Path, w: int, h: int, value: int = 90) -> Path:
@@ -297,8 +292,7 @@ def coco_as_yolo(root: Path, n_images: int = 30) -> tuple[Path, Path, list[int]]
 
 
 @pytest.mark.slow
-@needs_coco
-@pytest.mark.skipif(not LITE_S.is_file(), reason=f"Lite-S weights not found at {LITE_S}")
+@needs_shared
 def test_same_map_as_the_coco_json_route_on_real_images(tmp_path):
     from yoloq.weights import load_weights
     from yoloq.models import build_model
