@@ -18,8 +18,10 @@ calibration images, bias correction: the recipe the Lite configs ship) and ``pla
 transforms, ``--plain-calib`` ranges, default max). The table gives FP32 AP, INT8 AP and the drop
 with its paired-bootstrap 95% interval over the evaluation images, the drop's range over the seeds,
 each backbone's drop minus RepVGG's (paired, averaged over the seeds), and the output SQNR of every
-INT8 model against FP32 on the evaluation images. ``--eval-split val`` measures runs trained on a
-full train split (e.g. training.md's GPU commands, with ``--no-train``) on the dataset's val split.
+INT8 model against FP32 on the evaluation images. ``--set`` takes eval.* and quant.* keys (e.g.
+quant.calibration.num_bins=1024); a key a pipeline fixes (above) keeps the pipeline's value.
+``--eval-split val`` measures runs trained on a full train split (e.g. training.md's GPU commands,
+with ``--no-train``) on the dataset's val split.
 Writes <out>/<name>/backbones.md, backbones.json, data/<backbone>.yaml, detections/*.json.
 """
 from __future__ import annotations
