@@ -168,6 +168,27 @@ def test_bench_command_on_random_weight_runs(tmp_path, data_yaml, capsys):
     assert "drop over 2 calibration seeds (plain max)" in md and "output SQNR dB (plain max)" in md and "drop − RepVGG's drop (mean of 2 calibration" in md
 
 
+@pytest.mark.filterwarnings("ignore:no detections to evaluate")
+def test_bench_command_on_the_val_split(tmp_path, data_yaml, capsys):
+    """--eval-split val (runs trained on a full train split): the dataset's val images are evaluated,
+    the train folder calibrates; same file names in the two folders are different images."""
+    runs = tmp_path / "runs"
+    (runs / "repvgg").mkdir(parents=True)
+    fake_run(runs, "repvgg", data_yaml)
+    (runs / "repvgg" / "train_subset.json").unlink()        # not needed on the val split
+    code, stdout, err = bench(["--runs", runs, "--data", data_yaml, "--no-train", "--eval-split", "val",
+                               "--backbones", "repvgg", "--seeds", 0, "--pipelines", "plain", "--calib-images", 3,
+                               "--img-size", 64, "--resamples", 10, "--out", tmp_path / "out", "--name", "v",
+                               "--no-progress"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "out" / "v" / "backbones.json").read_text())
+    assert result["eval"]["split"] == "val" and result["eval"]["images"] == 6
+    assert Path(result["eval"]["ann_file"]) == (data_yaml.parent / "val.json").resolve()
+    row = result["backbones"][0]["rows"][0]
+    assert len(row["calib_files"]) == 3 and set(row["calib_files"]) <= {f"{i:012d}.png" for i in range(1, 7)}
+    assert "evaluated on 6 val images" in stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.lr0=0.1"], "--set train.lr0=0.1: bench-backbones takes only eval / quant keys"),
     (["--img-size", 100], "--img-size 100: must be a multiple of 32"),

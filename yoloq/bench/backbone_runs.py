@@ -42,12 +42,13 @@ class OverfitRecipe:
     train_images: int = 16
     lr0: float = 0.02
     workers: int = 1
+    eval_split: str = "train"           # evaluate on the training images (val: the dataset's val split)
     settings: tuple = ("train.nominal_batch_size=4", "train.warmup_min_steps=0", "train.eval_interval=10",
                        "train.ema_tau=200", "augment.mosaic=0", "augment.translate=0.05", "augment.scale=0.2")
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "batch_size": self.batch_size, "img_size": self.img_size,
-                "train_images": self.train_images, "lr0": self.lr0, "eval_split": "train",
+                "train_images": self.train_images, "lr0": self.lr0, "eval_split": self.eval_split,
                 "settings": list(self.settings)}
 
 
@@ -88,7 +89,7 @@ def _train(runs: Runs, name: str, state: str, scales: Optional[Path] = None) -> 
           f"({r.epochs} epochs, {r.train_images} images, {r.img_size} px)", flush=True)
     run_train(config_name(name), TrainOptions(
         data=runs.data, epochs=r.epochs, batch_size=r.batch_size, img_size=r.img_size, workers=r.workers,
-        lr0=r.lr0, train_images=r.train_images, eval_split="train", scales=str(scales) if scales else None,
+        lr0=r.lr0, train_images=r.train_images, eval_split=r.eval_split, scales=str(scales) if scales else None,
         settings=list(r.settings), name=name, out=str(runs.root), resume=state == "resume", device=runs.device,
         progress=runs.progress))
     runs.trained.append(name)
@@ -178,6 +179,24 @@ def write_eval_data_yaml(run_dir: Path, base: DataConfig, out: Path) -> EvalData
     atomic_write_text(out, "# written by yoloq bench-backbones: evaluate on the run's training images, calibrate "
                            "on the other train images\n" + yaml.safe_dump(data, sort_keys=False))
     return EvalData(out, load_data_config(out), str(ann.resolve()), [e["id"] for e in images], files)
+
+
+def val_eval_data(base: DataConfig) -> EvalData:
+    """The dataset's own val split (runs trained on its train split and evaluated on val): the
+    calibration pool is the train split, which yoloq's calibration keeps apart from val."""
+    if not base.val_ann or not Path(base.val_ann).is_file():
+        raise BenchBackbonesError(f"{base.path}: val_ann not found: {base.val_ann}")
+    images = read_annotation_images(base.val_ann)
+    return EvalData(Path(base.path), base, str(base.val_ann), [e["id"] for e in images],
+                    [e["file_name"] for e in images])
+
+
+def eval_data_for(runs: Runs, backbone: str, base: DataConfig, folder: Path) -> EvalData:
+    """What ``backbone``'s run is evaluated on: its training images (the overfit recipe; a data YAML
+    written into ``folder``) or, with ``eval_split: val``, the dataset's val split."""
+    if runs.recipe.eval_split == "val":
+        return val_eval_data(base)
+    return write_eval_data_yaml(runs.root / backbone, base, folder / f"{backbone}.yaml")
 
 
 def base_data(runs: Runs) -> DataConfig:

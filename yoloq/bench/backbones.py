@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from yoloq.bench.backbone_runs import (BACKBONES, MODEL, BenchBackbonesError, EvalData, Runs, base_data, config_name,
-                                       ensure_run, run_summary, write_eval_data_yaml)
+                                       ensure_run, eval_data_for, run_summary)
 from yoloq.config import apply_settings, load_config
 from yoloq.device import module_device, resolve_device
 from yoloq.eval.bootstrap import DEFAULT_LEVEL, MatchTable, match_table, paired_bootstrap
@@ -74,6 +74,7 @@ class Settings:
     seeds: tuple = (0, 1, 2)
     calib_images: int = 256
     resamples: int = 1000
+    sqnr_images: int = 64                       # first N evaluation images for the output SQNR
     workers: int = 0
     settings: list = field(default_factory=list)
     device: str = "auto"
@@ -107,14 +108,14 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
                             data=str(eval_data.yaml_path))
     fp32 = load_model(cfg.model).to(resolve_device(s.device))
     fp32_eval = _evaluate(fp32, data_cfg, cfg, eval_data)
-    images = _eval_images(data_cfg, eval_data, img_size)
+    images = _eval_images(data_cfg, eval_data, img_size, s.sqnr_images)
     out = Measured(backbone, str(weights), eval_data, _stats(fp32_eval.stats),
                    detections={"fp32": fp32_eval.detections.to_list()}, fp32_outputs=_outputs(fp32, images))
     out.reference = match_table(eval_data.ann_file, out.detections["fp32"], eval_data.image_ids)
     for seed in s.seeds:
         calib = load_calibration_set(data_cfg, cfg.quant.calibration.images, img_size, cfg.quant.loader.batch_size,
                                      s.workers, seed)
-        overlap = sorted(set(calib.files) & set(eval_data.files))
+        overlap = _shared_images(data_cfg, calib.files, eval_data.files)
         if overlap:                          # yoloq.data.coco refuses this already; a bench must never show it
             raise BenchBackbonesError(f"{eval_data.yaml_path}: calibration image {overlap[0]} is an evaluation image")
         for pipeline in s.pipelines:
@@ -125,6 +126,11 @@ def measure_backbone(backbone: str, weights: Path, eval_data: EvalData, s: Setti
                 bar.set_postfix_str(f"{backbone} {pipeline} seed {seed}: drop {row['drop_text']}")
                 bar.update()
     return out
+
+
+def _shared_images(data_cfg, calib_files: list, eval_files: list) -> list[str]:
+    calib = {(Path(data_cfg.train_images) / f).resolve() for f in calib_files}
+    return sorted(str(p) for p in calib & {(Path(data_cfg.val_images) / f).resolve() for f in eval_files})
 
 
 def _quantize_and_score(out: Measured, key: tuple, cfg, data_cfg, fp32, calib, resamples: int,
@@ -146,9 +152,10 @@ def _quantize_and_score(out: Measured, key: tuple, cfg, data_cfg, fp32, calib, r
             "output_error": error}
 
 
-def _eval_images(data_cfg, eval_data: EvalData, img_size: int, chunk: int = 16) -> list:
-    """The evaluation images letterboxed as the evaluation sees them, in batches of ``chunk``."""
-    dataset = val_dataset(data_cfg, eval_data.ann_file, img_size)
+def _eval_images(data_cfg, eval_data: EvalData, img_size: int, limit: int, chunk: int = 16) -> list:
+    """The first ``limit`` evaluation images letterboxed as the evaluation sees them, in batches of
+    ``chunk`` (their raw outputs are kept for every INT8 model's SQNR)."""
+    dataset = val_dataset(data_cfg, eval_data.ann_file, img_size, max_images=limit)
     images = [dataset[i][0] for i in range(len(dataset))]        # all readable: _evaluate checked
     return [torch.stack(images[i:i + chunk]) for i in range(0, len(images), chunk)]
 
@@ -233,7 +240,7 @@ def bench(runs: Runs, s: Settings) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp, \
             tqdm(total=steps, desc="PTQ runs", disable=not s.progress, dynamic_ncols=True) as bar:
         for b in s.backbones:
-            eval_data = write_eval_data_yaml(runs.root / b, base, Path(tmp) / f"{b}.yaml")
+            eval_data = eval_data_for(runs, b, base, Path(tmp))
             measured.append(measure_backbone(b, weights[b], eval_data, s, runs.recipe.img_size, bar))
             files[f"data/{b}.yaml"] = eval_data.yaml_path.read_text()
     result = summary(measured, runs, s)
@@ -251,8 +258,9 @@ def summary(measured: list[Measured], runs: Runs, s: Settings) -> dict:
     first = measured[0].eval_data
     return {
         "model": MODEL, "recipe": runs.recipe.to_dict(), "runs": str(runs.root), "trained_now": list(runs.trained),
-        "eval": {"ann_file": first.ann_file, "images": len(first.image_ids), "image_ids": first.image_ids,
-                 "img_size": runs.recipe.img_size},
+        "eval": {"split": runs.recipe.eval_split, "ann_file": first.ann_file, "images": len(first.image_ids),
+                 "image_ids": first.image_ids, "img_size": runs.recipe.img_size,
+                 "sqnr_images": min(s.sqnr_images, len(first.image_ids))},
         "pipelines": {p: pipeline_overrides(p, s.plain_method) for p in s.pipelines},
         "plain_calibration": s.plain_method, "seeds": list(s.seeds), "calib_images": s.calib_images,
         "resamples": s.resamples, "settings": list(s.settings),

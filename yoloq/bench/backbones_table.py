@@ -71,23 +71,31 @@ def versus_table(summary: dict) -> str:
     return md_table(["backbone", "pipeline", f"drop − {NAMES['repvgg']}'s drop ({what})"], table)
 
 
-def render_markdown(summary: dict) -> str:
+def _setup_text(summary: dict) -> list[str]:
+    """What was trained, evaluated and calibrated on, in words."""
     recipe, ev = summary["recipe"], summary["eval"]
     seeds = ", ".join(str(s) for s in summary["seeds"])
-    lines = [
-        f"# RepVGG-family backbones under PTQ ({summary['model']})", "",
+    on_train = ev["split"] == "train"
+    trained = (f"; trained by this call: {', '.join(summary['trained_now'])}" if summary["trained_now"] else "")
+    evaluated = (f"on those {ev['images']} training images" if on_train else f"on {ev['images']} val images")
+    return [
         f"Each model trained from scratch with one recipe: {recipe['epochs']} epochs, batch {recipe['batch_size']}, "
-        f"the first {recipe['train_images']} labelled train images at {recipe['img_size']} px "
-        f"(docs/training.md overfit setting), runs in `{summary['runs']}`"
-        + (f"; trained by this call: {', '.join(summary['trained_now'])}" if summary["trained_now"] else "") + ".",
-        f"FP32 and INT8 are evaluated on those {ev['images']} training images (`{ev['ann_file']}`) at "
-        f"{ev['img_size']} px; calibration: {summary['calib_images']} other train images (none of them an "
-        f"evaluation image), calibration seeds {seeds}. AP in %, drops in AP points with the paired-bootstrap "
-        f"interval over the evaluation images ({summary['resamples']} resamples); the main table shows seed "
-        f"{summary['seeds'][0]}. Output SQNR: the INT8 detector's raw outputs against FP32's on the evaluation "
-        "images (mean of class-score SQNR and score-weighted box SQNR, `yoloq.quant.metrics.output_error`; "
-        "higher is better; mean over the seeds, range in brackets): a continuous measure of the quantization error, "
-        "far less noisy than AP on a few images.",
+        f"the first {recipe['train_images']} labelled train images at {recipe['img_size']} px, evaluated on the "
+        f"{recipe['eval_split']} split (docs/training.md overfit setting when that is 150 / 16 / 256 / train); "
+        f"runs in `{summary['runs']}`{trained}.",
+        f"FP32 and INT8 are evaluated {evaluated} (`{ev['ann_file']}`) at {ev['img_size']} px; calibration: "
+        f"{summary['calib_images']} other train images (none of them an evaluation image), calibration seeds "
+        f"{seeds}. AP in %, drops in AP points with the paired-bootstrap interval over the evaluation images "
+        f"({summary['resamples']} resamples); the main table shows seed {summary['seeds'][0]}. Output SQNR: the "
+        f"INT8 detector's raw outputs against FP32's on the first {ev['sqnr_images']} evaluation images (mean of "
+        "class-score SQNR and score-weighted box SQNR, `yoloq.quant.metrics.output_error`; higher is better; mean "
+        "over the seeds, range in brackets): a continuous measure of the quantization error, far less noisy than "
+        "AP on a few images."]
+
+
+def render_markdown(summary: dict) -> str:
+    lines = [
+        f"# RepVGG-family backbones under PTQ ({summary['model']})", "", *_setup_text(summary),
         "Pipelines: " + "; ".join(f"{_pipeline_label(summary, p)} = " + ", ".join(f"{k}={v}" for k, v in o.items())
                                   for p, o in summary["pipelines"].items()) + ".", "",
         main_table(summary), ""]

@@ -17,7 +17,12 @@ calibration seed: ``default`` (calibration auto, channel scaling on all convs wi
 calibration images, bias correction: the recipe the Lite configs ship) and ``plain`` (no
 transforms, ``--plain-calib`` ranges, default max). The table gives FP32 AP, INT8 AP and the drop
 with its paired-bootstrap 95% interval over the evaluation images, the drop's range over the seeds,
-and each backbone's drop minus RepVGG's (paired). Writes <out>/<name>/backbones.md, backbones.json.
+each backbone's drop minus RepVGG's (paired, averaged over the seeds), and the output SQNR of every
+INT8 model against FP32 on the evaluation images. ``--set`` takes eval.* and quant.* keys (e.g.
+quant.calibration.num_bins=1024); a key a pipeline fixes (above) keeps the pipeline's value.
+``--eval-split val`` measures runs trained on a full train split (e.g. training.md's GPU commands,
+with ``--no-train``) on the dataset's val split.
+Writes <out>/<name>/backbones.md, backbones.json, data/<backbone>.yaml, detections/*.json.
 """
 from __future__ import annotations
 
@@ -54,6 +59,12 @@ def build_parser(prog: str = "yoloq bench-backbones"):
                    help="recipe: first N labelled train images, also the evaluation images (default %(default)s)")
     p.add_argument("--img-size", type=positive_int, default=r.img_size,
                    help="recipe: training, calibration and evaluation size (default %(default)s)")
+    p.add_argument("--eval-split", choices=("train", "val"), default=r.eval_split,
+                   help="recipe: evaluate on each run's training images (train, the overfit check: its "
+                        "train_subset.json) or on the dataset's val split (val: runs trained on the full train "
+                        "split, e.g. training.md's GPU commands) (default %(default)s)")
+    p.add_argument("--sqnr-images", type=positive_int, default=64,
+                   help="output SQNR on the first N evaluation images (default %(default)s)")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="DataLoader processes for calibration and evaluation (default 0: 16 images need none)")
     p.add_argument("--device", default="auto", help="training and PTQ: auto (cuda when available), cpu, cuda or cuda:N")
@@ -69,11 +80,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.bench.backbone_runs import OverfitRecipe, Runs
     from yoloq.bench.backbones import Settings, run
     a = build_parser().parse_args(argv)
-    recipe = dataclasses.replace(OverfitRecipe(), epochs=a.epochs, train_images=a.train_images, img_size=a.img_size)
+    recipe = dataclasses.replace(OverfitRecipe(), epochs=a.epochs, train_images=a.train_images, img_size=a.img_size,
+                                 eval_split=a.eval_split)
     runs = Runs(Path(a.runs), recipe, data=a.data, device=a.device, progress=not a.no_progress,
                 allow_training=not a.no_train)
     settings = Settings(backbones=tuple(dict.fromkeys(a.backbones)), pipelines=tuple(dict.fromkeys(a.pipelines)),
                         plain_method=a.plain_calib, seeds=tuple(dict.fromkeys(a.seeds)), calib_images=a.calib_images,
-                        resamples=a.resamples, workers=a.workers, settings=list(a.settings), device=a.device,
+                        resamples=a.resamples, sqnr_images=a.sqnr_images, workers=a.workers, settings=list(a.settings), device=a.device,
                         progress=not a.no_progress)
     return run(runs, settings, a.out, a.name)
