@@ -17,7 +17,8 @@ from conftest import tiny_coco
 from yoloq.bench.backbone_runs import BACKBONES, run_state, write_eval_data_yaml
 from yoloq.bench.backbones import drop_difference
 from yoloq.cli import main as yoloq_main
-from yoloq.config import load_config, load_data_config
+from yoloq.config import load_config
+from yoloq.data import load_data_config
 from yoloq.data.coco import calibration_images
 from yoloq.errors import InputError
 from yoloq.eval.bootstrap import match_table

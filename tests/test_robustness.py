@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from yoloq.bench.robustness import calibration_sets, spread
-from yoloq.config import load_data_config
+from yoloq.data import load_data_config
 from conftest import REPO, needs_shared, tiny_coco
 
 

@@ -17,7 +17,8 @@ from typing import Optional
 
 import yaml
 
-from yoloq.config import DataConfig, load_config, load_data_config
+from yoloq.config import DataConfig, load_config
+from yoloq.data import load_data_config
 from yoloq.data.coco import list_images, read_annotation_images, read_coco_json
 from yoloq.errors import InputError
 from yoloq.io import atomic_write_text
