@@ -37,11 +37,22 @@ class Terminated(BaseException):
     """Raised in the main thread when the process receives SIGTERM."""
 
 
-_sigterm = {"main_pid": None, "received": False, "unraisable": sys.__unraisablehook__}
+_sigterm = {"main_pid": None, "received": False, "unraisable": sys.__unraisablehook__, "active": False}
+# held while a re-sent SIGTERM is delivered and while the handler is restored: a re-send never
+# reaches the default handler (which would kill the process with -15 after its clean exit)
+_resend_lock = threading.Lock()
+
+
+def _resend_sigterm() -> None:
+    with _resend_lock:
+        if _sigterm["active"]:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _on_sigterm(signum, frame):
     if os.getpid() != _sigterm["main_pid"]:      # a forked DataLoader worker: the main process stops it
+        return
+    if not _sigterm["active"]:                   # already stopping: a re-sent signal must not interrupt that
         return
     _sigterm["received"] = True
     raise Terminated()
@@ -53,7 +64,7 @@ def _on_unraisable(info) -> None:
     after the ``__del__``, where the run can stop. Other errors in a ``__del__`` after SIGTERM (a
     worker the signal killed) are part of the termination: no traceback for them."""
     if isinstance(info.exc_value, Terminated):
-        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
+        timer = threading.Timer(0.05, _resend_sigterm)
         timer.daemon = True
         timer.start()
         return
@@ -77,6 +88,7 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
     main_thread = threading.current_thread() is threading.main_thread()
     _sigterm.update(main_pid=os.getpid(), received=False, unraisable=sys.unraisablehook)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    _sigterm["active"] = main_thread
     sys.unraisablehook = _on_unraisable
     previous_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
@@ -101,18 +113,22 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated:
+        _sigterm["active"] = False
         print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
         return EXIT_TERMINATED
     except Exception:
         if not _sigterm["received"]:                 # a bug: the traceback
             raise
+        _sigterm["active"] = False
         print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         sys.unraisablehook = _sigterm["unraisable"]
         warnings.formatwarning = previous_format
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            with _resend_lock:
+                _sigterm["active"] = False
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _os_error_text(err: OSError) -> str:
