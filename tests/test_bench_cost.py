@@ -165,8 +165,10 @@ def test_passthrough_and_fixed_count_checks():
     assert split_passthrough(["--models", "a", "--", "--sensitivity-images", "4"]) == (
         ["--models", "a"], ["--sensitivity-images", "4"])
     assert split_passthrough(["--models", "a"]) == (["--models", "a"], [])
-    counts = fixed_counts({"calib": "auto", "transform_images": 64, "search": {"auto_images": 32}})
-    assert counts == {"transform_images": 64, "auto_images": 32}
+    from yoloq.config import load_config
+    counts = fixed_counts(load_config("yolov6lite_s").with_overrides(
+        quant={"transforms": {"images": 64}, "calibration": {"auto_images": 32}, "sensitivity": {"images": 16}}).quant)
+    assert counts == {"transform_images": 64, "auto_images": 32, "sensitivity_images": 16}
     assert too_few_calibration_images(counts, 48) == ["transform_images = 64 > 48 calibration images"]
     assert too_few_calibration_images(counts, 64) == []
 

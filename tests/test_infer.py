@@ -73,7 +73,8 @@ def test_infer_draws_boxes_where_the_detections_are_and_writes_their_labels(tmp_
     assert code == 0, err
     run_dir = tmp_path / "r"
     assert "3 image(s), 6 detection(s) above 0.4" in out
-    assert sorted(p.name for p in run_dir.iterdir()) == ["000000000001.png", "000000000002.png", "labels", "wide.jpg"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".yoloq-run", "000000000001.png", "000000000002.png", "labels",
+                                                         "wide.jpg"]    # the run marker lets a rerun replace it
     expected = detect(OnnxPredictor(onnx), [cv2.imread(str(images / "000000000001.png"))], 64,
                       EvalConfig(conf_thres=0.4, iou_thres=0.45), 80)[0]
     assert len(expected) == 2 and sorted(expected[:, 5].tolist()) == [0.0, 2.0]
@@ -139,7 +140,8 @@ def test_infer_pytorch_and_quantized_models_and_errors(tmp_path, setup, capsys):
         code, out, err = run(["--cfg", cfg, flag, path, "--source", images, "--out", tmp_path / "runs", "--name",
                               flag[2:], "--conf-thres", "0.01", "--device", "cpu", "--no-progress"], capsys)
         assert code == 0, err
-        assert len(list((tmp_path / "runs" / flag[2:]).iterdir())) == 3 and "3 image(s)" in out
+        drawn = [p for p in (tmp_path / "runs" / flag[2:]).iterdir() if p.name != ".yoloq-run"]
+        assert len(drawn) == 3 and "3 image(s)" in out
     code, _, err = run(["--cfg", cfg, "--engine", tmp_path / "m.engine", "--source", images], capsys)
     assert code == 2 and err.count("\n") == 1 and "m.engine" in err
     (tmp_path / "m.engine").write_bytes(b"x")
@@ -151,3 +153,26 @@ def test_infer_pytorch_and_quantized_models_and_errors(tmp_path, setup, capsys):
     code, _, err = run(["--cfg", cfg, "--source", tmp_path / "notes.txt"], capsys)
     assert code == 2 and "not an image" in err and err.count("\n") == 1
     assert not (tmp_path / "runs" / "notes").exists()
+
+
+def test_infer_replaces_only_its_own_runs(tmp_path, setup, capsys):
+    """An --out/--name folder yoloq did not write is refused before any work; an earlier infer run
+    is replaced; a --source inside the run folder is not deleted."""
+    _, cfg, onnx, images = setup
+    keep = tmp_path / "runs" / "keep"
+    keep.mkdir(parents=True)
+    (keep / "a.txt").write_text("hi")
+    args = ["--cfg", cfg, "--onnx", onnx, "--source", images, "--out", tmp_path / "runs", "--no-progress"]
+    code, _, err = run(args + ["--name", "keep"], capsys)
+    assert code == 2 and "not a yoloq run" in err and (keep / "a.txt").read_text() == "hi"
+    for _ in range(2):                                # the second run replaces the first
+        code, _, err = run(args + ["--name", "mine"], capsys)
+        assert code == 0, err
+    assert (tmp_path / "runs" / "mine" / "wide.jpg").is_file()
+    inside = tmp_path / "runs" / "mine" / "src"
+    inside.mkdir()
+    shutil.copy(images / "wide.jpg", inside / "wide.jpg")
+    code, _, err = run(args[:4] + ["--source", inside, "--out", tmp_path / "runs", "--name", "mine"], capsys)
+    assert code == 2 and "--source" in err and (inside / "wide.jpg").is_file()
+    code, _, err = run(args + ["--name", "../escape"], capsys)
+    assert code == 2 and "--name" in err and not (tmp_path / "escape").exists()

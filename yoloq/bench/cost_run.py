@@ -31,7 +31,10 @@ CANDIDATE_FRACTION = 0.014  # of the anchor x class scores above conf_thres: tra
 #                            (every score 0.01: NMS sees no box), without it ~50 % (the candidate cap)
 REG_OUT_STD = 0.25         # spread of the random box outputs around the prior's bias 1 (1 stride each side)
 SKIP_IN_LARGE_RUN = ("--sensitivity", "off", "--no-diagnose")
-FIXED_COUNT_KEYS = ("transform_images", "auto_images", "sensitivity_images")
+# ptq flag (as a key) -> where the quant section keeps that fixed image count
+FIXED_COUNTS = {"transform_images": ("transforms", "images"), "auto_images": ("calibration", "auto_images"),
+                "sensitivity_images": ("sensitivity", "images")}
+FIXED_COUNT_KEYS = tuple(FIXED_COUNTS)
 LOG_TAIL = 15
 KILL_GRACE_S = 20
 CHILD = "import sys; from yoloq.cli import console; sys.argv[0] = 'yoloq'; console()"
@@ -137,15 +140,9 @@ def parse_model(entry: str) -> tuple[str, Optional[int]]:
     return cfg, int(size) if size else None
 
 
-def fixed_counts(quant: dict) -> dict:
-    """The fixed calibration-image counts of a quant section (found at any nesting depth)."""
-    found = {}
-    for key, value in quant.items():
-        if key in FIXED_COUNT_KEYS and isinstance(value, int):
-            found[key] = value
-        elif isinstance(value, dict):
-            found.update(fixed_counts(value))
-    return found
+def fixed_counts(quant) -> dict:
+    """The fixed calibration-image counts of a ``QuantConfig``, by the ``yoloq ptq`` flag that sets them."""
+    return {flag: getattr(getattr(quant, section), field) for flag, (section, field) in FIXED_COUNTS.items()}
 
 
 def sample_images(data_cfg, img_size: int, n: int = 4, seed: int = 0):
@@ -298,7 +295,7 @@ def bench_model(entry: str, small: Scale, large: Scale, work: Path, opts) -> Mod
 
 def fixed_counts_of(subject: Subject) -> dict:
     from yoloq.config import load_config
-    return fixed_counts(dataclasses.asdict(load_config(subject.cfg).quant))
+    return fixed_counts(load_config(subject.cfg).quant)
 
 
 def run_bench(models: Sequence[str], small: Scale, large: Scale, opts, progress: bool = True) -> list:

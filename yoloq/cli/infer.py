@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.config import load_config
     from yoloq.data import load_data_config
     from yoloq.device import resolve_device
-    from yoloq.io import check_output_dir
+    from yoloq.io import check_run_folder
     from yoloq.recipes.common import align_classes
     from yoloq.runtime.infer import InferOptions, list_sources, run_infer
     a = build_parser().parse_args(argv)
@@ -86,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError(f"{a.cfg} has no 'data' and no --data was given (it names the classes)")
     data_cfg = load_data_config(cfg.data)
     cfg = align_classes(cfg, data_cfg)
-    out_dir = check_output_dir(Path(a.out) / (a.name or Path(a.source).stem or "source"), "--out")
+    out_dir = check_run_folder(a.out, a.name or Path(a.source).stem or "source", "infer",
+                               inputs={"--source": a.source, "--weights": a.weights, "--ckpt": a.ckpt, "--onnx": a.onnx, "--engine": a.engine})
     predict, img_size, input_device = _predictor(a, cfg, data_cfg.nc, device)
     names = list(data_cfg.names) or [str(i) for i in range(data_cfg.nc)]
     opts = InferOptions(img_size=img_size, eval_cfg=cfg.eval, nc=data_cfg.nc, names=names, device=input_device,

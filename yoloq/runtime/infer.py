@@ -247,7 +247,7 @@ def run_infer(predict: Callable, source: str | Path, out_dir: str | Path, opts: 
     paths = list_sources(source)
     stills = [p for p in paths if not is_video(p)]
     result = InferResult(out_dir=Path(out_dir))
-    with staging_dir(Path(out_dir)) as folder:
+    with staging_dir(Path(out_dir), "infer") as folder:
         writer = _Writer(folder, opts, result)
         with tqdm(total=len(stills), disable=not opts.progress, desc="infer", unit="img") as bar:
             _run_stills(predict, stills, writer, bar)
