@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,13 @@ import torch
 from torch import nn
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+
+# Under pytest-xdist (pyproject's addopts: two workers) each worker computes with one thread, and so
+# do the commands the tests start: two workers with two threads each on two cores made the heavy
+# checks 3-4x slower (oversubscribed OpenMP). Tests that need a thread count set it themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO.parent / "shared").resolve()

@@ -70,6 +70,9 @@ def _readme_example() -> str:
 @pytest.mark.slow
 @needs_shared
 def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    """The example runs, its files reload, and its INT8 models keep the FP32 accuracy on the same 8
+    val images. Measured: FP32 32.20, PTQ (entropy, 32 images, the config's transforms) 32.27,
+    after one QAT epoch 32.23; the same PTQ without the transforms loses several points."""
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(_readme_example(), "README.md", "exec"), namespace)          # noqa: S102 - our own README
@@ -80,7 +83,9 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     x = torch.rand(1, 3, 320, 320)
     with torch.no_grad():
         assert torch.allclose(reloaded(x), q(x), atol=1e-5)
-    assert 0.05 < trained.evaluate(max_images=8)["AP"] < 0.5
+    fp32_ap = namespace["model"].evaluate(max_images=8)["AP"]
+    assert q.evaluate(max_images=8)["AP"] == pytest.approx(fp32_ap, abs=0.015)
+    assert trained.evaluate(max_images=8)["AP"] == pytest.approx(fp32_ap, abs=0.015)
 
 
 # --------------------------------------------------------------------------- upstream formats end to end

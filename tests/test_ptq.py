@@ -200,20 +200,23 @@ def test_options_are_a_dataclass_with_defaults():
 @needs_shared
 def test_bench_ptq_tiny(tmp_path):
     """The peer benchmark runs both sides on the same images and writes one table; the pipeline
-    row runs the config's transforms and its exported ONNX gives the fake-quant AP in onnxruntime."""
+    row runs the config's transforms and its exported ONNX gives the fake-quant AP in onnxruntime.
+    Measured on these 2 images: pipeline 24.97, its ONNX 25.62 (a few one-level rounding flips
+    between the runtimes move a detection); FP32 in PyTorch and in onnxruntime both 27.53."""
     cfg = write_cfg(tmp_path, quant={"equalize": True, "channel_scale": "all", "channel_scale_alpha": 0.8,
                                      "transform_images": 4})
-    yoloq_main(["bench-ptq", "--cfg", str(cfg), "--calib-images", "4", "--max-images", "2", "--workers", "0",
-                    "--methods", "max", "pipeline", "--ort-variants", "minmax_s8s8", "--out", str(tmp_path / "b"),
-                    "--name", "t", "--no-progress"])
+    code = yoloq_main(["bench-ptq", "--cfg", str(cfg), "--calib-images", "4", "--max-images", "2", "--workers", "0",
+                       "--methods", "max", "pipeline", "--ort-variants", "minmax_s8s8", "--out", str(tmp_path / "b"),
+                       "--name", "t", "--no-progress"])
+    assert code == 0
     bench = load_report(tmp_path / "b" / "t" / "bench.json")
     rows = {(r["tool"], r["variant"]): r for r in bench["rows"]}
     assert set(rows) == {("yoloq", "max"), ("yoloq", "pipeline"), ("yoloq", "pipeline_onnx"),
                          ("onnxruntime", "fp32"), ("onnxruntime", "minmax_s8s8")}
     assert "equalize + scale all a=0.8" in rows[("yoloq", "pipeline")]["note"]
     assert rows[("yoloq", "pipeline_onnx")]["int8"]["AP"] == pytest.approx(rows[("yoloq", "pipeline")]["int8"]["AP"],
-                                                                           abs=0.03)
-    assert rows[("onnxruntime", "fp32")]["int8"]["AP"] == pytest.approx(bench["fp32"]["AP"], abs=0.02)
+                                                                           abs=0.015)
+    assert rows[("onnxruntime", "fp32")]["int8"]["AP"] == pytest.approx(bench["fp32"]["AP"], abs=0.003)
     assert bench["calib_images"] == 4 and bench["eval_images"] == 2
     assert "| onnxruntime | minmax_s8s8 |" in (tmp_path / "b" / "t" / "bench.md").read_text()
 

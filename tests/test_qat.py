@@ -22,7 +22,7 @@ from yoloq.recipes.qat.step import (DistillStep, QuantizerGroupError, build_opti
                                     check_optimizer_covers_quantizers, make_teacher, parameter_groups, qat_loop)
 from yoloq.train.dataset import make_train_loader                     # noqa: E402
 from yoloq.train.engine import fit as engine_fit                      # noqa: E402
-from conftest import REPO, SHARED  # noqa: E402
+from conftest import REPO, needs_shared  # noqa: E402
 
 
 
@@ -328,11 +328,13 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_combined_batch(tmp_pat
 
 
 @pytest.mark.slow
+@needs_shared
 def test_run_qat_end_to_end_on_lite_s(tmp_path):
-    """PTQ with the config's transforms (bias correction changes the weights), then QAT: outputs, the
-    QAT checkpoint, and an FP32 column that is the PTQ report's (the FP32 model on the same images)."""
-    if not (SHARED / "weights" / "yolov6lite_s.pt").is_file() or not (SHARED / "coco").is_dir():
-        pytest.skip(f"shared weights / COCO subset not found under {SHARED}")
+    """PTQ with the config's transforms (bias correction changes the weights), then two QAT epochs:
+    outputs, the best epoch as the argmax of the per-epoch AP, a quant.pt whose own AP on the same
+    images is the reported QAT AP, and an FP32 column that is the PTQ report's (the FP32 model on
+    the same images)."""
+    from yoloq.api import evaluate
     from yoloq.config import load_config
     from yoloq.recipes.ptq import run_ptq
     from yoloq.recipes.qat.run import load_qat, run_qat
@@ -343,15 +345,19 @@ def test_run_qat_end_to_end_on_lite_s(tmp_path):
                          "bias_correction": True, "transform_images": 8})
     ptq_dir = tmp_path / "ptq" / "lite_max"
     result = run_qat(cfg, from_dir=str(ptq_dir), max_images=4, out=str(tmp_path / "qat"), progress=False,
-                     qat={"quantizer": "pact", "epochs": 1, "images": 8, "batch_size": 4, "workers": 0})
+                     qat={"quantizer": "pact", "epochs": 2, "images": 8, "batch_size": 4, "workers": 0})
     out = tmp_path / "qat" / "lite_max_pact"
     for f in ("report.md", "report.json", "curves.csv", "curves.png", "quant.pt", "last.pt", "best.pt"):
         assert (out / f).is_file(), f
     r = result.report
-    assert {"fp32", "ptq", "qat", "qat_last"} <= set(r) and 0 <= r["qat"]["AP"] <= 1
+    aps = [row["AP"] for row in r["history"]]
+    best = aps.index(max(aps)) + 1                                    # the first epoch with the highest AP
+    assert len(aps) == 2 and r["best_epoch"] == best
+    assert r["qat"]["AP"] == aps[best - 1] and r["qat_last"]["AP"] == aps[-1]
     assert r["fp32"] == pytest.approx(ptq.fp32) and r["ptq"]["AP"] == pytest.approx(ptq.int8["AP"])
     model, meta = load_qat(out / "quant.pt")
-    assert meta["qat"] == "pact" and meta["best_epoch"] == 1
+    assert meta["qat"] == "pact" and meta["best_epoch"] == best
+    assert evaluate(model, config=cfg, max_images=4)["AP"] == pytest.approx(r["qat"]["AP"], abs=1e-9)
     x = torch.rand(1, 3, 320, 320)
     with torch.no_grad():
         assert torch.equal(model(x), result.model(x))

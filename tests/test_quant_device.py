@@ -2,12 +2,10 @@
 not depend on the device they were written on.
 
 On a CPU-only machine these check the plumbing: after every step the tensors a stage made sit on
-``module_device(model)``, the checkpoint holds CPU tensors only, ``--device cpu`` gives the numbers
-of the default run, and ``--device cuda`` is one line. The ``gpu`` test runs the same stages on
-CUDA and compares them with the CPU."""
+``module_device(model)``, the checkpoint holds CPU tensors only, and ``--device cuda`` is one
+line (``--device cpu`` giving the default run's numbers: tests/test_determinism.py). The ``gpu``
+test runs the same stages on CUDA and compares them with the CPU."""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from yoloq.quant import (BiasCorrect, Calibrate, ChannelScale, Equalize, FloatSE
                          quant_state, quantize)
 from yoloq.quant import backend
 from yoloq.quant.checkpoint import load_quantized, save_quantized
-from conftest import CONFIGS, needs_shared
+from conftest import CONFIGS
 
 SIZE = 64
 STEPS = [Equalize(), Prepare(), FloatSE(), ChannelScale("all", 0.5, images=4),
@@ -93,25 +91,7 @@ def test_cuda_on_a_cpu_machine_is_one_line(tmp_path, command, capsys):
     assert not out.exists()
 
 
-@pytest.mark.slow
-@needs_shared
-def test_device_cpu_given_gives_the_numbers_of_the_default_run(tmp_path):
-    """Two identical tiny runs, one with ``device="cpu"`` given: the same report numbers (on a CPU
-    machine ``auto`` is the CPU; a run is also deterministic, so any difference is the flag's)."""
-    from test_ptq import TINY, write_cfg
-    from yoloq.recipes.ptq import run_ptq
-    cfg = write_cfg(tmp_path, quant={"calib": "auto", "channel_scale": "all", "channel_scale_alpha": 0.9,
-                                     "bias_correction": True})
-    runs = {d: run_ptq(cfg, out=str(tmp_path / "runs"), name=d, device=d, **TINY) for d in ("auto", "cpu")}
-    reports = {d: json.loads((tmp_path / "runs" / d / "report.json").read_text()) for d in runs}
-    for key in ("fp32", "int8", "drop", "calibration", "transforms", "sensitivity", "diagnosis"):
-        a, b = reports["auto"][key], reports["cpu"][key]
-        if key == "transforms":                                            # seconds differ
-            a, b = ({s: {k: v for k, v in st.items() if k != "seconds"} for s, st in r["steps"].items()} for r in (a, b))
-        if key == "sensitivity":
-            a, b = a["ranking"], b["ranking"]
-        assert a == b, key
-    assert reports["cpu"]["env"]["device"] == "cpu" and reports["cpu"]["memory"]["peak_rss_mib"] > 0
+# --device cpu giving the default run's numbers: tests/test_determinism.py (the two-run test)
 
 
 @pytest.mark.gpu
