@@ -3,7 +3,6 @@ detections, a video round trip, PyTorch / quant.pt / ONNX models, clear errors."
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np

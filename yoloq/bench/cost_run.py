@@ -10,7 +10,6 @@ large run, which only has to separate per-image from fixed costs, need not pay t
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal

@@ -86,8 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise InputError(f"{a.cfg} has no 'data' and no --data was given (it names the classes)")
     data_cfg = load_data_config(cfg.data)
     cfg = align_classes(cfg, data_cfg)
-    out_dir = check_run_folder(a.out, a.name or Path(a.source).stem or "source", "infer",
-                               inputs={"--source": a.source, "--weights": a.weights, "--ckpt": a.ckpt, "--onnx": a.onnx, "--engine": a.engine})
+    inputs = {"--source": a.source, "--weights": a.weights, "--ckpt": a.ckpt, "--onnx": a.onnx, "--engine": a.engine}
+    out_dir = check_run_folder(a.out, a.name or Path(a.source).stem or "source", "infer", inputs=inputs)
     predict, img_size, input_device = _predictor(a, cfg, data_cfg.nc, device)
     names = list(data_cfg.names) or [str(i) for i in range(data_cfg.nc)]
     opts = InferOptions(img_size=img_size, eval_cfg=cfg.eval, nc=data_cfg.nc, names=names, device=input_device,
