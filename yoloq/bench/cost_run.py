@@ -33,7 +33,6 @@ SKIP_IN_LARGE_RUN = ("--sensitivity", "off", "--no-diagnose")
 # ptq flag (as a key) -> where the quant section keeps that fixed image count
 FIXED_COUNTS = {"transform_images": ("transforms", "images"), "auto_images": ("calibration", "auto_images"),
                 "sensitivity_images": ("sensitivity", "images")}
-FIXED_COUNT_KEYS = tuple(FIXED_COUNTS)
 LOG_TAIL = 15
 KILL_GRACE_S = 20
 CHILD = "import sys; from yoloq.cli import console; sys.argv[0] = 'yoloq'; console()"
@@ -267,7 +266,7 @@ def _override_counts(counts: dict, extra: Sequence[str]) -> dict:
     counts = dict(counts)
     for i, arg in enumerate(extra[:-1]):
         key = arg.lstrip("-").replace("-", "_")
-        if arg.startswith("--") and key in FIXED_COUNT_KEYS and extra[i + 1].isdigit():
+        if arg.startswith("--") and key in FIXED_COUNTS and extra[i + 1].isdigit():
             counts[key] = int(extra[i + 1])
     return counts
 
