@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ import torch
 from conftest import REPO, needs_shared
 from yoloq.bench.cost import (COCO_VAL2017, RATIO_LIMIT, SHARED_VAL, CostError, RunRecord, Scale, findings,
                               model_cost, model_cost_from_dict, stage_table, summary_table)
-from yoloq.bench.cost_run import (CANDIDATE_FRACTION, PRIOR_PROB, fixed_counts, random_checkpoint, run_child,
-                                  too_few_calibration_images)
+from yoloq.bench.cost_run import (CANDIDATE_FRACTION, PRIOR_PROB, cpu_snapshot, fixed_counts, other_cpus,
+                                  random_checkpoint, run_child, too_few_calibration_images)
 from yoloq.cli.bench_cost import split_passthrough
 
 # Lite-S default run on the 500 val images, 2 quiet cores (docs/results.md): 77.1 s = 5.4x 14.3 s
@@ -130,6 +131,31 @@ def test_runs_measured_under_load_are_called_so():
                                 "not the machine's; measure on a quiet one"]
     again = model_cost_from_dict(json.loads(json.dumps(cost.to_dict())))
     assert again.large.loaded() and not again.small.loaded()
+
+
+def test_the_runs_own_threads_do_not_count_as_load():
+    """The load average counts the measured run's own threads and loader workers; the CPU time
+    other processes used during the run decides, where it was measured."""
+    cost = fitted()
+    cost.small.load_average, cost.small.cpus, cost.small.other_cpus = 2.6, 2, 0.05     # the run itself
+    cost.large.load_average, cost.large.cpus, cost.large.other_cpus = 3.1, 2, 1.2      # plus a second job
+    assert findings([cost]) == ["lite: measured under load (other processes kept 1.20 of 2 CPUs busy): these "
+                                "timings are not the machine's; measure on a quiet one"]
+    again = model_cost_from_dict(json.loads(json.dumps(cost.to_dict())))
+    assert again.large.loaded() and not again.small.loaded()
+
+
+def test_a_childs_own_cpu_time_is_not_other_work():
+    before = cpu_snapshot()
+    start = time.perf_counter()
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    after = cpu_snapshot()
+    assert after.children_s - before.children_s >= 0.9              # the child's busy second is its own
+    other = other_cpus(before, after, time.perf_counter() - start)
+    assert other is None or 0.0 <= other <= (os.cpu_count() or 1)
+    if after.machine_busy_s is not None:                              # Linux: the machine saw at least the child
+        assert after.machine_busy_s - before.machine_busy_s >= 0.9
 
 
 def test_runs_that_cannot_separate_the_costs_are_errors():

@@ -102,6 +102,35 @@ def run_child(cmd: Sequence[str], log_path: Path, env: Optional[dict] = None, ti
     return proc.returncode, time.perf_counter() - start, rss_kib / 1024.0       # Linux: KiB
 
 
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Busy CPU seconds of the whole machine (``/proc/stat``; None off Linux) and the CPU seconds of
+    this process's waited-for children and their waited-for descendants (``RUSAGE_CHILDREN``)."""
+    machine_busy_s: Optional[float]
+    children_s: float
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    import resource
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        busy = None
+    return CpuSnapshot(busy, kids.ru_utime + kids.ru_stime)
+
+
+def other_cpus(before: CpuSnapshot, after: CpuSnapshot, wall_s: float) -> Optional[float]:
+    """CPUs that processes other than the measured child (and this one, which only waits) kept busy
+    on average over ``wall_s``: the machine's busy time minus the child's own CPU time."""
+    if before.machine_busy_s is None or after.machine_busy_s is None or wall_s <= 0:
+        return None
+    own = after.children_s - before.children_s
+    return round(max(0.0, (after.machine_busy_s - before.machine_busy_s - own) / wall_s), 2)
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -283,10 +312,11 @@ def bench_model(entry: str, small: Scale, large: Scale, work: Path, opts) -> Mod
     env = child_env(opts.threads)
     runs = []
     for tag, scale, more in (("small", small, ()), ("large", large, SKIP_IN_LARGE_RUN)):
-        before = os.getloadavg()[0]
+        before, cpu_before = os.getloadavg()[0], cpu_snapshot()
         run = measure(subject.cfg, scale, work, f"{subject.model}_{tag}", subject.weights, opts.data, opts.device,
                       extra + list(more), env).record
         run.load_average, run.cpus = round(max(before, os.getloadavg()[0]), 1), os.cpu_count() or 0
+        run.other_cpus = other_cpus(cpu_before, cpu_snapshot(), run.wall_s)
         runs.append(run)
     return model_cost(subject.model, subject.img_size, subject.label, runs[0], runs[1], notes)
 

@@ -16,7 +16,6 @@ Validation images are only evaluated.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 import warnings
@@ -122,13 +121,8 @@ class RobustnessBench:
 
     def choose_alpha(self, cfg: Config, calib) -> dict:
         """What ``--channel-scale-alpha auto`` picks on these calibration images (search only)."""
-        from yoloq.quant.recipe import QuantRun
-        from yoloq.quant.recipe_config import search
-        qcfg = cfg.quant
-        qcfg = dataclasses.replace(qcfg, transforms=dataclasses.replace(qcfg.transforms, channel_scale_alpha=None))
-        run = QuantRun(fp32=self.fp32.eval(), calib=list(calib.batches), fold_bn=qcfg.fold_qarepvgg_post_bn)
-        plan, trials = search(run, qcfg)
-        return {"chosen": plan.alpha, "trials": copy.deepcopy(trials)}
+        from yoloq.quant.recipe_config import choose_alpha
+        return choose_alpha(self.fp32, cfg.quant, calib.batches)
 
 
 def run_robustness(cfg: "Config | str", *, sets: int = 3, set_images: int = 128, sizes: Sequence[int] = (32, 64, 256),
@@ -191,7 +185,7 @@ def render_markdown(s: dict) -> str:
     table = []
     for r in s["rows"]:
         search = r.get("alpha_search")
-        trials = ", ".join(f"{t['plan'].split('a=')[-1].split(' ')[0]}: {t['sqnr_db']:.2f}"
+        trials = ", ".join(f"{t['alpha']:g}: {t['sqnr_db']:.2f}"
                            for t in (search or {}).get("trials", []))
         at = r.get("at_chosen")
         table.append((r["set"], r["images"], f"{r['int8_ap']:.2f}", drop_text(r["drop"], r["drop_ci"]),

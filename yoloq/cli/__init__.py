@@ -7,7 +7,7 @@
     yoloq infer --cfg ... --source images/      # detections drawn on images or a video
     yoloq trt build|eval|bench ...
     yoloq train --cfg yolov6n_qarepvgg     # training (yoloq.train), RepOpt: yoloq repopt-scales
-    yoloq bench-ptq | bench-ort | bench-fidelity | bench-eval | bench-cost | bench-backbones | bench-robustness ...
+    yoloq bench-ptq | bench-ort | bench-fidelity | bench-eval | bench-cost | bench-backbones | bench-robustness | bench-alpha
     yoloq --version
 
 User errors print one line and exit with code 2; see ``yoloq.cli.common``.
@@ -36,6 +36,7 @@ COMMANDS = {
     "bench-cost": ("yoloq.cli.bench_cost", "benchmark: the default PTQ run's cost per stage, extrapolated to COCO val2017"),
     "bench-backbones": ("yoloq.cli.bench_backbones", "benchmark: RepVGG vs QARepVGG vs RepOpt yolov6n under PTQ (one recipe)"),
     "bench-robustness": ("yoloq.cli.bench_robustness", "benchmark: the default PTQ drop and α choice per calibration set"),
+    "bench-alpha": ("yoloq.cli.bench_alpha", "benchmark: the channel-scaling α judged on train images held out from calibration"),
 }
 
 

@@ -145,7 +145,7 @@ def search(run: QuantRun, qcfg: QuantConfig) -> tuple[TransformPlan, list[dict]]
     def score(candidate: TransformPlan) -> float:
         if candidate not in scored:
             scored[candidate] = _score(run, qcfg, candidate, batches, images, refs)
-            trials.append({"plan": candidate.label(), "sqnr_db": scored[candidate]})
+            trials.append({"plan": candidate.label(), "alpha": candidate.alpha, "sqnr_db": scored[candidate]})
         return scored[candidate]
 
     for step, options in _options(qcfg):
@@ -153,6 +153,16 @@ def search(run: QuantRun, qcfg: QuantConfig) -> tuple[TransformPlan, list[dict]]
         bar = tqdm(candidates, desc=f"transforms auto: {step}", disable=not run.progress)
         plan = max(bar, key=score)    # first of equals wins (options list the cheaper first)
     return plan, trials
+
+
+def choose_alpha(fp32: torch.nn.Module, qcfg: QuantConfig, batches: list) -> dict:
+    """What ``channel_scale_alpha: null`` picks among ``channel_scale_alphas`` on ``batches``
+    (calibration images): ``{"chosen": alpha, "trials": [{"plan", "alpha", "sqnr_db"}, ...]}``."""
+    t = dataclasses.replace(qcfg.transforms, channel_scale="all", channel_scale_alpha=None)
+    qcfg = dataclasses.replace(qcfg, transforms=t)
+    run = QuantRun(fp32=fp32.eval(), calib=list(batches), fold_bn=qcfg.fold_qarepvgg_post_bn)
+    plan, trials = search(run, qcfg)
+    return {"chosen": plan.alpha, "trials": [dict(trial) for trial in trials]}
 
 
 def _options(qcfg: QuantConfig):

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -21,10 +21,11 @@ from yoloq.errors import InputError
 from yoloq.eval.coco_eval import evaluate_model
 
 
-def selection_data(data_cfg: DataConfig, calib_files: Sequence[str], n: int, seed: int,
-                   tmp_dir: Path) -> tuple[DataConfig, dict]:
+def selection_data(data_cfg: DataConfig, calib_files: Sequence[str], n: Optional[int], seed: int,
+                   tmp_dir: Path, held_out: bool = False) -> tuple[DataConfig, dict]:
     """A DataConfig whose "val" is ``n`` *labeled train* images (calibration images last resort),
-    with a filtered annotation file in ``tmp_dir``: the set the ``max_drop`` search measures on."""
+    with a filtered annotation file in ``tmp_dir``: the set the ``max_drop`` search measures on.
+    ``held_out``: only images that are not calibration images (``n`` None: all of them)."""
     from yoloq.data.coco import read_coco_json
     from yoloq.data.yolo import train_ground_truth
     train_ann = data_cfg.train_ann or train_ground_truth(data_cfg)      # YOLO labels: built on demand
@@ -41,9 +42,10 @@ def selection_data(data_cfg: DataConfig, calib_files: Sequence[str], n: int, see
     reused = [im for im in images if im["file_name"] in calib]
     random.Random(seed).shuffle(fresh)
     random.Random(seed).shuffle(reused)
-    chosen = (fresh + reused)[:n]
+    chosen = (fresh if held_out else fresh + reused)[:n]
     if not chosen:
-        raise InputError(f"{train_ann}: no labeled train image for the selection set")
+        raise InputError(f"{train_ann}: no labeled train image for the selection set"
+                         + (" outside the calibration images" if held_out else ""))
     ids = {im["id"] for im in chosen}
     sub = {k: v for k, v in gt.items() if k not in ("images", "annotations")}
     sub["images"] = sorted(chosen, key=lambda e: e["id"])
