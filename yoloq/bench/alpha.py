@@ -1,6 +1,6 @@
 """The channel-scaling migration strength α, measured where it may be chosen (``yoloq bench-alpha``).
 
-    yoloq bench-alpha --cfg yolov6lite_l                 # α 0.5 / 0.65 / 0.8 / 0.9 / 1.0
+    yoloq bench-alpha --cfg yolov6lite_l                 # the search's candidates: α 0.5 / 0.65 / 0.8 / 0.9
     yoloq bench-alpha --cfg yolov6lite_l --val           # + val, as a diagnostic only
 
 For each candidate α the model is quantized with the config's quant section at that α, exactly as

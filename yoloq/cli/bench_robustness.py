@@ -17,14 +17,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from yoloq.cli.common import non_negative_int, parser, positive_int
+from yoloq.cli.common import add_model_bench_arguments, model_bench_options, non_negative_int, parser, positive_int
 
 
 def build_parser(prog: str = "yoloq bench-robustness"):
     p = parser(prog, __doc__)
-    p.add_argument("--cfg", required=True, help="experiment config (a shipped name such as yolov6lite_s, or a YAML)")
-    p.add_argument("--weights", help="FP32 checkpoint (default: model.weights of the config)")
-    p.add_argument("--data", help="dataset YAML (default: data of the config)")
+    add_model_bench_arguments(p, "<model>_robustness", "runs/bench_robustness")
     p.add_argument("--sets", type=non_negative_int, default=3, help="disjoint calibration sets (default %(default)s)")
     p.add_argument("--set-images", type=positive_int, default=128, help="images per disjoint set (default %(default)s)")
     p.add_argument("--sizes", type=positive_int, nargs="*", default=[32, 64, 256],
@@ -32,16 +30,6 @@ def build_parser(prog: str = "yoloq bench-robustness"):
                         "(default: %(default)s; none: --sizes alone)")
     p.add_argument("--no-alpha-search", action="store_true",
                    help="skip the α choice (--channel-scale-alpha auto) on each set")
-    p.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
-                   help="paired-bootstrap resamples of each drop's interval (0: none; default %(default)s)")
-    p.add_argument("--max-images", type=positive_int, help="evaluate only the first N val images")
-    p.add_argument("--workers", type=non_negative_int, help="data loader workers")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    p.add_argument("--thread-invariant", action="store_true",
-                   help="PyTorch's own conv kernels: the same numbers with any thread count (slower)")
-    p.add_argument("--name", help="run name (default <model>_robustness)")
-    p.add_argument("--out", default="runs/bench_robustness", help="output root (default %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -49,9 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.bench.robustness import render_markdown, run_robustness
     a = build_parser().parse_args(argv)
     summary = run_robustness(a.cfg, sets=a.sets, set_images=a.set_images, sizes=a.sizes,
-                             alpha_search=not a.no_alpha_search, bootstrap=a.bootstrap, max_images=a.max_images,
-                             weights=a.weights, data=a.data, workers=a.workers, device=a.device,
-                             thread_invariant=a.thread_invariant, out=a.out, name=a.name, progress=not a.no_progress)
+                             alpha_search=not a.no_alpha_search, **model_bench_options(a))
     print(render_markdown(summary))
     print(f"wrote {summary['out_dir']}/ in {summary['seconds']:.0f} s")
     return 0

@@ -252,6 +252,32 @@ def add_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def add_model_bench_arguments(p: argparse.ArgumentParser, name_default: str, out_default: str,
+                              max_images_help: str = "evaluate only the first N val images") -> None:
+    """The flags of the benches that quantize one model several times and evaluate each result
+    (``bench-robustness``, ``bench-alpha``); :func:`model_bench_options` passes them on."""
+    p.add_argument("--cfg", required=True, help="experiment config (a shipped name such as yolov6lite_s, or a YAML)")
+    p.add_argument("--weights", help="FP32 checkpoint (default: model.weights of the config)")
+    p.add_argument("--data", help="dataset YAML (default: data of the config)")
+    p.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
+                   help="paired-bootstrap resamples of each interval (0: none; default %(default)s)")
+    p.add_argument("--max-images", type=positive_int, help=max_images_help)
+    p.add_argument("--workers", type=non_negative_int, help="data loader workers")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--thread-invariant", action="store_true",
+                   help="PyTorch's own conv kernels: the same numbers with any thread count (slower)")
+    p.add_argument("--name", help=f"run name (default {name_default})")
+    p.add_argument("--out", default=out_default, help="output root (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def model_bench_options(args) -> dict:
+    """The keyword arguments of :func:`add_model_bench_arguments`' flags (all but ``--cfg``)."""
+    return dict(weights=args.weights, data=args.data, bootstrap=args.bootstrap, max_images=args.max_images,
+                workers=args.workers, device=args.device, thread_invariant=args.thread_invariant, out=args.out,
+                name=args.name, progress=not args.no_progress)
+
+
 def evaluation_overrides(args) -> dict:
     return dict(batch_size=args.batch_size, workers=args.workers, backend=args.backend, val_ann=args.ann)
 
