@@ -31,14 +31,13 @@ from tqdm import tqdm
 from yoloq.config import Config
 from yoloq.device import resolve_device
 from yoloq.errors import InputError
-from yoloq.eval.bootstrap import evaluation_drop_interval
 from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import atomic_write_text, check_run_folder, staging_dir, to_json
 from yoloq.quant.metrics import output_error
 from yoloq.quant.recipe_config import choose_alpha, proxy_method
 from yoloq.recipes.common import load_calibration_set, run_environment, seed_everything, thread_invariant_kernels
 from yoloq.recipes.partial import selection_data
-from yoloq.recipes.ptq import resolve, run_quantization
+from yoloq.recipes.ptq import drop_interval_record, resolve, run_quantization
 from yoloq.report.common import drop_text, md_table, num
 
 KIND = "bench-alpha"
@@ -47,8 +46,7 @@ KIND = "bench-alpha"
 def _drop(reference: EvalResult, candidate: EvalResult, resamples: int) -> dict:
     """AP points lost from ``reference`` to ``candidate``, with the paired interval when asked."""
     drop = (reference.stats["AP"] - candidate.stats["AP"]) * 100
-    ci = evaluation_drop_interval(reference, candidate, resamples).to_dict() if resamples else None
-    return {"drop": drop, "ci": ci}
+    return {"drop": drop, "ci": drop_interval_record(reference, candidate, resamples) if resamples else None}
 
 
 class AlphaBench:
