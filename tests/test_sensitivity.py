@@ -1,11 +1,13 @@
 """Per-layer sensitivity, partial-quantization search and diagnosis on small toy models."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
-from conftest import toy_convnet as toy
+from conftest import CONFIGS, WEIGHTS, toy_convnet as toy
 from yoloq.quant.state import quant_state  # noqa: E402
 from yoloq.quant.calibrate import calibrate
 from yoloq.quant.diagnose import Thresholds, channel_spread, diagnose, weight_stats
@@ -121,3 +123,127 @@ def test_diagnose_reads_what_a_channel_scaled_quantizer_sees():
     row = {r["layer"]: r for r in diagnose(q, images)["layers"]}["2"]
     assert row["act_absmax"] == pytest.approx(row["act_amax"], rel=1e-3)
     assert before["act_channel_spread"] > 100 * row["act_channel_spread"]
+
+
+# --------------------------------------------------------------------------- reuse of unchanged layers
+
+
+@functools.lru_cache(maxsize=2)
+def _quantized_detector(name: str, size: int = 64, n: int = 4):
+    from yoloq.config import QuantConfig, load_config
+    from yoloq.models import load_model
+    from yoloq.models.common import fold_remaining_bn
+    from yoloq.quant.recipe import quantize
+    from yoloq.quant.recipe_config import recipe_from_config
+    lite = name.startswith("yolov6lite")
+    if lite and not (WEIGHTS / f"{name}.pt").is_file():
+        pytest.skip(f"shared weights {name}.pt not found")
+    fp32 = fold_remaining_bn(load_model(load_config(CONFIGS / f"{name}.yaml").model, random_weights=not lite).eval())
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(4))
+    qcfg = QuantConfig.of(calib="max", channel_scale="all", channel_scale_alpha=0.9, bias_correction=True,
+                          transform_images=n)
+    return quantize(fp32, recipe_from_config(qcfg), [x]), fp32, x
+
+
+def _full_forward_sensitivity(q, fp32, x, layers, mode):
+    """The oracle: one complete forward per toggled layer, nothing reused."""
+    from yoloq.quant import backend
+    from yoloq.quant.metrics import output_error
+    from yoloq.quant.prepare import quant_layers, set_layers_quantized
+    every = list(quant_layers(q))
+    out = {}
+    with torch.no_grad(), backend.quiet():
+        ref = fp32(x)
+        set_layers_quantized(q, every, mode == "skip-one")
+        for layer in layers:
+            set_layers_quantized(q, [layer], mode == "quantize-one")
+            out[layer] = output_error(ref, q(x))["sqnr_db"]
+            set_layers_quantized(q, [layer], mode == "skip-one")
+        set_layers_quantized(q, every, True)
+    return out
+
+
+@pytest.mark.parametrize("name,mode", [("yolov6lite_s", "quantize-one"), ("yolov6m_repvgg", "quantize-one"),
+                                       ("yolov6m_repvgg", "skip-one")])
+def test_reused_layer_outputs_give_the_full_forward_numbers(name, mode):
+    """Lite-S (channel-scaled convs, bias correction) and YOLOv6-M (BottleRep residual quantizers
+    that follow their conv's status): every layer's SQNR equals a complete forward's."""
+    from yoloq.quant.prepare import quant_layers
+    q, fp32, x = _quantized_detector(name)
+    layers = list(quant_layers(q))[::8]
+    got = {r["layer"]: r["sqnr_db"] for r in layer_sensitivity(q, fp32, [x], mode=mode, layers=layers,
+                                                               progress=False)["ranking"]}
+    expected = _full_forward_sensitivity(q, fp32, x, layers, mode)
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert len(set(round(v, 6) for v in got.values())) > len(layers) // 2     # the layers really differ
+
+
+def test_sensitivity_scores_large_models_a_few_images_at_a_time(monkeypatch):
+    """Under a memory budget below one image's record, images are scored one at a time and the
+    output-error powers add over them: the numbers are those of full forwards image by image."""
+    import yoloq.quant.sensitivity as sensitivity
+    from yoloq.quant import backend
+    from yoloq.quant.metrics import add_powers, error_from_powers, output_powers
+    from yoloq.quant.prepare import quant_layers, set_layers_quantized
+    q, fp32, x = _quantized_detector("yolov6lite_s")
+    every = list(quant_layers(q))
+    layers = every[::10]
+    monkeypatch.setattr(sensitivity, "CACHE_BUDGET_BYTES", 1)
+    chunked = layer_sensitivity(q, fp32, [x], layers=layers, progress=False)
+    assert chunked["images"] == 4
+    expected = {}
+    with torch.no_grad(), backend.quiet():
+        set_layers_quantized(q, every, False)
+        for layer in layers:
+            set_layers_quantized(q, [layer], True)
+            powers = None
+            for image in x.split(1):
+                powers = add_powers(powers, output_powers(fp32(image), q(image)))
+            expected[layer] = error_from_powers(powers)["sqnr_db"]
+            set_layers_quantized(q, [layer], False)
+        set_layers_quantized(q, every, True)
+    assert {r["layer"]: r["sqnr_db"] for r in chunked["ranking"]} == pytest.approx(expected, abs=1e-6)
+
+
+def test_layer_output_cache_runs_what_may_differ():
+    """A layer called twice is never reused; a changed layer always runs; outputs handed out are
+    copies (an in-place change downstream does not alter the record)."""
+    from yoloq.quant.forward_cache import LayerOutputCache
+
+    class Counted(nn.Conv2d):
+        runs = 0
+
+        def forward(self, x):
+            Counted.runs += 1
+            return super().forward(x)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Counted(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y.mul_(2.0)                       # in place on a reused output
+            return self.b(self.b(y))
+
+    model = Twice().eval()
+    x = torch.rand(1, 3, 4, 4)
+    cache = LayerOutputCache(model, {"a": model.a, "b": model.b})
+    reference = cache.record(x)
+    assert set(cache.records) == {"a"}                 # b ran twice: not kept
+    Counted.runs = 0
+    with torch.no_grad():
+        with cache.reuse():
+            assert torch.equal(model(x), reference) and torch.equal(model(x), reference)
+        assert Counted.runs == 0                        # a was reused both times
+        with cache.reuse([model.a]):
+            model(x)
+        assert Counted.runs == 1                        # changed: it ran
+        model.a.bias.add_(1.0)
+        with cache.reuse([model.a]):
+            assert not torch.equal(model(x), reference)
+        with cache.reuse():
+            assert not torch.equal(model(x + 1.0), reference)   # another input: a runs
+        assert Counted.runs == 3
+    assert "forward" not in vars(model.a)              # class forward restored

@@ -30,6 +30,7 @@ from yoloq.quant.equalize import equalize, find_pairs  # noqa: E402
 from yoloq.quant.prepare import prepare, set_layers_quantized  # noqa: E402
 from yoloq.quant.squeeze_excite import conv_macs, flop_share, pooled_map_convs  # noqa: E402
 from yoloq.quant.state import quant_state  # noqa: E402
+from yoloq.quant.metrics import output_error  # noqa: E402
 from yoloq.quant.recipe import BiasCorrect, Calibrate, ChannelScale, Equalize, FloatSE, quantize  # noqa: E402
 from yoloq.quant.recipe_config import AutoTransforms, TransformPlan, needs_search, recipe_from_config  # noqa: E402
 from conftest import CONFIGS, WEIGHTS, toy_convnet  # noqa: E402
@@ -424,6 +425,27 @@ def test_auto_choice_scores_candidates_on_calibration_images():
     assert best[plan.label()] == max(best.values()) and all(np.isfinite(list(best.values())))
 
 
+def test_alpha_search_judges_each_candidate_under_the_runs_own_calibration():
+    """With ``calib: auto`` a candidate's score is the SQNR of that candidate calibrated by auto
+    (the rule the run would give it), not by a stand-in rule such as entropy."""
+    torch.manual_seed(0)
+    fp32 = toy_convnet().eval()
+    qcfg = QuantConfig.of(calib="auto", auto_methods=["max", "mse"], channel_scale="all", channel_scale_alpha=None,
+                          channel_scale_alphas=[0.5, 0.9], auto_images=8, transform_images=8, batch_size=8)
+    calib = list(torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(2)).split(8))
+    trials = quant_state(quantize(fp32, recipe_from_config(qcfg), calib)).records["transforms_auto"]["trials"]
+    assert [t["alpha"] for t in trials] == [0.5, 0.9]
+    x = calib[0]
+    for trial in trials:
+        alone = quantize(fp32, [*recipe_from_config(QuantConfig.of(channel_scale="all", channel_scale_alpha=trial["alpha"],
+                                                                   transform_images=8))[:2],
+                                Calibrate("auto", auto_methods=("max", "mse"), auto_images=8)], calib[:1])
+        with torch.no_grad():
+            expected = output_error(fp32(x), alone(x))["sqnr_db"]
+        assert trial["calib"] == quant_state(alone).calib.method
+        assert trial["sqnr_db"] == pytest.approx(expected, abs=1e-9)
+
+
 # --------------------------------------------------------------------------- checkpoints and export
 
 
@@ -574,13 +596,13 @@ def test_cli_alpha_auto_searches_even_when_the_config_fixes_it():
     from yoloq.cli.ptq import build_parser, load_ptq_config, quant_overrides
     parser = build_parser()
     key = "transforms.channel_scale_alpha"
-    assert load_config("yolov6lite_l").quant.transforms.channel_scale_alpha == 0.8
+    assert load_config("yolov6lite_l").quant.transforms.channel_scale_alpha == 0.9
     a = parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", "auto"])
     cfg = load_ptq_config(a)
     assert cfg.quant.transforms.channel_scale_alpha is None and quant_overrides(a, cfg)[key] is None
     assert needs_search(cfg.quant)
-    a = parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", "0.9"])
-    assert load_ptq_config(a).quant.transforms.channel_scale_alpha == 0.8 and quant_overrides(a, cfg)[key] == 0.9
+    a = parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", "0.8"])
+    assert load_ptq_config(a).quant.transforms.channel_scale_alpha == 0.9 and quant_overrides(a, cfg)[key] == 0.8
     for bad in ("1.5", "high"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--cfg", "yolov6lite_l", "--channel-scale-alpha", bad])

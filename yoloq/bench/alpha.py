@@ -7,8 +7,9 @@ For each candidate α the model is quantized with the config's quant section at 
 ``yoloq ptq --channel-scale-alpha A`` does, and measured three ways:
 
 - the calibration-side score that ``--channel-scale-alpha auto`` ranks the candidates by (detector
-  output SQNR on ``calibration.auto_images`` calibration images, each candidate calibrated with the
-  search's proxy rule), and the same SQNR of the model the run really builds (its own calibration);
+  output SQNR on ``calibration.auto_images`` calibration images, each candidate calibrated on the
+  ``transforms.images`` images as the run calibrates), and the same SQNR of the model the run
+  really builds (calibrated on all its calibration images);
 - the COCO AP on the labelled *train* images that are not calibration images (held out), with the
   drop's paired-bootstrap interval, and the AP difference to the config's α with its own paired
   interval (is the candidate distinguishable from the default at all?);

@@ -15,7 +15,8 @@ The model stays an ``nn.Module`` (deploy form, fused); its quantization state is
 - the scheme and its placement: ``scheme`` (INT8 levels, ``QDQSpec``), ``backend`` (the one
   boundary to pytorch-quantization), ``placement``, ``prepare``, ``state``;
 - the steps: ``calibrate``, ``equalize``, ``channel_scale``, ``squeeze_excite``, ``bias_correct``,
-  ``reconstruct`` (with ``adaround``, ``recon_blocks``), ``sensitivity``, ``partial``;
+  ``reconstruct`` (with ``adaround``, ``recon_blocks``), ``sensitivity`` (with ``forward_cache``),
+  ``partial``;
 - measuring: ``metrics``, ``diagnose``;
 - QAT quantizers: ``learnable`` (PACT, LSQ+), ``swap`` (to learnable quantizers and back);
 - files: ``checkpoint`` (``quant.pt``).

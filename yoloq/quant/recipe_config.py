@@ -17,10 +17,11 @@
 
 When a switch is ``auto`` (or ``channel_scale: all`` has no alpha), the recipe starts with an
 :class:`AutoTransforms` step. It decides greedily in the order above: each candidate is quantized
-by the same ``quantize`` with a proxy range rule on the ``transforms.images`` images and scored by
-the detector output SQNR against FP32 on the first ``calibration.auto_images`` of them
-(``yoloq.quant.metrics.output_error``); the chosen steps are then inserted into the run.
-Validation images are never used.
+by the same ``quantize`` on the ``transforms.images`` images, calibrated as the run calibrates
+(``calibration.method``, ``auto`` included: a candidate judged under another range rule than the
+one the run gives it can win the search and lose the run), and scored by the detector output SQNR
+against FP32 on the first ``calibration.auto_images`` of them (``yoloq.quant.metrics.output_error``);
+the chosen steps are then inserted into the run. Validation images are never used.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from yoloq.config import QuantConfig
 from yoloq.quant.metrics import output_error
+from yoloq.quant.state import quant_state
 from yoloq.quant.recipe import (BiasCorrect, Calibrate, ChannelScale, Equalize, FloatSE, Partial, Phase, Prepare,
                                 QuantRun, Reconstruct, quantize, register)
 
@@ -86,12 +88,17 @@ def needs_search(qcfg: QuantConfig) -> bool:
 
 
 def proxy_method(qcfg: QuantConfig) -> str:
-    """Range rule calibrating the candidates of the search (the configured one, or entropy for
-    ``calibration.method: auto``, which the final calibration still decides)."""
+    """How the search calibrates its candidates: exactly as the run will (``auto`` included, so a
+    candidate is judged under the range rule the run would pick for it, not under a stand-in)."""
     c = qcfg.calibration
-    if c.method != "auto":
-        return c.method if c.method != "percentile" else f"percentile-{c.percentile:g}"
-    return "entropy" if "entropy" in c.auto_methods else c.auto_methods[0]
+    if c.method == "auto":
+        return f"auto ({', '.join(c.auto_methods)})"
+    return c.method if c.method != "percentile" else f"percentile-{c.percentile:g}"
+
+
+def _run_calibration(qcfg: QuantConfig) -> Calibrate:
+    c = qcfg.calibration
+    return Calibrate(c.method, c.percentile, c.num_bins, tuple(c.auto_methods), c.auto_images)
 
 
 def recipe_from_config(qcfg: QuantConfig, skip_count: Optional[int] = None, rank: bool = False) -> list:
@@ -104,7 +111,7 @@ def recipe_from_config(qcfg: QuantConfig, skip_count: Optional[int] = None, rank
     if needs_search(qcfg):
         steps = [AutoTransforms(qcfg)]
     steps.append(Prepare(fold_bn=qcfg.fold_qarepvgg_post_bn, skip_layers=tuple(p.skip_layers)))
-    steps.append(Calibrate(c.method, c.percentile, c.num_bins, tuple(c.auto_methods), c.auto_images))
+    steps.append(_run_calibration(qcfg))
     if r.method != "off":
         options = (("iters", r.iters), ("batch_size", r.batch_size), ("reg_weight", r.reg_weight),
                    ("drop_prob", r.drop_prob), ("device", r.device), ("seed", qcfg.seed))
@@ -144,8 +151,9 @@ def search(run: QuantRun, qcfg: QuantConfig) -> tuple[TransformPlan, list[dict]]
 
     def score(candidate: TransformPlan) -> float:
         if candidate not in scored:
-            scored[candidate] = _score(run, qcfg, candidate, batches, images, refs)
-            trials.append({"plan": candidate.label(), "alpha": candidate.alpha, "sqnr_db": scored[candidate]})
+            scored[candidate], method = _score(run, qcfg, candidate, batches, images, refs)
+            trials.append({"plan": candidate.label(), "alpha": candidate.alpha, "sqnr_db": scored[candidate],
+                           "calib": method})
         return scored[candidate]
 
     for step, options in _options(qcfg):
@@ -184,14 +192,15 @@ def _options(qcfg: QuantConfig):
 
 
 def _score(run: QuantRun, qcfg: QuantConfig, plan: TransformPlan, batches: list, images: torch.Tensor,
-           refs: torch.Tensor) -> float:
-    """Detector output SQNR of ``plan`` calibrated with the proxy rule on the transform images."""
+           refs: torch.Tensor) -> tuple[float, str]:
+    """Detector output SQNR of ``plan`` calibrated on the transform images as the run calibrates,
+    and the range rule that calibration used."""
     recipe = plan.steps(qcfg.transforms.images) + [
         Prepare(fold_bn=qcfg.fold_qarepvgg_post_bn, skip_layers=tuple(qcfg.partial.skip_layers)),
-        Calibrate(proxy_method(qcfg), qcfg.calibration.percentile, qcfg.calibration.num_bins)]
+        _run_calibration(qcfg)]
     qmodel = quantize(run.fp32, sorted(recipe, key=lambda s: s.phase), batches, cache=run.cache)
     with torch.no_grad():
-        return output_error(refs, qmodel(images))["sqnr_db"]
+        return output_error(refs, qmodel(images))["sqnr_db"], quant_state(qmodel).calib.method
 
 
 def report_record(qcfg: QuantConfig, records: dict, timings: dict) -> dict:
