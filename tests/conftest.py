@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -47,6 +49,15 @@ HAVE_COCO = all(p.exists() for p in COCO_FILES)
 needs_coco = pytest.mark.skipif(not HAVE_COCO, reason=f"shared COCO subset not found at {COCO}")
 needs_shared = pytest.mark.skipif(not (HAVE_COCO and LITE_S_WEIGHTS.is_file()),
                                   reason=f"shared weights / COCO subset not found under {SHARED}")
+
+
+def assert_one_line_usage_error(tool: str, args: list, out: Path, message: str) -> None:
+    """``tools/<tool>`` with ``args --out out`` exits 2 with exactly ``message`` on stderr and
+    writes nothing under ``out``."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args, "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+    assert list(out.iterdir()) == []
 
 
 def toy_convnet(sensitive: bool = True) -> nn.Sequential:

@@ -3,22 +3,17 @@ labelled train images that are not calibration images."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from yoloq.recipes.partial import selection_data
 from yoloq.data import load_data_config
-from conftest import REPO, needs_shared, tiny_coco
+from conftest import assert_one_line_usage_error, needs_shared, tiny_coco
 
 
 def test_alpha_outside_0_1_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_alpha.py"), "--cfg", "yolov6lite_s",
-                           "--alphas", "0.8", "1.5", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: --alphas: numbers in [0, 1] expected, got [0.8, 1.5]"]
-    assert list(tmp_path.iterdir()) == []
+    assert_one_line_usage_error("bench_alpha.py", ["--cfg", "yolov6lite_s", "--alphas", "0.8", "1.5"], tmp_path,
+                                "error: --alphas: numbers in [0, 1] expected, got [0.8, 1.5]")
 
 
 def test_held_out_set_never_holds_a_calibration_image(tmp_path):

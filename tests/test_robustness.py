@@ -2,14 +2,12 @@
 ``yoloq ptq`` command."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 
 from yoloq.bench.robustness import calibration_sets, spread
 from yoloq.data import load_data_config
-from conftest import REPO, needs_shared, tiny_coco
+from conftest import assert_one_line_usage_error, needs_shared, tiny_coco
 
 
 def test_disjoint_sets_are_disjoint_slices_written_as_data_yamls(tmp_path):
@@ -32,11 +30,8 @@ def test_spread_per_kind():
 
 
 def test_nothing_to_measure_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_robustness.py"), "--cfg", "yolov6lite_s",
-                           "--sets", "0", "--sizes", "--out", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: nothing to measure: --sets 0 and no --sizes"]
-    assert list(tmp_path.iterdir()) == []
+    assert_one_line_usage_error("bench_robustness.py", ["--cfg", "yolov6lite_s", "--sets", "0", "--sizes"], tmp_path,
+                                "error: nothing to measure: --sets 0 and no --sizes")
 
 
 @pytest.mark.slow
