@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from yoloq.bench.baseline import FP32Baseline
 from yoloq.config import Config
 from yoloq.device import resolve_device
 from yoloq.errors import InputError
@@ -36,30 +37,21 @@ from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import atomic_write_text, check_run_folder, staging_dir, to_json
 from yoloq.quant.metrics import output_error
 from yoloq.quant.recipe_config import choose_alpha, proxy_method
-from yoloq.recipes.common import load_calibration_set, run_environment, seed_everything, thread_invariant_kernels
+from yoloq.recipes.common import load_calibration_set, run_environment, thread_invariant_kernels
 from yoloq.recipes.partial import selection_data
-from yoloq.recipes.ptq import drop_interval_record, resolve, run_quantization
+from yoloq.recipes.ptq import resolve, run_quantization
 from yoloq.report.common import drop_text, md_table, num
 
 KIND = "bench-alpha"
 
 
-def _drop(reference: EvalResult, candidate: EvalResult, resamples: int) -> dict:
-    """AP points lost from ``reference`` to ``candidate``, with the paired interval when asked."""
-    drop = (reference.stats["AP"] - candidate.stats["AP"]) * 100
-    return {"drop": drop, "ci": drop_interval_record(reference, candidate, resamples) if resamples else None}
-
-
-class AlphaBench:
+class AlphaBench(FP32Baseline):
     """The FP32 model, the calibration images and the held-out train set, shared by every α."""
 
     def __init__(self, cfg: Config, data_cfg, scratch: Path, *, val: bool, max_images: Optional[int],
                  held_out_images: Optional[int], bootstrap: int, device: str):
-        from yoloq.models import load_model
+        super().__init__(cfg, data_cfg, device=device, max_images=max_images, bootstrap=bootstrap)
         q = cfg.quant
-        self.cfg, self.data_cfg, self.bootstrap, self.max_images = cfg, data_cfg, bootstrap, max_images
-        seed_everything(q.seed)
-        self.fp32 = load_model(cfg.model).to(resolve_device(device)).eval()
         self.calib = load_calibration_set(data_cfg, q.calibration.images, cfg.model.img_size, q.loader.batch_size,
                                           cfg.eval.workers, q.seed)
         self.held_data, self.held_info = selection_data(data_cfg, self.calib.files, held_out_images, q.seed, scratch,
@@ -74,10 +66,6 @@ class AlphaBench:
     def held_out(self, model) -> EvalResult:
         return evaluate_model(model, self.held_data, self.held_eval_cfg, self.cfg.model.img_size, progress=False)
 
-    def val(self, model) -> EvalResult:
-        return evaluate_model(model, self.data_cfg, self.cfg.eval, self.cfg.model.img_size,
-                              max_images=self.max_images, progress=False)
-
     def measure(self, alpha: float) -> tuple[dict, EvalResult]:
         """Quantize at ``alpha`` as ``yoloq ptq`` does; the row and the held-out evaluation."""
         cfg = self.cfg.with_overrides(quant={"transforms.channel_scale_alpha": alpha})
@@ -86,7 +74,7 @@ class AlphaBench:
             sqnr = output_error(self.reference_outputs, run.qmodel(self.scored_images))["sqnr_db"]
         held = self.held_out(run.qmodel)
         row = {"alpha": alpha, "calib_method": run.calib_info["method"], "sqnr_db": sqnr,
-               "held_out_ap": held.stats["AP"] * 100, "held_out": _drop(self.fp32_held, held, self.bootstrap)}
+               "held_out_ap": held.stats["AP"] * 100, "held_out": self.drop(self.fp32_held, held)}
         if self.fp32_val is not None:
             row["val_ap"] = self.val(run.qmodel).stats["AP"] * 100
             row["val_drop"] = (self.fp32_val.stats["AP"] * 100) - row["val_ap"]
@@ -142,7 +130,7 @@ def measure_all(bench: AlphaBench, alphas: list, proxy: dict, reference: float, 
         if progress:
             tqdm.write(row_line(rows[-1]))
     for row in rows:                                    # positive: this α is worse than the reference
-        row["vs_default"] = _drop(held[reference], held[row["alpha"]], bench.bootstrap)
+        row["vs_default"] = bench.drop(held[reference], held[row["alpha"]])
     return rows
 
 

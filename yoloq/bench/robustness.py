@@ -26,14 +26,13 @@ from typing import Optional, Sequence
 import yaml
 from tqdm import tqdm
 
+from yoloq.bench.baseline import FP32Baseline
 from yoloq.config import Config, DataConfig
 from yoloq.device import resolve_device
 from yoloq.errors import InputError
-from yoloq.eval.coco_eval import EvalResult, evaluate_model
 from yoloq.io import atomic_write_text, check_run_folder, staging_dir, to_json
-from yoloq.recipes.common import (load_calibration_set, run_environment, seed_everything,
-                                  thread_invariant_kernels)
-from yoloq.recipes.ptq import drop_interval_record, resolve, run_quantization
+from yoloq.recipes.common import load_calibration_set, run_environment, thread_invariant_kernels
+from yoloq.recipes.ptq import resolve, run_quantization
 from yoloq.report.common import drop_text, md_table, num
 
 
@@ -78,21 +77,14 @@ def data_yaml(data_cfg: DataConfig) -> str:
     return yaml.safe_dump({k: v for k, v in fields.items() if v is not None}, sort_keys=False, width=1000)
 
 
-class RobustnessBench:
+class RobustnessBench(FP32Baseline):
     """The FP32 model and its evaluation, shared by every calibration set."""
 
     def __init__(self, cfg: Config, data_cfg: DataConfig, *, bootstrap: int, alpha_search: bool,
                  max_images: Optional[int], device: str, progress: bool):
-        self.cfg, self.data_cfg = cfg, data_cfg
-        self.bootstrap, self.alpha_search, self.max_images, self.progress = bootstrap, alpha_search, max_images, progress
-        from yoloq.models import load_model
-        seed_everything(cfg.quant.seed)
-        self.fp32 = load_model(cfg.model).to(resolve_device(device))
-        self.fp32_eval = self.evaluate(self.fp32)
-
-    def evaluate(self, model) -> EvalResult:
-        return evaluate_model(model, self.data_cfg, self.cfg.eval, self.cfg.model.img_size, max_images=self.max_images,
-                              progress=False)
+        super().__init__(cfg, data_cfg, device=device, max_images=max_images, bootstrap=bootstrap)
+        self.alpha_search, self.progress = alpha_search, progress
+        self.fp32_eval = self.val(self.fp32)
 
     def row(self, cs: CalibSet) -> dict:
         """Quantize with ``cs`` as ``yoloq ptq`` would, evaluate, and (optionally) choose α on it."""
@@ -114,10 +106,9 @@ class RobustnessBench:
         return row
 
     def scored(self, qmodel) -> dict:
-        result = self.evaluate(qmodel)
-        ci = drop_interval_record(self.fp32_eval, result, self.bootstrap) if self.bootstrap else None
-        return {"int8_ap": result.stats["AP"] * 100, "drop": (self.fp32_eval.stats["AP"] - result.stats["AP"]) * 100,
-                "drop_ci": ci}
+        result = self.val(qmodel)
+        drop = self.drop(self.fp32_eval, result)
+        return {"int8_ap": result.stats["AP"] * 100, "drop": drop["drop"], "drop_ci": drop["ci"]}
 
     def choose_alpha(self, cfg: Config, calib) -> dict:
         """What ``--channel-scale-alpha auto`` picks on these calibration images (search only)."""
