@@ -55,6 +55,7 @@ def test_rows_are_the_models_yoloq_ptq_builds(tmp_path):
         assert r["vs_default"]["drop"] == pytest.approx(rows[0.9]["held_out_ap"] - r["held_out_ap"], abs=1e-9)
     assert rows[0.9]["vs_default"]["drop"] == 0.0
     assert bench["auto_alpha"] == max(rows, key=lambda a: rows[a]["proxy_sqnr_db"])
+    assert {r["proxy_calib"] for r in rows.values()} == {"max"}             # scored under the run's calibration
     ptq = run_ptq("yolov6lite_s", name="p", out=str(tmp_path / "p"), plots=False, save_model=False, max_images=6,
                   progress=False, eval={"workers": 0, "bootstrap": 0},
                   quant={"calibration.images": 16, "calibration.method": "max", "transforms.images": 8,

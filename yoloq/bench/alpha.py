@@ -104,7 +104,7 @@ def run_alpha_bench(cfg: "Config | str", *, alphas: Optional[Sequence[float]] = 
                            held_out_images=held_out_images, bootstrap=bootstrap, device=device)
         qcfg = _with_alphas(resolved.quant, alphas)
         search = choose_alpha(bench.fp32, qcfg, bench.calib.batches)
-        rows = measure_all(bench, alphas, {t["alpha"]: t["sqnr_db"] for t in search["trials"]},
+        rows = measure_all(bench, alphas, {t["alpha"]: t for t in search["trials"]},
                            configured if configured is not None else search["chosen"], progress)
         summary = {"name": final.name, "model": resolved.model.name, "config": resolved.path,
                    "seed": resolved.quant.seed, "config_alpha": configured, "auto_alpha": search["chosen"],
@@ -121,12 +121,14 @@ def run_alpha_bench(cfg: "Config | str", *, alphas: Optional[Sequence[float]] = 
     return summary
 
 
-def measure_all(bench: AlphaBench, alphas: list, proxy: dict, reference: float, progress: bool) -> list[dict]:
-    """Every α's row, with the held-out AP difference to ``reference`` (the α the config runs)."""
+def measure_all(bench: AlphaBench, alphas: list, trials: dict, reference: float, progress: bool) -> list[dict]:
+    """Every α's row, with the search's score of it (``trials``: α -> the search's trial) and the
+    held-out AP difference to ``reference`` (the α the config runs)."""
     rows, held = [], {}
     for alpha in tqdm(alphas, desc=f"{bench.cfg.model.name}: alpha", disable=not progress):
         row, held[alpha] = bench.measure(alpha)
-        rows.append({**row, "proxy_sqnr_db": proxy.get(alpha)})
+        trial = trials.get(alpha, {})
+        rows.append({**row, "proxy_sqnr_db": trial.get("sqnr_db"), "proxy_calib": trial.get("calib")})
         if progress:
             tqdm.write(row_line(rows[-1]))
     for row in rows:                                    # positive: this α is worse than the reference
@@ -157,14 +159,16 @@ def render_markdown(s: dict) -> str:
             f"{num(s['auto_alpha'], '{:g}')}. Threads: {s['env']['threads']}"
             + (", thread-invariant kernels" if s["env"].get("thread_invariant") else "") + ".", ""]
     val = s["fp32_val_ap"] is not None
-    cols = ["α", "calib", f"auto's score: SQNR dB ({s['proxy_method']} calibration)", "SQNR dB (the run's model)",
+    cols = ["α", "calib", f"auto's score: SQNR dB ({s['proxy_method']} calibration; the rule it chose)",
+            "SQNR dB (the run's model)",
             "held-out train AP", "held-out drop (95% CI)", "vs config α (95% CI)"]
     if val:
         cols.append(f"val drop ({s['val_images']} images; diagnostic, not a choice)")
     table = []
     for r in s["rows"]:
         vs = r.get("vs_default")
-        line = [f"{r['alpha']:g}", r["calib_method"], num(r["proxy_sqnr_db"]), num(r["sqnr_db"]),
+        score = num(r["proxy_sqnr_db"]) + (f" ({r['proxy_calib']})" if r.get("proxy_calib") else "")
+        line = [f"{r['alpha']:g}", r["calib_method"], score, num(r["sqnr_db"]),
                 f"{r['held_out_ap']:.2f}", drop_text(r["held_out"]["drop"], r["held_out"]["ci"]),
                 drop_text(vs["drop"], vs["ci"]) if vs else "-"]
         if val:
