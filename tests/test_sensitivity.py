@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -34,6 +35,35 @@ def test_outlier_layer_ranks_first(mode):
     assert ranking[0]["score"] > ranking[1]["score"] + 3.0          # clearly ahead, in dB
     assert top_layers(result, 1) == ["2"]
     assert quant_state(q).skip_layers == []                                # model state restored
+
+
+@pytest.mark.parametrize("mode", ["quantize-one", "skip-one"])
+def test_error_share_is_the_layers_part_of_the_models_error_power(mode):
+    """The share is checked against error powers summed by hand: the model as it runs, and the
+    model with only the outlier layer quantized (quantize-one) or only it in float (skip-one)."""
+    from yoloq.quant.prepare import quant_layers, set_layers_quantized
+    fp32 = toy()
+    q, images = calibrated(fp32)
+    result = layer_sensitivity(q, fp32, images, mode=mode, progress=False)
+    x = torch.cat(images)
+
+    def noise() -> float:
+        with torch.no_grad():
+            return float((q(x).double() - fp32(x).double()).pow(2).sum())
+
+    model_noise = noise()
+    layers = list(quant_layers(q))
+    set_layers_quantized(q, layers, mode == "skip-one")
+    set_layers_quantized(q, ["2"], mode == "quantize-one")
+    layer_noise = noise()
+    set_layers_quantized(q, layers, True)
+    expected = layer_noise / model_noise if mode == "quantize-one" else 1 - layer_noise / model_noise
+    top = result["ranking"][0]
+    assert top["layer"] == "2" and top["error_share"] == pytest.approx(expected, rel=1e-6)
+    assert top["error_share"] > 0.5                      # the outlier layer makes most of the error
+    with torch.no_grad():
+        signal = float(fp32(x).double().pow(2).sum())
+    assert result["model_sqnr_db"] == pytest.approx(10 * math.log10(signal / model_noise), abs=1e-6)
 
 
 def test_without_outlier_the_layer_is_not_special():

@@ -39,6 +39,7 @@ MODES = choices(SensitivityMode)
 # Memory the reused layer outputs may hold: each layer's input and output for the images scored
 # together (yolov6l at 640: 0.7 GB per image), so large models score a few images at a time.
 CACHE_BUDGET_BYTES = 2 * 2**30
+MODEL_BATCH = 8                   # images per forward of the whole model as it runs (bounded memory at 640)
 
 
 @torch.no_grad()
@@ -48,8 +49,10 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
     """Rank the quantized layers of a calibrated ``qmodel`` by how much they hurt the output.
 
     ``images``: a few ``[B,3,S,S]`` batches (calibration images). The model's skip set is restored
-    afterwards. Returns ``{"mode", "metric", "images", "seconds", "reference_sqnr_db", "ranking"}``
-    with ranking rows ``{"rank", "layer", "score", "sqnr_db", "score_sqnr_db", "box_sqnr_db"}``.
+    afterwards. Returns ``{"mode", "metric", "images", "seconds", "reference_sqnr_db", "model_sqnr_db",
+    "ranking"}`` with ranking rows ``{"rank", "layer", "score", "error_share", "sqnr_db", "score_sqnr_db",
+    "box_sqnr_db"}``. ``model_sqnr_db``: the model as it runs (its skips kept). ``error_share`` (see
+    :func:`error_share`) says how much of that model's output error the layer accounts for.
     Each layer's forward reuses the reference forward's outputs of the layers it cannot reach
     (``yoloq.quant.forward_cache``): the numbers are those of full forwards, at a fraction of the cost.
     """
@@ -74,6 +77,10 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
     flat = torch.cat([x.to(device) for x in images])
     bar = tqdm(total=len(layers) * len(flat), desc=f"sensitivity ({mode})", unit="img", disable=not progress)
     with backend.quiet():
+        model_powers = None
+        for x in flat.split(MODEL_BATCH):
+            model_powers = add_powers(model_powers, output_powers(fp32_model(x), qmodel(x)))
+        model_sqnr = error_from_powers(model_powers)["sqnr_db"]
         try:
             # reference point: everything quantized (skip-one) or nothing (quantize-one)
             set_layers_quantized(qmodel, all_layers, mode == "skip-one")
@@ -90,7 +97,8 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
     for layer in layers:
         err = error_from_powers(powers[layer])
         score = -err["sqnr_db"] if mode == "quantize-one" else err["sqnr_db"] - base
-        rows.append({"layer": layer, "score": score, **err})
+        rows.append({"layer": layer, "score": score, "error_share": error_share(mode, err["sqnr_db"], model_sqnr),
+                     **err})
     rows.sort(key=lambda r: -r["score"])                # stable: model order among equals
     for i, r in enumerate(rows, 1):
         r["rank"] = i
@@ -98,7 +106,21 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
               if mode == "quantize-one" else
               "gain in detector output SQNR vs FP32 when only this layer is kept in float (dB; higher = more sensitive)")
     return {"mode": mode, "metric": metric, "images": int(sum(x.shape[0] for x in images)),
-            "seconds": time.perf_counter() - start, "reference_sqnr_db": base, "ranking": rows}
+            "seconds": time.perf_counter() - start, "reference_sqnr_db": base, "model_sqnr_db": model_sqnr,
+            "ranking": rows}
+
+
+def error_share(mode: str, layer_sqnr_db: float, model_sqnr_db: float) -> float:
+    """How much of the model's output error one layer accounts for, from SQNRs in dB.
+
+    quantize-one: the error power with only this layer quantized over the model's (0.6: this layer
+    alone makes 60 % of the model's error; the shares of all layers need not add to 1, errors of
+    different layers partly cancel or compound). skip-one: the fraction of the model's error power
+    that keeping only this layer in float removes (negative when it adds error). For a detector the
+    SQNR is the mean of the score and box SQNRs in dB, so the share is the geometric mean of the
+    score and box shares."""
+    ratio = 10 ** ((model_sqnr_db - layer_sqnr_db) / 10)
+    return ratio if mode == "quantize-one" else 1.0 - ratio
 
 
 def _score_chunk(qmodel: nn.Module, ref: torch.Tensor, x: torch.Tensor, modules: dict, layers: list,

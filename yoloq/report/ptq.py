@@ -179,18 +179,25 @@ def _sensitivity_section(sens: dict, top: int = 20) -> list[str]:
         return []
     out = ["## Per-layer sensitivity", "",
            f"Metric: {sens.get('metric')}; mode: {sens.get('mode')}; {sens.get('images')} calibration images; "
-           f"{num(sens.get('seconds'), '{:.1f}')} s. Most sensitive first (top {min(top, len(rows))} of {len(rows)}).", ""]
+           f"{num(sens.get('seconds'), '{:.1f}')} s. Most sensitive first (top {min(top, len(rows))} of {len(rows)}). "
+           f"The model as it runs: {num(sens.get('model_sqnr_db'))} dB on the same images.", ""]
     has_map = any("map_drop" in r for r in rows)
-    header = ["rank", "layer", "output SQNR dB", "score SQNR", "box SQNR", "sensitivity"] + \
+    share = ("error vs the model's (only this layer quantized)" if sens.get("mode") == "quantize-one"
+             else "share of the model's error removed (this layer in float)")
+    header = ["rank", "layer", "output SQNR dB", "score SQNR", "box SQNR", "sensitivity", share] + \
         (["mAP drop, layer in float"] if has_map else [])
     table = []
     for r in rows[:top]:
         row = [r["rank"], f"`{r['layer']}`", num(r.get("sqnr_db")), num(r.get("score_sqnr_db")),
-               num(r.get("box_sqnr_db")), num(r.get("score"))]
+               num(r.get("box_sqnr_db")), num(r.get("score")), _percent(r.get("error_share"))]
         if has_map:
             row.append(num(r.get("map_drop")))
         table.append(row)
     return out + [md_table(header, table), ""]
+
+
+def _percent(x) -> str:
+    return num(None if x is None else x * 100, "{:.0f} %")
 
 
 def _diagnosis_section(diag: dict, top: int = 25) -> list[str]:
