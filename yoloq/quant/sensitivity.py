@@ -39,7 +39,6 @@ MODES = choices(SensitivityMode)
 # Memory the reused layer outputs may hold: each layer's input and output for the images scored
 # together (yolov6l at 640: 0.7 GB per image), so large models score a few images at a time.
 CACHE_BUDGET_BYTES = 2 * 2**30
-MODEL_BATCH = 8                   # images per forward of the whole model as it runs (bounded memory at 640)
 
 
 @torch.no_grad()
@@ -77,16 +76,19 @@ def layer_sensitivity(qmodel: nn.Module, fp32_model: nn.Module, images: Sequence
     flat = torch.cat([x.to(device) for x in images])
     bar = tqdm(total=len(layers) * len(flat), desc=f"sensitivity ({mode})", unit="img", disable=not progress)
     with backend.quiet():
-        model_powers = None
-        for x in flat.split(MODEL_BATCH):
-            model_powers = add_powers(model_powers, output_powers(fp32_model(x), qmodel(x)))
+        # the record's size does not depend on which layers are quantized: probe before toggling
+        per_image = LayerOutputCache(qmodel, reusable).probe(flat[:1])
+        chunks = flat.split(max(1, CACHE_BUDGET_BYTES // max(1, per_image)))
+        refs = [fp32_model(x) for x in chunks]          # FP32 outputs, once for both passes
+        model_powers = None                             # the model as it runs (its skips kept)
+        for x, ref in zip(chunks, refs):
+            model_powers = add_powers(model_powers, output_powers(ref, qmodel(x)))
         model_sqnr = error_from_powers(model_powers)["sqnr_db"]
         try:
             # reference point: everything quantized (skip-one) or nothing (quantize-one)
             set_layers_quantized(qmodel, all_layers, mode == "skip-one")
-            per_image = LayerOutputCache(qmodel, reusable).probe(flat[:1])
-            for x in flat.split(max(1, CACHE_BUDGET_BYTES // max(1, per_image))):
-                _score_chunk(qmodel, fp32_model(x), x, reusable, layers, changed, mode, powers, bar)
+            for x, ref in zip(chunks, refs):
+                _score_chunk(qmodel, ref, x, reusable, layers, changed, mode, powers, bar)
         finally:
             bar.close()
             set_layers_quantized(qmodel, all_layers, True)
