@@ -7,7 +7,7 @@ import pytest
 
 from yoloq.bench.robustness import calibration_sets, spread
 from yoloq.data import load_data_config
-from conftest import assert_one_line_usage_error, needs_shared, tiny_coco
+from conftest import REPO, assert_one_line_usage_error, needs_shared, tiny_coco
 
 
 def test_disjoint_sets_are_disjoint_slices_written_as_data_yamls(tmp_path):
@@ -64,3 +64,72 @@ def test_rows_are_what_yoloq_ptq_gives_on_the_same_images(tmp_path):
     assert by_set.int8["AP"] * 100 == pytest.approx(rows["disjoint 1/2"]["int8_ap"], abs=1e-9)
     assert by_size.int8["AP"] * 100 == pytest.approx(rows["first 8"]["int8_ap"], abs=1e-9)
     assert rows["disjoint 1/2"]["int8_ap"] != rows["disjoint 2/2"]["int8_ap"]
+
+
+def test_row_checkpoint_keeps_rows_and_refuses_what_would_mix_or_drop_them(tmp_path):
+    from yoloq.bench.row_checkpoint import RowCheckpoint, checkpoint_path
+    from yoloq.errors import InputError
+    final = tmp_path / "r"
+    settings = {"config": {"quant": {"seed": 0}}, "sets": 3, "env": {"threads": 2}}
+    first = RowCheckpoint(final, settings, resume=False)
+    kept = first.add("disjoint 1/3", {"int8_ap": 22.5, "drop_ci": {"low": -0.1, "high": float("nan")}, "n": (1, 2)})
+    assert checkpoint_path(final).is_file() and kept == {"int8_ap": 22.5, "drop_ci": {"low": -0.1, "high": None},
+                                                         "n": [1, 2]}          # as bench.json will hold it
+    again = RowCheckpoint(final, settings, resume=True)
+    assert again.get("disjoint 1/3") == kept and again.get("disjoint 2/3") is None
+    with pytest.raises(InputError, match=r"r\.rows\.json: an interrupted run of r left 1 finished row\(s\); --resume"):
+        RowCheckpoint(final, settings, resume=False)           # hours of rows are never dropped silently
+    other = {**settings, "env": {"threads": 1}}
+    with pytest.raises(InputError, match=r"other settings than the interrupted run: env\.threads: 2 -> 1\."):
+        RowCheckpoint(final, other, resume=True)
+    again.remove()
+    assert not checkpoint_path(final).exists() and RowCheckpoint(final, other, resume=True).rows == {}
+    checkpoint_path(final).write_text("{not json")
+    with pytest.raises(InputError, match=r"r\.rows\.json: unreadable row checkpoint .*delete it to start over"):
+        RowCheckpoint(final, settings, resume=True)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_an_interrupted_run_resumes_to_what_an_uninterrupted_run_writes(tmp_path):
+    """A real interruption (SIGINT after the first row is on disk): no run folder, the row kept; a
+    rerun without --resume is refused; --resume computes only the missing row, and its bench.json
+    rows equal those of a run that was never interrupted."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from yoloq.bench.row_checkpoint import checkpoint_path
+    settings = ["--set", "quant.calibration.method=max", "--sets", "2", "--set-images", "8", "--sizes",
+                "--no-alpha-search", "--max-images", "6", "--bootstrap", "30", "--workers", "0", "--no-progress"]
+    out, final = tmp_path / "b", tmp_path / "b" / "r"
+    cmd = [sys.executable, str(REPO / "tools" / "bench_robustness.py"), "--cfg", "yolov6lite_s", *settings,
+           "--out", str(out), "--name", "r"]
+    ckpt = checkpoint_path(final)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (ckpt.is_file() and json.loads(ckpt.read_text())["rows"]):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()[1]}"
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not final.exists()
+    kept = json.loads(ckpt.read_text())["rows"]
+    assert [r["label"] for r in kept] == ["disjoint 1/2"]
+
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume continues it" in refused.stderr and not final.exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    bench = json.loads((final / "bench.json").read_text())
+    assert bench["resumed_rows"] == 1 and bench["rows"][0] == kept[0]["row"] and not ckpt.exists()
+
+    whole = subprocess.run([*cmd[:-4], "--out", str(tmp_path / "w"), "--name", "r"], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    uninterrupted = json.loads((tmp_path / "w" / "r" / "bench.json").read_text())["rows"]
+
+    def numbers(row):                               # where the row was written and how long it took differ
+        return {k: v for k, v in row.items() if k not in ("data_yaml", "seconds")}
+    assert [numbers(r) for r in bench["rows"]] == [numbers(r) for r in uninterrupted]
+    assert bench["rows"][0]["int8_ap"] != bench["rows"][1]["int8_ap"]

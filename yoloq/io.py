@@ -135,6 +135,17 @@ def to_json(data: Any) -> str:
     return json.dumps(_finite(json.loads(json.dumps(data, default=_json_default))), indent=2) + "\n"
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``), to compare settings."""
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 # --------------------------------------------------------------------------- run folders
 
 RUN_MARKER = ".yoloq-run"          # in every run folder yoloq writes: {"kind": "ptq" | "qat" | "train"}

@@ -12,7 +12,8 @@ The sets: the train images in the order ``yoloq ptq`` draws them (shuffled by th
 are cut into ``sets`` consecutive disjoint slices of ``set_images`` (a data YAML listing each
 slice as ``train_files`` is written next to the table, so a row is one ``yoloq ptq --data`` away);
 ``sizes`` are the first N of that order, i.e. ``yoloq ptq --calib-images N`` (nested sets).
-Validation images are only evaluated.
+Validation images are only evaluated. Every finished row is kept beside the run folder
+(``yoloq.bench.row_checkpoint``): ``resume`` continues an interrupted run from its last row.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from yoloq.bench.baseline import FP32Baseline
+from yoloq.bench.row_checkpoint import RowCheckpoint
 from yoloq.config import Config, DataConfig
 from yoloq.device import resolve_device
 from yoloq.errors import InputError
@@ -34,6 +36,7 @@ from yoloq.io import atomic_write_text, check_run_folder, staging_dir, to_json
 from yoloq.recipes.common import load_calibration_set, run_environment, thread_invariant_kernels
 from yoloq.recipes.ptq import resolve, run_quantization
 from yoloq.report.common import drop_text, md_table, num
+from yoloq.version import __version__
 
 
 KIND = "bench-robustness"
@@ -120,9 +123,10 @@ def run_robustness(cfg: "Config | str", *, sets: int = 3, set_images: int = 128,
                    alpha_search: bool = True, bootstrap: int = 1000, max_images: Optional[int] = None,
                    weights: Optional[str] = None, data: Optional[str] = None, workers: Optional[int] = None,
                    device: str = "auto", thread_invariant: bool = False, out: str = "runs/bench_robustness",
-                   name: Optional[str] = None, progress: bool = True) -> dict:
+                   name: Optional[str] = None, progress: bool = True, resume: bool = False) -> dict:
     """Every calibration set's row (see the module doc); writes ``<out>/<name>/`` (bench.md,
-    bench.json, the disjoint sets' data YAMLs) through a staging folder."""
+    bench.json, the disjoint sets' data YAMLs) through a staging folder. ``resume``: take the rows an
+    interrupted run with the same settings finished, compute the rest."""
     if sets < 0 or set_images < 1 or any(n < 1 for n in sizes) or bootstrap < 0:
         raise InputError(f"--sets >= 0, --set-images >= 1, --sizes >= 1 and --bootstrap >= 0 expected, got "
                          f"{sets}, {set_images}, {list(sizes)}, {bootstrap}")
@@ -130,24 +134,31 @@ def run_robustness(cfg: "Config | str", *, sets: int = 3, set_images: int = 128,
         raise InputError("nothing to measure: --sets 0 and no --sizes")
     resolved, data_cfg = resolve(cfg, model={"weights": weights}, data=data, eval={"workers": workers})
     final = check_run_folder(out, name or f"{resolved.model.name}_robustness", KIND)
+    env = {**run_environment(resolve_device(device)), "thread_invariant": thread_invariant}
+    settings = {"config": dataclasses.asdict(resolved), "data": dataclasses.asdict(data_cfg), "sets": sets,
+                "set_images": set_images, "sizes": list(sizes), "alpha_search": alpha_search, "bootstrap": bootstrap,
+                "max_images": max_images, "env": env, "yoloq": __version__}
+    done = RowCheckpoint(final, settings, resume=resume)
     start = time.perf_counter()
     with staging_dir(final, KIND) as stage, thread_invariant_kernels(thread_invariant):
         bench = RobustnessBench(resolved, data_cfg, bootstrap=bootstrap, alpha_search=alpha_search,
                                 max_images=max_images, device=device, progress=progress)
         todo = calibration_sets(data_cfg, resolved.quant.seed, sets, set_images, sizes, stage, final)
-        rows = []
+        rows, resumed = [], sum(cs.label in done.rows for cs in todo)
+        if resumed and progress:
+            tqdm.write(f"resuming: {resumed} of {len(todo)} rows from {done.path}")
         for cs in tqdm(todo, desc=f"{resolved.model.name}: calibration sets", disable=not progress):
-            rows.append(bench.row(cs))
+            rows.append(done.get(cs.label) or done.add(cs.label, bench.row(cs)))
             if progress:
                 tqdm.write(row_line(rows[-1]))
         summary = {"name": final.name, "model": resolved.model.name, "config": resolved.path,
                    "seed": resolved.quant.seed, "eval_images": bench.fp32_eval.n_images,
                    "ann_file": bench.fp32_eval.ann_file, "fp32_ap": bench.fp32_eval.stats["AP"] * 100,
-                   "bootstrap": bootstrap, "rows": rows, "spread": spread(rows),
-                   "env": {**run_environment(resolve_device(device)), "thread_invariant": thread_invariant},
-                   "seconds": time.perf_counter() - start, "out_dir": str(final)}
+                   "bootstrap": bootstrap, "rows": rows, "spread": spread(rows), "env": env,
+                   "resumed_rows": resumed, "seconds": time.perf_counter() - start, "out_dir": str(final)}
         atomic_write_text(stage / "bench.json", to_json(summary))
         atomic_write_text(stage / "bench.md", render_markdown(summary))
+    done.remove()                                       # the run folder is complete
     return summary
 
 

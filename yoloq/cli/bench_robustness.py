@@ -11,7 +11,10 @@ drop with its paired-bootstrap interval, and (unless --no-alpha-search) the α t
 Disjoint sets: consecutive slices of the train images in the order ``yoloq ptq`` draws them, each
 written as a data YAML (``calib_set_K.yaml``, ``train_files``) so that ``yoloq ptq --data
 <out>/<name>/calib_set_K.yaml --calib-images N`` reproduces its row; sizes: ``yoloq ptq --calib-images N``.
-Writes <out>/<name>/bench.md and bench.json (staged: an interrupted run leaves nothing).
+Writes <out>/<name>/bench.md and bench.json (staged: an interrupted run leaves no half-written
+folder). Each finished row is kept in <out>/.<name>.rows.json until the folder is complete:
+--resume continues an interrupted run with the same settings (a rerun without it is refused while
+the file is there).
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ def build_parser(prog: str = "yoloq bench-robustness"):
                         "(default: %(default)s; none: --sizes alone)")
     p.add_argument("--no-alpha-search", action="store_true",
                    help="skip the α choice (--channel-scale-alpha auto) on each set")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: take its finished rows (<out>/.<name>.rows.json), "
+                        "compute the rest; refused when a setting differs")
     return p
 
 
@@ -37,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from yoloq.bench.robustness import render_markdown, run_robustness
     a = build_parser().parse_args(argv)
     summary = run_robustness(a.cfg, sets=a.sets, set_images=a.set_images, sizes=a.sizes,
-                             alpha_search=not a.no_alpha_search, **model_bench_options(a))
+                             alpha_search=not a.no_alpha_search, resume=a.resume, **model_bench_options(a))
     print(render_markdown(summary))
     print(f"wrote {summary['out_dir']}/ in {summary['seconds']:.0f} s")
     return 0

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from yoloq.io import open_run_folder
+from yoloq.io import flat_keys, open_run_folder
 from yoloq.safe_load import load_plain
 from yoloq.train.errors import TrainError
 
@@ -22,22 +22,12 @@ def read_best(path: Path) -> dict:
     raise TrainError(f"{path}: not a best.pt of a training run (no weights in it)")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_same_run(saved: Optional[dict], now: Optional[dict], path: Path) -> None:
     """--resume continues the interrupted run exactly: refuse when a setting that shapes training
     differs (keys the current fingerprint no longer has do not shape it any more)."""
     if now is None:
         return
-    old, new = _flat(saved or {}), _flat(now)
+    old, new = flat_keys(saved or {}), flat_keys(now)
     diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
     if diff:
         raise TrainError(f"{path}: the saved run differs from this one: {'; '.join(diff[:8])}"
