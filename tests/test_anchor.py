@@ -26,7 +26,11 @@ from conftest import REPO, needs_shared
 # measured with the command above (first 100 val images, 2026-12-07, torch 2.14.1 CPU)
 REFERENCE = {"fp32": 31.75, "int8": 31.64, "drop": 0.10}
 FP32_BAND = 0.15    # FP32 has no quantizer to amplify last-bit differences
-BAND = 0.5          # INT8 AP / drop: another CPU's arithmetic (not measured here; thread counts give the same bits)
+# INT8 AP / drop: another CPU's arithmetic (thread counts give the same bits). Measured with the
+# AVX2 code paths forced on this AVX-512 machine (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+# MKL_ENABLE_INSTRUCTIONS=AVX2, the command above): FP32 31.75, INT8 31.95, drop -0.20, i.e.
+# +0.31 / -0.30 from the reference; the band leaves room for that and a little more.
+BAND = 0.5
 ARGS = ["--cfg", "yolov6lite_s", "--max-images", "100", "--thread-invariant", "--sensitivity", "off",
         "--no-diagnose", "--no-plots", "--no-progress"]          # of `yoloq ptq` (tools/ptq.py)
 
