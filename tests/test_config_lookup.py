@@ -91,6 +91,18 @@ def test_unset_variable_is_an_error_naming_it(tmp_path, monkeypatch):
     assert expand_path_vars("$MY_WEIGHTS/a/${MY_WEIGHTS}", "x") == f"{tmp_path}/a/{tmp_path}"
 
 
+def test_an_empty_variable_never_becomes_a_path_at_the_root(tmp_path, monkeypatch):
+    """``YOLOQ_SHARED=`` means the default folder, as for shared_dir(); any other empty variable is
+    named (``${DATA}/coco`` would otherwise read ``/coco``)."""
+    monkeypatch.setenv("YOLOQ_SHARED", "")
+    assert load_config("yolov6lite_s").model.weights == str(shared_dir() / "weights" / "yolov6lite_s.pt")
+    monkeypatch.setenv("EMPTY_VAR_YOLOQ", "")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  weights: ${EMPTY_VAR_YOLOQ}/w.pt\n")
+    with pytest.raises(ConfigError, match=r"model.weights: environment variable \$EMPTY_VAR_YOLOQ in .* is empty"):
+        load_config(cfg)
+
+
 def _site_packages(python) -> Path:
     out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          capture_output=True, text=True, check=True)

@@ -103,14 +103,15 @@ def shared_dir() -> Path:
 
 
 def expand_path_vars(value: str, where: str) -> str:
-    """Expand ``$VAR`` / ``${VAR}`` in a path from a YAML; ``YOLOQ_SHARED`` defaults to
-    :func:`shared_dir`. An unset variable is an error naming it and ``where``."""
+    """Expand ``$VAR`` / ``${VAR}`` in a path from a YAML; ``YOLOQ_SHARED`` unset or empty defaults
+    to :func:`shared_dir` (as there). Any other variable unset or empty is an error naming it and
+    ``where`` (an empty one would turn ``${DATA}/coco`` into ``/coco`` silently)."""
     if "$" not in value:
         return value
 
     def substitute(match: re.Match) -> str:
         name = match.group(1) or match.group(2)
-        if name in os.environ:
+        if os.environ.get(name):
             return os.environ[name]
         if name == SHARED_ENV:
             shared = shared_dir()
@@ -120,6 +121,7 @@ def expand_path_vars(value: str, where: str) -> str:
                               f"does not exist; set {SHARED_ENV}=/path/to/shared or pass your own paths "
                               "(--data, --weights)", SharedFolderWarning, stacklevel=4)
             return str(shared)
-        raise ConfigError(f"{where}: environment variable ${name} in '{value}' is not set")
+        state = "is empty" if name in os.environ else "is not set"
+        raise ConfigError(f"{where}: environment variable ${name} in '{value}' {state}")
 
     return _VAR.sub(substitute, value)
